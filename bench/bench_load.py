@@ -1,0 +1,162 @@
+"""Loading and converting a full-width Flux checkpoint, as ratios against references in the same run.
+
+Checkpoint: real BFL key names and shapes at D = 3072 with 2 double + 4 single blocks, bf16 (~2.6 GB).
+Each measurement runs in a fresh process (peak RSS is per process), warm page cache, median of N runs:
+
+  load   ours: `load_model` to a ready model (every parameter page read)      vs
+         diffusers: `FluxTransformer2DModel.from_single_file(config=local)` (+ the same page read)
+         plain read: the file read into memory
+  convert ours: `convert_file` BFL -> diffusers                                vs  plain copy (shutil)
+
+Targets: load <= 0.5x diffusers and <= 1.3x plain read; load peak RSS <= 1.15x file;
+convert <= 1.3x copy with peak RSS < 25 % of the file.
+Run: python bench/bench_load.py [--runs 3] [--dir /tmp/fluxbridge-bench]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+D, DOUBLE, SINGLE = 3072, 2, 4
+
+
+def bfl_shapes(d=D, double=DOUBLE, single=SINGLE, guidance=True):
+    m = 4 * d
+    shapes = {"img_in": (d, 64), "txt_in": (d, 4096), "time_in.in_layer": (d, 256), "time_in.out_layer": (d, d),
+              "vector_in.in_layer": (d, 768), "vector_in.out_layer": (d, d),
+              "final_layer.linear": (64, d), "final_layer.adaLN_modulation.1": (2 * d, d)}
+    if guidance:
+        shapes.update({"guidance_in.in_layer": (d, 256), "guidance_in.out_layer": (d, d)})
+    for i in range(double):
+        for s in ("img", "txt"):
+            p = f"double_blocks.{i}.{s}_"
+            shapes.update({p + "mod.lin": (6 * d, d), p + "attn.qkv": (3 * d, d), p + "attn.proj": (d, d),
+                           p + "mlp.0": (m, d), p + "mlp.2": (d, m)})
+    for i in range(single):
+        p = f"single_blocks.{i}."
+        shapes.update({p + "linear1": (3 * d + m, d), p + "linear2": (d, d + m), p + "modulation.lin": (3 * d, d)})
+    out = {}
+    for name, shape in shapes.items():
+        out[name + ".weight"], out[name + ".bias"] = shape, shape[:1]
+    for i in range(double):
+        for s in ("img", "txt"):
+            for n in ("query_norm", "key_norm"):
+                out[f"double_blocks.{i}.{s}_attn.norm.{n}.scale"] = (128,)
+    for i in range(single):
+        for n in ("query_norm", "key_norm"):
+            out[f"single_blocks.{i}.norm.{n}.scale"] = (128,)
+    return out
+
+
+def make_checkpoint(path: Path):
+    import torch
+    from safetensors.torch import save_file
+    if path.exists():
+        return
+    g = torch.Generator().manual_seed(0)
+    tensors = {k: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for k, s in bfl_shapes().items()}
+    save_file(tensors, str(path))
+
+
+def make_config(folder: Path):
+    from fluxbridge.convert.families import flux
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = dict(_class_name="FluxTransformer2DModel", patch_size=1, in_channels=64, out_channels=64,
+               num_layers=DOUBLE, num_single_layers=SINGLE, attention_head_dim=128,
+               num_attention_heads=D // 128, joint_attention_dim=4096, pooled_projection_dim=768,
+               guidance_embeds=True, axes_dims_rope=list(flux.default_axes(128)))
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def touch(model) -> int:
+    """Read every page of every parameter, so a lazily mapped model is as resident as a copied one."""
+    import torch
+    total = 0
+    for p in model.parameters():
+        flat = p.detach().reshape(-1).view(torch.uint8) if p.dtype.itemsize == 1 else p.detach().reshape(-1)
+        step = max(1, 4096 // p.element_size())
+        total += int(flat[::step].float().sum().item() != 0)
+    return total
+
+
+# ----------------------------------------------------------------------------------- child tasks
+
+def child(task: str, ckpt: str, work: str) -> dict:
+    import torch
+    t0 = time.perf_counter()
+    if task == "read":
+        with open(ckpt, "rb") as f:
+            data = f.read()
+        assert len(data) > 0
+    elif task == "ours":
+        from fluxbridge.convert.load import load_model
+        model = load_model(ckpt, dtype=torch.bfloat16).model
+        touch(model)
+    elif task == "diffusers":
+        from diffusers import FluxTransformer2DModel
+        model = FluxTransformer2DModel.from_single_file(ckpt, config=str(Path(work) / "config"),
+                                                        torch_dtype=torch.bfloat16)
+        touch(model)
+    elif task == "copy":
+        shutil.copyfile(ckpt, Path(work) / "copy.safetensors")
+    elif task == "convert":
+        from fluxbridge.convert.write import convert_file
+        convert_file(ckpt, Path(work) / "converted.safetensors", "diffusers")
+    else:
+        raise SystemExit(f"unknown task {task}")
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def run_child(task, ckpt, work) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", task, "--ckpt", str(ckpt), "--dir", str(work)],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dir", default="/tmp/fluxbridge-bench")
+    ap.add_argument("--child")
+    ap.add_argument("--ckpt")
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.ckpt, args.dir)))
+        return
+    work = Path(args.dir)
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = work / "flux-d3072-2x4-bf16.safetensors"
+    make_checkpoint(ckpt)
+    make_config(work / "config")
+    size = ckpt.stat().st_size
+    tasks = ("read", "ours", "diffusers", "copy", "convert")
+    results = {t: [] for t in tasks}
+    run_child("read", ckpt, work)  # warm the page cache
+    for _ in range(args.runs):
+        for t in tasks:  # interleaved, so drift hits every task alike
+            results[t].append(run_child(t, ckpt, work))
+    med = {t: statistics.median(r["seconds"] for r in results[t]) for t in tasks}
+    rss = {t: max(r["peak_rss"] for r in results[t]) for t in tasks}
+    print(f"checkpoint: {size / 1e9:.2f} GB, D={D}, {DOUBLE} double + {SINGLE} single blocks, bf16; "
+          f"median of {args.runs} runs, warm page cache")
+    for t in tasks:
+        print(f"  {t:10s} {med[t]:7.3f} s   peak RSS {rss[t] / 1e9:6.2f} GB")
+    print("ratios:")
+    print(f"  load vs diffusers from_single_file : {med['ours'] / med['diffusers']:.2f}x   (target <= 0.5)")
+    print(f"  load vs plain read                 : {med['ours'] / med['read']:.2f}x   (target <= 1.3)")
+    print(f"  load peak RSS vs file size         : {rss['ours'] / size:.2f}x   (target <= 1.15)")
+    print(f"  convert vs plain copy              : {med['convert'] / med['copy']:.2f}x   (target <= 1.3)")
+    print(f"  convert peak RSS vs file size      : {rss['convert'] / size:.2f}x   (target < 0.25)")
+
+
+if __name__ == "__main__":
+    main()

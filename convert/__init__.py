@@ -1,0 +1,1 @@
+"""Plain library: reading, detection, layout tables, loading, writing, LoRA (no ComfyUI)."""

@@ -1,0 +1,48 @@
+"""`fluxbridge inspect`: what a weights file or diffusers folder is."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from .detect import components
+from .load import diffusers_plan
+from .quant import logical_weights
+from .safetensors_io import open_weights
+
+
+def inspect_path(path) -> dict:
+    path = Path(path)
+    raw = open_weights(path)
+    source = logical_weights(raw)
+    found = components(source.keys())
+    if not found:
+        from .lora.inspect import inspect_lora  # not a full model: perhaps a LoRA (names its keys if not)
+        return inspect_lora(path)
+    parts = []
+    for comp in found:
+        plan, config, report = diffusers_plan(source, comp, getattr(source, "config", None))
+        module = comp.module
+        warnings = []
+        if report["unplaced"]:
+            warnings.append(f"{len(report['unplaced'])} tensor(s) not placed: "
+                            + ", ".join(report["unplaced"][:5]))
+        if report["missing_parts"]:
+            warnings.append("incomplete fused tensors: " + ", ".join(p["target"] for p in report["missing_parts"][:5]))
+        parts.append({
+            "family": comp.family,
+            "layout": comp.layout,
+            "prefix": comp.prefix,
+            "variant": module.variant(config, path.name) if hasattr(module, "variant") else None,
+            "dtypes": dict(Counter(str(raw.dtype(k)).replace("torch.", "") for k in comp.names.values())),
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+            "tensor_count": len(comp.names),
+            "warnings": warnings,
+        })
+    main = parts[0] if parts[0]["family"] == "flux-transformer" else max(parts, key=lambda p: p["tensor_count"])
+    result = dict(main, path=str(path), total_tensors=len(raw))
+    quant = getattr(source, "report", None)
+    if quant:
+        result["quantization"] = quant
+    if len(parts) > 1:
+        result["components"] = parts
+    return result

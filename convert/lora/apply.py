@@ -1,0 +1,294 @@
+"""Applying LoRAs to a loaded model, and removing them again.
+
+`apply_loras(model, family, [(lora, strength), ...], text_strength=...)` patches a diffusers
+`FluxTransformer2DModel` or a transformers CLIP-L / T5 encoder and returns a `LoraHandle`; `.remove()`
+puts the original tensors back (the very tensor objects, so the result is bitwise the original).
+
+Dense weights (fp32 / bf16 / fp16): every patched tensor is computed first (`Plan.compute`, float32, cast
+back to the weight's dtype) into a new tensor; only when all are ready are they swapped in (`param.data`),
+so a failure anywhere leaves the model untouched. Memory: the new tensors while the originals are kept.
+
+Quantized weights (float8 storage with upcast compute, or a GGUF-like tensor with `.dequantize`): the
+weight stays quantized; a forward hook adds the patch to the layer's output on the fly in the compute
+dtype (the input's dtype): `out += (x @ Aᵀ) @ (s·B)ᵀ` for LoRA parts, `out += x @ ΔWᵀ` for the other kinds,
+`+ Δb`. DoRA and `set` parts need the dense weight and are not applied there (the report says so).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import BadInput
+from .formats import CLIP, FLUX, T5, TEXT_FAMILIES, Lora, load_lora
+from .layers import bias_delta, swap_halves, weight_delta
+from .patch import Patch, Plan
+
+DENSE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def guess_family(model) -> str:
+    name = type(model).__name__
+    if "Flux" in name and "Transformer" in name:
+        return FLUX
+    if name.startswith("CLIPText"):
+        return CLIP
+    if name.startswith("T5"):
+        return T5
+    raise ValueError(f"which family is a {name}? pass family=")
+
+
+def normalize(loras) -> list[tuple[Lora, float, float | None]]:
+    """Accept Lora / path / (lora, strength) / (lora, strength, text_strength) items."""
+    if isinstance(loras, (Lora, str)) or hasattr(loras, "__fspath__"):
+        loras = [loras]
+    out = []
+    for item in loras:
+        text = None
+        if isinstance(item, tuple):
+            lora, strength, *rest = item
+            text = rest[0] if rest else None
+        else:
+            lora, strength = item, 1.0
+        out.append((load_lora(lora), float(strength), None if text is None else float(text)))
+    return out
+
+
+def is_quantized(t) -> bool:
+    return t.dtype not in DENSE or (type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "dequantize"))
+
+
+def logical_shapes(model) -> dict[str, tuple]:
+    """Parameter name -> shape as the layer sees it (a quantized weight's unpacked shape)."""
+    shapes = {}
+    modules = dict(model.named_modules())
+    for name, p in model.named_parameters():
+        shape = tuple(p.shape)
+        if is_quantized(p):
+            mod = modules.get(name.rpartition(".")[0])
+            if name.endswith(".weight") and hasattr(mod, "out_features") and hasattr(mod, "in_features"):
+                shape = (mod.out_features, mod.in_features)
+            elif hasattr(p, "tensor_shape"):
+                shape = tuple(p.tensor_shape)
+        shapes[name] = shape
+    return shapes
+
+
+class LoraHandle:
+    """Applied LoRAs: `.reports` (one per LoRA) and `.remove()` (bitwise restore; idempotent)."""
+
+    def __init__(self, model, family: str, reports: list[dict]):
+        self.model, self.family, self.reports = model, family, reports
+        self._originals: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        self._hooks: list = []
+        self._undo: list = []
+
+    def remove(self) -> None:
+        for param, original in reversed(self._originals):
+            param.data = original
+        for h in self._hooks:
+            h.remove()
+        for undo in reversed(self._undo):
+            undo()
+        self._originals, self._hooks, self._undo = [], [], []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+class MultiHandle:
+    """Handles of several models (transformer + text encoders), removed together."""
+
+    def __init__(self, handles: Mapping[str, LoraHandle]):
+        self.handles = dict(handles)
+
+    @property
+    def reports(self) -> dict[str, list[dict]]:
+        return {f: h.reports for f, h in self.handles.items()}
+
+    def remove(self) -> None:
+        for h in self.handles.values():
+            h.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def apply_to_models(models: Mapping[str, torch.nn.Module], loras, strength_text: float | None = None):
+    """Apply to each model of a {family: model} mapping (None models skipped); one handle for all."""
+    items = normalize(loras)
+    handles = {}
+    try:
+        for family, model in models.items():
+            if model is not None:
+                handles[family] = apply_loras(model, family, items, text_strength=strength_text)
+    except BaseException:
+        for h in handles.values():
+            h.remove()
+        raise
+    return MultiHandle(handles)
+
+
+def apply_loras(model: torch.nn.Module, family: str | None = None, loras=(),
+                text_strength: float | None = None) -> LoraHandle:
+    """Patch `model` with LoRAs in order; the parts for other families are ignored.
+
+    On a text encoder the strength of an item is its own text strength (3-tuples), else `text_strength`,
+    else the item's strength. Raises `BadInput` when a LoRA has parts for this family and none fits it.
+    """
+    family = family or guess_family(model)
+    items = normalize(loras)
+    weighted = []
+    for lora, strength, text in items:
+        if family in TEXT_FAMILIES:
+            strength = text if text is not None else (text_strength if text_strength is not None else strength)
+        weighted.append((lora, strength))
+    shapes = logical_shapes(model)
+    plan = Plan(family, weighted, shapes)
+    for (lora, _), report in zip(weighted, plan.reports):
+        if report["parts"] and not report["patched"] and report["not_placed"]:
+            first = report["not_placed"][0]
+            raise BadInput(lora.path, f"none of its {report['parts']} {family} part(s) fits this model: "
+                                      f"{first['key']}: {first['reason']}")
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+
+    dense, hooked = [], []
+    for patch in plan.patches:
+        if any(is_quantized(params[p]) for p in patch.params):
+            problem = _hook_problem(patch)
+            if problem:
+                plan.reports[patch.lora]["not_placed"].append(
+                    {"key": patch.part.keys[0] if patch.part.keys else patch.part.module, "reason": problem})
+                continue
+            hooked.append(patch)
+        else:
+            dense.append(patch)
+    for report in plan.reports:
+        report["mode"] = {"dense": 0, "hook": 0}
+    for patch in dense:
+        plan.reports[patch.lora]["mode"]["dense"] += 1
+    for patch in hooked:
+        plan.reports[patch.lora]["mode"]["hook"] += 1
+
+    # 1. compute everything (the model is not touched)
+    dense_plan = plan.subset(dense)
+    new: dict[str, torch.Tensor] = {}
+    for group in dense_plan.closures():
+        new.update(dense_plan.compute(group, lambda n: params[n].data))
+    sidecars: dict[str, _Sidecar] = {}
+    for patch in hooked:
+        for mod, terms in _sidecar_terms(patch).items():
+            sidecars.setdefault(mod, _Sidecar()).terms.extend(terms)
+
+    # 2. swap in (rolled back on any failure)
+    handle = LoraHandle(model, family, [
+        dict(lora.report, applied=report, not_placed=lora.not_placed + report["not_placed"])
+        for (lora, _), report in zip(weighted, plan.reports)])
+    try:
+        for name, tensor in new.items():
+            _assign(handle, params[name], tensor)
+        for name, width in plan.expand.items():
+            if name in new:
+                _expand_module(handle, model, modules, name, width)
+        for mod, sidecar in sidecars.items():
+            handle._hooks.append(modules[mod].register_forward_hook(sidecar, with_kwargs=True))
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+def _assign(handle: LoraHandle, param: torch.nn.Parameter, tensor: torch.Tensor) -> None:
+    handle._originals.append((param, param.data))
+    param.data = tensor
+
+
+def _expand_module(handle, model, modules, name: str, width: int) -> None:
+    """A widened input layer (control LoRA): its `in_features` and the model's `in_channels` follow."""
+    mod = modules[name.rpartition(".")[0]]
+    if hasattr(mod, "in_features"):
+        old = mod.in_features
+        mod.in_features = width
+        handle._undo.append(lambda: setattr(mod, "in_features", old))
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(model, "register_to_config") and "in_channels" in config:
+        old_in = config["in_channels"]
+        model.register_to_config(in_channels=width)
+        handle._undo.append(lambda: model.register_to_config(in_channels=old_in))
+
+
+# ------------------------------------------------------------------------------------ quantized bases
+
+def _hook_problem(patch: Patch) -> str | None:
+    if patch.value is not None:
+        return "a set value on a quantized tensor is not applied (the weight stays quantized)"
+    if patch.part.dora is not None:
+        return "DoRA on a quantized base is not applied: it needs the dense weight"
+    if patch.expand:
+        return "input expansion of a quantized layer is not supported"
+    return None
+
+
+def _sidecar_terms(patch: Patch) -> dict[str, list]:
+    """Per module: ("lowrank", A, s·B) / ("dense", s·ΔW) / ("bias", s·Δb) terms, float32 on CPU."""
+    part, s = patch.part, patch.strength
+    out: dict[str, list] = {}
+    if s == 0:
+        return out
+    for t in patch.weight:
+        mod = t.param.rpartition(".")[0]
+        if part.kind == "lora":
+            sl = slice(None) if t.rows is None else slice(t.rows[0], t.rows[0] + t.rows[1])
+            up = part.tensors["up"][sl].float() * (part.scale * s)
+            if t.swap:
+                up = swap_halves(up)
+            out.setdefault(mod, []).append(("lowrank", part.tensors["down"].float(), up))
+        else:
+            d = weight_delta(part, t.rows) * s
+            out.setdefault(mod, []).append(("dense", swap_halves(d) if t.swap else d))
+    for t in patch.bias:
+        mod = t.param.rpartition(".")[0]
+        d = bias_delta(part, t.rows) * s
+        out.setdefault(mod, []).append(("bias", swap_halves(d) if t.swap else d))
+    return out
+
+
+class _Sidecar:
+    """Forward hook adding the patch terms of one layer to its output, in the input's dtype."""
+
+    def __init__(self):
+        self.terms: list = []
+        self._cast: dict = {}
+
+    def _terms(self, dtype, device):
+        key = (dtype, device)
+        if key not in self._cast:
+            self._cast[key] = [(kind, *(t.to(device=device, dtype=dtype) for t in ts))
+                               for kind, *ts in self.terms]
+        return self._cast[key]
+
+    def __call__(self, module, args, kwargs, output):
+        x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+        extra = None
+        for kind, *ts in self._terms(x.dtype, x.device):
+            if kind == "lowrank":
+                y = F.linear(F.linear(x, ts[0]), ts[1])
+            elif kind == "dense":
+                y = F.linear(x, ts[0])
+            else:
+                y = ts[0]
+            extra = y if extra is None else extra + y
+        return output if extra is None else output + extra.to(output.dtype)
+
+
+def loras_for_text(loras: Iterable) -> bool:
+    """Whether any of these LoRAs has text-encoder parts."""
+    return any(p.family in TEXT_FAMILIES for lora, *_ in normalize(loras) for p in lora.parts)

@@ -1,0 +1,92 @@
+"""Baking LoRAs into weights that are being converted (`fluxbridge convert --lora FILE[:STRENGTH]`).
+
+`convert/write.py` streams a model's tensors in the diffusers layout; `LoraSet.patched_getter` wraps its
+getter so that each patched tensor comes out with the LoRAs added. The arithmetic is `Plan.compute`, the
+very function `apply_loras` uses, so a baked file equals a model patched in memory bitwise.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+from ...errors import BadInput
+from .formats import TEXT_FAMILIES, Lora, load_lora
+from .patch import Plan
+
+
+def parse_spec(spec) -> tuple[str, float]:
+    """"FILE[:STRENGTH]" (a Windows drive colon is not a strength) or (file, strength)."""
+    if isinstance(spec, tuple):
+        return str(spec[0]), float(spec[1])
+    spec = str(spec)
+    m = re.fullmatch(r"(.+):([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)", spec)
+    if m and not re.fullmatch(r"[A-Za-z]", m.group(1)):
+        return m.group(1), float(m.group(2))
+    return spec, 1.0
+
+
+class LoraSet:
+    """LoRAs with strengths, ready to patch tensors of any family they have parts for."""
+
+    def __init__(self, items: Iterable[tuple[Lora, float]]):
+        self.items = [(load_lora(lora), float(strength)) for lora, strength in items]
+
+    @classmethod
+    def open(cls, specs) -> "LoraSet":
+        items = []
+        for spec in specs:
+            if isinstance(spec, Lora):
+                items.append((spec, 1.0))
+                continue
+            path, strength = parse_spec(spec)
+            items.append((load_lora(path), strength))
+        return cls(items)
+
+    def plan(self, family: str, shapes: Mapping[str, tuple]) -> Plan:
+        # A baked file keeps the model's shapes: no input expansion (control LoRAs need a 128-channel model).
+        return Plan(family, self.items, shapes, allow_expand=False)
+
+    def patched_getter(self, family: str, plan_b: Mapping, get_b: Callable[[str], torch.Tensor]):
+        """(getter, report): `getter(name)` is `get_b(name)` with the LoRAs added where they patch it.
+
+        `plan_b` maps each diffusers-side name to something with `.shape` (the conversion plan's steps).
+        """
+        shapes = {name: tuple(step.shape) for name, step in plan_b.items()}
+        plan = self.plan(family, shapes)
+        touched = plan.params
+        cache: dict[str, torch.Tensor] = {}
+
+        def getter(name: str):
+            if name not in touched:
+                return get_b(name)
+            if name not in cache:
+                cache.clear()  # keep one closure (usually one tensor) at a time
+                cache.update(plan.compute([name], get_b))
+            return cache.pop(name)
+
+        report = [dict(r, not_placed=r["not_placed"]) for r in plan.reports if r["parts"]]
+        return getter, report
+
+
+def patch_tensors(loras, family: str, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of `weights` (diffusers-side names) that the LoRAs patch, patched; others left out.
+
+    `loras` is a list of `(lora or path, strength)`. Raises `BadInput` when a LoRA has parts for this
+    family and none of them fits.
+    """
+    items = [(load_lora(x[0]), float(x[1])) if isinstance(x, tuple) else (load_lora(x), 1.0) for x in loras]
+    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+    plan = Plan(family, items, shapes, allow_expand=False)
+    for (lora, _), report in zip(items, plan.reports):
+        if report["parts"] and not report["patched"] and report["not_placed"]:
+            first = report["not_placed"][0]
+            raise BadInput(lora.path, f"none of its {family} parts fits: {first['key']}: {first['reason']}")
+    out = {}
+    for group in plan.closures():
+        out.update(plan.compute(group, weights.__getitem__))
+    return out
+
+
+__all__ = ["LoraSet", "parse_spec", "patch_tensors", "TEXT_FAMILIES"]

@@ -1,0 +1,132 @@
+"""The arithmetic of each adapter kind, in float32: ΔW and Δb of a part, DoRA, fusing and splitting.
+
+Everything a LoRA does to a weight goes through `weight_delta` / `bias_delta` / `dora_weight`, for applying
+to a model, for baking into a converted file and for the on-the-fly hooks on quantized bases alike.
+"""
+from __future__ import annotations
+
+import torch
+
+from .formats import Part
+
+F32 = torch.float32
+
+
+def _f(t: torch.Tensor, device) -> torch.Tensor:
+    return t.to(device=device, dtype=F32)
+
+
+def weight_delta(part: Part, rows: tuple[int, int] | None = None, device="cpu") -> torch.Tensor | None:
+    """scale·ΔW of the part (rows `start, length` of it only), float32; None if it has no weight delta."""
+    t = part.tensors
+    sl = slice(None) if rows is None else slice(rows[0], rows[0] + rows[1])
+    if part.kind == "lora":
+        return (_f(t["up"][sl], device) @ _f(t["down"], device)) * part.scale
+    if part.kind == "loha":
+        w = (_f(t["hada_w1_a"], device) @ _f(t["hada_w1_b"], device)) * (
+            _f(t["hada_w2_a"], device) @ _f(t["hada_w2_b"], device))
+        return w[sl] * part.scale
+    if part.kind == "lokr":
+        w = torch.kron(_lokr(t, "1", device), _lokr(t, "2", device))
+        return w[sl] * part.scale
+    if part.kind == "full" and "diff" in t:
+        return _f(t["diff"][sl], device)
+    return None
+
+
+def _lokr(t, i: str, device) -> torch.Tensor:
+    if f"lokr_w{i}" in t:
+        return _f(t[f"lokr_w{i}"], device)
+    return _f(t[f"lokr_w{i}_a"], device) @ _f(t[f"lokr_w{i}_b"], device)
+
+
+def bias_delta(part: Part, rows: tuple[int, int] | None = None, device="cpu") -> torch.Tensor | None:
+    t = part.tensors
+    sl = slice(None) if rows is None else slice(rows[0], rows[0] + rows[1])
+    if "up_bias" in t:
+        return _f(t["up_bias"][sl], device) * part.scale
+    if "diff_b" in t:
+        return _f(t["diff_b"][sl], device)
+    return None
+
+
+def dora_weight(part: Part, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The DoRA weight m·(W+ΔW)/‖W+ΔW‖ (float32, source layout).
+
+    The norm axis follows the magnitude's shape, as ComfyUI's `weight_decompose` decides it: PEFT's
+    `lora_magnitude_vector` [out] (and a `dora_scale` [out, 1]) scales rows, norms over the inputs;
+    LyCORIS/kohya/OneTrainer `dora_scale` [1, in] scales columns, norms over the outputs.
+    """
+    m = part.dora.to(device=weight.device, dtype=F32)
+    merged = weight + delta
+    if m.dim() == 1 or (m.shape[0] == merged.shape[0] and m.shape[-1] == 1 and m.numel() == merged.shape[0]):
+        norm = merged.norm(p=2, dim=1, keepdim=True)
+        return merged * (m.reshape(-1, 1) / norm)
+    norm = merged.norm(p=2, dim=0, keepdim=True)
+    return merged * (m.reshape(1, -1) / norm)
+
+
+def swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """BFL (shift, scale) ⇄ diffusers (scale, shift) rows; its own inverse."""
+    half = t.shape[0] // 2
+    return torch.cat([t[half:], t[:half]], 0)
+
+
+# ------------------------------------------------------------------------------- fusing / splitting
+
+def fuse_lora(parts: list[Part | None], rows: list[int], fold_all: bool = False):
+    """Split LoRA parts (one per row block, None = missing) → one fused (down, up, up_bias|None, scale).
+
+    * all present A bitwise equal: A is shared and B's row blocks are stacked (no rank growth);
+    * otherwise A = cat(A_i), B block-diagonal (rank Σr_i; ranks may differ).
+    Missing parts are zero rows. If all present parts have the same scale it is kept, else (or with
+    `fold_all`) each scale is folded into its B block in float32 and the fused scale is 1.
+    """
+    present = [p for p in parts if p is not None]
+    scales = {p.scale for p in present}
+    keep = len(scales) == 1 and not fold_all
+    scale = scales.pop() if keep else 1.0
+    downs = [p.tensors["down"] for p in present]
+    shared = all(d.shape == downs[0].shape and torch.equal(d, downs[0]) for d in downs[1:])
+    dtype = present[0].tensors["up"].dtype
+    ranks = [p.tensors["down"].shape[0] for p in present]
+    total_rows = sum(rows)
+    rank = ranks[0] if shared else sum(ranks)
+    up = torch.zeros(total_rows, rank, dtype=F32)
+    bias = torch.zeros(total_rows, dtype=F32) if any(p.has_bias for p in present) else None
+    start, col = 0, 0
+    for p, n in zip(parts, rows):
+        if p is not None:
+            factor = 1.0 if keep else p.scale
+            b = p.tensors["up"].to(F32)
+            if factor != 1.0:
+                b = b * factor
+            r = b.shape[1]
+            c = 0 if shared else col
+            up[start:start + n, c:c + r] = b
+            if bias is not None and "up_bias" in p.tensors:
+                bias[start:start + n] = p.tensors["up_bias"].to(F32) * factor
+            col += r
+        start += n
+    down = downs[0].to(F32) if shared else torch.cat([d.to(F32) for d in downs], 0)
+    return down, up, bias, scale, dtype
+
+
+def split_lora(down: torch.Tensor, up: torch.Tensor, slices: list[tuple[int, int]]):
+    """A fused LoRA → per row block (down_i, up_i), or None for an all-zero block (nothing to write).
+
+    Each block keeps only the columns of B that are non-zero in it (and those rows of A). That is exact
+    (the dropped terms are exact zeros) and gives the no-rank-growth split of a block-diagonal B (kohya
+    `split_qkv`, or our own fusion of parts with different ranks); a dense B keeps its whole A per block.
+    """
+    out = []
+    for start, n in slices:
+        block = up[start:start + n]
+        cols = torch.nonzero(block.ne(0).any(0), as_tuple=False).flatten()
+        if cols.numel() == 0:
+            out.append(None)
+        elif cols.numel() == up.shape[1]:
+            out.append((down, block))
+        else:
+            out.append((down[cols], block[:, cols]))
+    return out

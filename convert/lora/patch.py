@@ -1,0 +1,312 @@
+"""Canonical parts → patches on the tensors of one loaded model (diffusers / transformers names).
+
+`resolve` maps a part through its family's layout table onto the model's parameters: a side-b part is its
+own target; a fused BFL part (`qkv`, `linear1`) targets every split module, each with its rows of the
+fused delta (`Split.row_slices`: A shared, B sliced, exact); `final_layer.adaLN_modulation.1` targets
+`norm_out.linear` with the row halves swapped (B's rows and bias, never A).
+
+`Plan.compute` is THE arithmetic: the patched value of some parameters from their current values, in
+float32, LoRA after LoRA in list order, cast back to each parameter's dtype. `apply_loras` and the
+baking path of `convert --lora` both call it, so they give identical tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+from ..table import A, B, SWAP_HALVES, Split
+from .formats import Lora, Part, family_module, rule_name
+from .layers import bias_delta, dora_weight, swap_halves, weight_delta
+
+F32 = torch.float32
+# The module whose input width a control LoRA may widen (BFL name; diffusers zero-pads it the same way).
+EXPANDABLE = {"flux-transformer": "img_in"}
+
+
+@dataclass(frozen=True)
+class Target:
+    param: str                       # parameter name in the model, e.g. "transformer_blocks.0.attn.to_q.weight"
+    rows: tuple[int, int] | None     # (start, length) of the part's rows it takes; None = all
+    swap: bool = False               # row halves swapped (final layer)
+
+
+@dataclass
+class Patch:
+    part: Part
+    strength: float
+    lora: int                        # index of the LoRA in the list
+    weight: list[Target] = field(default_factory=list)
+    bias: list[Target] = field(default_factory=list)
+    value: Target | None = None      # kind "set"
+    expand: dict[str, int] = field(default_factory=dict)  # param -> new input width
+
+    @property
+    def params(self) -> set[str]:
+        out = {t.param for t in self.weight + self.bias}
+        if self.value is not None:
+            out.add(self.value.param)
+        return out | set(self.expand)
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted({p.rsplit(".", 1)[0] for p in self.params})
+
+
+def _shape(shapes, name):
+    s = shapes.get(name)
+    return tuple(s) if s is not None else None
+
+
+def resolve(part: Part, shapes: Mapping[str, tuple], allow_expand: bool = True) -> Patch | str:
+    """The patch a part makes on a model with these parameter shapes, or why it cannot be placed."""
+    table = family_module(part.family).TABLE
+    patch = Patch(part, 1.0, 0)
+    if part.kind == "set":
+        name = part.module if part.side == B else _render(table, part.module)
+        have = _shape(shapes, name)
+        if have is None:
+            return f"not in this model: {name}"
+        if tuple(part.tensors["value"].shape) != have:
+            return (f"shape mismatch: {part.module} gives {list(part.tensors['value'].shape)}, "
+                    f"the model's {name} is {list(have)}")
+        patch.value = Target(name, None)
+        return patch
+
+    if part.side == B:
+        mods = [(part.module, None, False)]
+    else:
+        m = table.match(part.module, A)
+        rule = m.rule
+        names = [rule_name(rule, B, k, m.values) for k in range(len(rule.b))]
+        if isinstance(rule.op, Split):
+            w = _shape(shapes, names[0] + ".weight")
+            if w is None:
+                return f"not in this model: {names[0]}"
+            rows = part.out_features
+            try:
+                slices = rule.op.row_slices(rows, w[1], len(names))
+            except ValueError:
+                return (f"shape mismatch: {part.module} has {rows} rows, which do not split into "
+                        f"{', '.join(names)} of this model")
+            mods = [(n, s, False) for n, s in zip(names, slices)]
+        else:
+            mods = [(names[0], None, rule.op is SWAP_HALVES)]
+
+    if part.kind == "reshape":
+        name = mods[0][0] + ".weight"
+        have = _shape(shapes, name)
+        want = tuple(int(x) for x in part.tensors["shape"].flatten().tolist())
+        if have is None:
+            return f"not in this model: {mods[0][0]}"
+        if want == have:
+            return patch  # nothing to do
+        if not (allow_expand and _expandable(part, mods[0][0]) and len(want) == 2 and want[0] == have[0]
+                and want[1] > have[1]):
+            return f"cannot reshape {mods[0][0]} from {list(have)} to {list(want)}"
+        patch.expand[name] = want[1]
+        return patch
+
+    src = part.shape  # (out, in) of ΔW, None for bias-only parts
+    for mod, rows, swap in mods:
+        n_rows = rows[1] if rows else (src[0] if src else part.out_features)
+        if part.has_weight:
+            name = mod + ".weight"
+            have = _shape(shapes, name)
+            if have is None:
+                return f"not in this model: {mod}"
+            want = (n_rows, src[1])
+            if have != want:
+                if (allow_expand and _expandable(part, mod) and len(have) == 2 and have[0] == want[0]
+                        and want[1] > have[1]):
+                    patch.expand[name] = want[1]
+                else:
+                    return (f"shape mismatch: {part.module} gives [{src[0]}, {src[1]}], "
+                            f"the model's {mod} is {list(have)}" + (f" (rows {rows[0]}:{rows[0] + rows[1]} "
+                                                                      f"of the fused module)" if rows else ""))
+            patch.weight.append(Target(name, rows, swap))
+        if part.has_bias:
+            name = mod + ".bias"
+            have = _shape(shapes, name)
+            if have is None:
+                return f"the model's {mod} has no bias for the LoRA's bias delta"
+            if have != (n_rows,):
+                return f"shape mismatch: bias delta of {part.module} has {n_rows} rows, the model's {name} is {list(have)}"
+            patch.bias.append(Target(name, rows, swap))
+    return patch
+
+
+def _render(table, name_a: str) -> str:
+    m = table.match(name_a, A)
+    return table.render(m, B, 0)
+
+
+def _expandable(part: Part, module_b: str) -> bool:
+    bfl = EXPANDABLE.get(part.family)
+    if bfl is None:
+        return False
+    table = family_module(part.family).TABLE
+    return module_b == _render(table, bfl)
+
+
+# --------------------------------------------------------------------------------------------- plan
+
+class Plan:
+    """Every patch a list of LoRAs makes on one model (given by its parameter shapes), in order."""
+
+    def __init__(self, family: str, loras: Iterable[tuple[Lora, float]], shapes: Mapping[str, tuple],
+                 allow_expand: bool = True):
+        self.family = family
+        self.patches: list[Patch] = []
+        self.reports: list[dict] = []
+        self.expand: dict[str, int] = {}
+        self._group_of = None
+        for i, (lora, strength) in enumerate(loras):
+            report = {"name": lora.name, "format": lora.format, "strength": strength, "patched": [],
+                      "not_placed": [], "zero_filled": lora.zero_filled(family), "parts": 0}
+            modules: set[str] = set()
+            for part in lora.family_parts(family):
+                report["parts"] += 1
+                patch = resolve(part, shapes, allow_expand)
+                if isinstance(patch, str):
+                    report["not_placed"].append({"key": part.keys[0] if part.keys else part.module,
+                                                 "reason": patch})
+                    continue
+                if not patch.params:
+                    continue
+                patch.strength, patch.lora = float(strength), i
+                self.patches.append(patch)
+                modules.update(patch.modules)
+                for name, width in patch.expand.items():
+                    self.expand[name] = max(width, self.expand.get(name, 0))
+            report["patched"] = sorted(modules)
+            self.reports.append(report)
+
+    def subset(self, patches: list[Patch]) -> "Plan":
+        """The same plan restricted to some of its patches (order kept)."""
+        other = object.__new__(Plan)
+        other.__dict__.update(self.__dict__)
+        other.patches = list(patches)
+        other._group_of = None
+        return other
+
+    @property
+    def params(self) -> set[str]:
+        return set().union(*(p.params for p in self.patches)) if self.patches else set()
+
+    def closures(self, params: Iterable[str] | None = None) -> list[list[str]]:
+        """Groups of parameters that must be computed together (a DoRA part over a fused module reads all
+        of its targets); every other parameter is a group of its own."""
+        if getattr(self, "_group_of", None) is None:
+            self._group_of = self._groups()
+        wanted = set(self._group_of) if params is None else set(params)
+        groups: dict[int, list[str]] = {}
+        for q in sorted(wanted):
+            g = self._group_of.get(q)
+            groups.setdefault(id(g) if g is not None else id(q), []).append(q)
+        return list(groups.values())
+
+    def closure_of(self, name: str) -> list[str]:
+        if getattr(self, "_group_of", None) is None:
+            self._group_of = self._groups()
+        return list(self._group_of.get(name, [name]))
+
+    def _groups(self) -> dict[str, list[str]]:
+        parent: dict[str, str] = {}
+
+        def find(x):
+            while parent.setdefault(x, x) != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        for p in self.patches:
+            ps = sorted(p.params)
+            for q in ps:
+                find(q)
+            if p.part.dora is not None:
+                for q in ps[1:]:
+                    parent[find(q)] = find(ps[0])
+        members: dict[str, list[str]] = {}
+        for q in sorted(parent):
+            members.setdefault(find(q), []).append(q)
+        return {q: members[find(q)] for q in parent}
+
+    def compute(self, params: Iterable[str], read: Callable[[str], torch.Tensor],
+                device=None) -> dict[str, torch.Tensor]:
+        """The patched values of `params` (whole closures), each in its original dtype.
+
+        `read(name)` gives the current tensor (a model parameter, or a tensor streamed from a file).
+        """
+        wanted = set()
+        for name in params:
+            wanted.update(self.closure_of(name))
+        work: dict[str, torch.Tensor] = {}
+        dtypes: dict[str, torch.dtype] = {}
+
+        def get(name: str) -> torch.Tensor:
+            if name not in work:
+                t = read(name)
+                if not isinstance(t, torch.Tensor) and hasattr(t, "dequantize"):
+                    t = t.dequantize(F32)
+                dtypes[name] = t.dtype
+                w = t.to(device=device or t.device, dtype=F32, copy=True)
+                width = self.expand.get(name)
+                if width is not None and w.dim() == 2 and w.shape[1] < width:
+                    w = torch.cat([w, w.new_zeros(w.shape[0], width - w.shape[1])], 1)
+                work[name] = w
+            return work[name]
+
+        for name in sorted(wanted):
+            get(name)
+        for patch in self.patches:
+            if patch.params & wanted:
+                _apply(patch, get)
+        return {name: work[name].to(dtypes[name]) for name in sorted(wanted)}
+
+
+def _fit(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A delta narrower than an expanded weight is zero-padded on the input side."""
+    if delta.dim() == 2 and delta.shape[1] < weight.shape[1]:
+        return torch.cat([delta, delta.new_zeros(delta.shape[0], weight.shape[1] - delta.shape[1])], 1)
+    return delta
+
+
+def _apply(patch: Patch, get: Callable[[str], torch.Tensor]) -> None:
+    """One patch on the float32 working tensors (in place)."""
+    part, s = patch.part, patch.strength
+    if s == 0:
+        return
+    if patch.value is not None:
+        w = get(patch.value.param)
+        w.copy_(part.tensors["value"].to(F32))
+        return
+    if part.dora is None:
+        for t in patch.weight:
+            w = get(t.param)
+            d = weight_delta(part, t.rows, w.device)
+            if t.swap:
+                d = swap_halves(d)
+            w.add_(_fit(d, w), alpha=s)
+    elif patch.weight:
+        # DoRA normalises over the whole source module: assemble it (rows in source order, halves back in
+        # BFL order), compute, interpolate by strength (ComfyUI / InvokeAI convention), scatter back.
+        parts = [get(t.param) for t in patch.weight]
+        src = torch.cat([swap_halves(w) if t.swap else w for w, t in zip(parts, patch.weight)], 0)
+        d = _fit(weight_delta(part, None, src.device), src)
+        new = dora_weight(part, src, d)
+        if s != 1:
+            new = src + s * (new - src)
+        start = 0
+        for w, t in zip(parts, patch.weight):
+            n = w.shape[0]
+            block = new[start:start + n]
+            w.copy_(swap_halves(block) if t.swap else block)
+            start += n
+    for t in patch.bias:
+        b = get(t.param)
+        d = bias_delta(part, t.rows, b.device)
+        if t.swap:
+            d = swap_halves(d)
+        b.add_(d, alpha=s)

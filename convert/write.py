@@ -1,0 +1,116 @@
+"""`fluxbridge convert`: rewrite full weights in another layout, streaming one tensor at a time.
+
+Source tensors are memory-mapped views; each destination tensor is made (split rows are views, fused
+tensors are one concatenation), optionally patched with LoRAs on the diffusers side, cast, written and
+dropped before the next, so memory stays near one tensor. The report lists every operation.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import BadInput
+from .detect import components
+from .families import target
+from .load import diffusers_plan
+from .quant import logical_weights
+from .safetensors_io import open_weights, write_safetensors
+from .table import B, materialize
+
+DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+LAYOUTS = ("bfl", "comfy", "diffusers")
+# diffusers folder names of each family's component, and its weights file name
+DIFFUSERS_FOLDERS = {"flux-transformer": ("transformer", "diffusion_pytorch_model.safetensors"),
+                     "flux-vae": ("vae", "diffusion_pytorch_model.safetensors"),
+                     "clip-l": ("text_encoder", "model.safetensors"),
+                     "t5-xxl": ("text_encoder_2", "model.safetensors"),
+                     "sd15-unet": ("unet", "diffusion_pytorch_model.safetensors")}
+# metadata that describes the source's quantization no longer applies once dequantized
+_STALE_METADATA = ("_quantization_metadata",)
+
+
+def convert_file(src, dst, to: str, dtype: str = "keep", loras=()) -> dict:
+    src, dst = Path(src), Path(dst)
+    if to not in LAYOUTS:
+        raise BadInput(dst, f"unknown layout {to!r}: choose one of {', '.join(LAYOUTS)}")
+    if dtype not in DTYPES:
+        raise BadInput(dst, f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if dst.resolve() == src.resolve():
+        raise BadInput(dst, "the destination is the source file")
+    source = logical_weights(open_weights(src))
+    found = components(source.keys())
+    if not found:
+        raise BadInput(src, "no model weights FluxBridge knows in this file")
+    lora_set = _open_loras(loras)
+    as_folder = to == "diffusers" and (len(found) > 1 or dst.suffix not in (".safetensors", ".sft"))
+
+    report = {"source": str(src), "destination": str(dst), "to": to, "dtype": dtype, "components": []}
+    entries, folders = [], {}
+    for comp in found:
+        plan_b, config, comp_report = diffusers_plan(source, comp, getattr(source, "config", None))
+        get_src = lambda name, comp=comp: source[comp.names[name]]
+        get_b = lambda name, plan_b=plan_b, get_src=get_src: materialize(plan_b[name], get_src)
+        applied = {}
+        if lora_set:
+            get_b, applied = lora_set.patched_getter(comp.family, plan_b, get_b)
+        side, prefix = target(comp.module, to)
+        b_shapes = {n: s.shape for n, s in plan_b.items()}
+        plan_out, out_report = comp.module.TABLE.convert(b_shapes, B, side, config)
+        if side != B:
+            for key in ("split", "fused", "swapped", "reshaped"):
+                comp_report[key] += out_report[key]
+        out_prefix = prefix if not comp.prefix or to != "comfy" else comp.prefix
+        comp_entries = []
+        for name, step in plan_out.items():
+            out_dtype = _out_dtype(step, plan_b, source, comp, dtype)
+            make = lambda step=step, get_b=get_b, out_dtype=out_dtype: finish(materialize(step, get_b), out_dtype)
+            comp_entries.append((out_prefix + name, step.shape, out_dtype, make))
+        if as_folder:
+            folders[comp.family] = (comp_entries, config)
+        else:
+            entries += comp_entries
+        comp_report.update(family=comp.family, from_layout=comp.layout, to_layout=to,
+                           tensors_written=len(comp_entries), loras=applied)
+        comp_report["dropped"] = comp_report.pop("unplaced")
+        report["components"].append(comp_report)
+
+    metadata = {k: v for k, v in (source.metadata or {}).items() if k not in _STALE_METADATA}
+    if as_folder:
+        for family, (comp_entries, config) in folders.items():
+            folder, filename = DIFFUSERS_FOLDERS[family]
+            out_dir = dst / folder if len(folders) > 1 else dst
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_safetensors(out_dir / filename, comp_entries, metadata)
+            (out_dir / "config.json").write_text(json.dumps(_jsonable(config), indent=2))
+    else:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        write_safetensors(dst, entries, metadata)
+    return report
+
+
+def finish(t, dtype: torch.dtype) -> torch.Tensor:
+    """A plain tensor of `dtype`: GGUF rows dequantized, others cast (a view when already right)."""
+    if hasattr(t, "dequantize") and not isinstance(t, torch.Tensor):
+        return t.dequantize(dtype)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _out_dtype(step, plan_b, source, comp, dtype: str) -> torch.dtype:
+    if DTYPES[dtype] is not None:
+        return DTYPES[dtype]
+    first = step.sources[0]
+    origin = plan_b[first].sources[0] if first in plan_b else first
+    return source.dtype(comp.names[origin])
+
+
+def _open_loras(loras):
+    if not loras:
+        return None
+    from .lora import LoraSet
+    return LoraSet.open(loras)
+
+
+def _jsonable(config: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}

@@ -1,0 +1,232 @@
+"""`fluxbridge demo`: the text-to-image example workflow on small random Flux models.
+
+The real FLUX.1 weights and tokenizer files are not part of the pack, so the demo makes its own: tiny
+random models with FLUX.1's structure (`factory`), written in the layouts users download (the transformer
+in BFL layout as `diffusion_models/flux1-dev.safetensors`, the VAE as `vae/ae.safetensors`, CLIP-L and T5
+as ComfyUI's `text_encoders/clip_l.safetensors` / `t5xxl_fp16.safetensors`) through the converter, plus
+small tokenizers of our own under `tokenizers/`. They are built once and cached (a user cache folder,
+keyed by a hash of the code that makes them), then `example_workflows/api/flux_dev_text_to_image.json`
+runs through the headless runner. The image and a JSON report land in the output folder.
+
+Needs nothing but the installed pack (no network, no downloads).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import BadInput
+
+DEMO_WORKFLOW = "flux_dev_text_to_image.json"
+REPORT_NAME = "fluxbridge_demo_report.json"
+CACHE_ENV = "FLUXBRIDGE_CACHE"
+# The demo renders smaller than the example's 1024x1024: the models are random, so the picture is noise
+# whatever its size; this keeps the demo at a few seconds on two CPU cores.
+DEMO_OVERRIDES = {"5": {"width": 256, "height": 256}, "6": {"steps": 8}}
+# Files whose code decides what the cached models look like: a change to any of them rebuilds the cache.
+_KEY_SOURCES = ("factory.py", "demo.py", "convert/write.py", "convert/table.py", "convert/families/flux.py",
+                "convert/families/vae.py", "convert/families/clip.py", "convert/families/t5.py")
+MODEL_FILES = {
+    "dev": "diffusion_models/flux1-dev.safetensors",
+    "schnell": "diffusion_models/flux1-schnell.safetensors",
+    "fill": "diffusion_models/flux1-fill-dev.safetensors",
+    "vae": "vae/ae.safetensors",
+    "clip": "text_encoders/clip_l.safetensors",
+    "t5": "text_encoders/t5xxl_fp16.safetensors",
+}
+_ALIASES = ("encoder.embed_tokens.weight",)  # tied to T5's `shared.weight`
+LORA_FILES = ("loras/flux_lora_style.safetensors", "loras/flux_lora_detail.safetensors")
+
+
+def cache_root() -> Path:
+    """`$FLUXBRIDGE_CACHE`, else `$XDG_CACHE_HOME/fluxbridge`, else `~/.cache/fluxbridge`."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fluxbridge"
+
+
+def models_key(variants=("dev",), loras: bool = False) -> str:
+    """A short hash of the code that builds the models and of what is asked for."""
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256(repr((sorted(variants), loras)).encode())
+    for rel in _KEY_SOURCES:
+        p = here / rel
+        h.update(rel.encode())
+        h.update(p.read_bytes() if p.is_file() else b"-")
+    return h.hexdigest()[:16]
+
+
+def demo_models(cache_dir=None, variants=("dev",), loras: bool = False) -> Path:
+    """A models folder with the small random models, built once: `<cache>/demo-models/<key>/`.
+
+    variants: which transformers ("dev", "schnell", "fill"); loras: also two small LoRAs (one kohya, one
+    diffusers/PEFT format) for the dev transformer. Built in a temporary folder beside the target and
+    renamed into place, so an interrupted build never leaves a half-written cache behind.
+    """
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    target = root / "demo-models" / models_key(variants, loras)
+    if (target / "READY").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    try:
+        build_models(work, variants=variants, loras=loras)
+        (work / "READY").write_text(json.dumps({"variants": list(variants), "loras": loras}))
+        try:
+            work.rename(target)
+        except OSError:  # built meanwhile by someone else
+            if not (target / "READY").is_file():
+                raise
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def build_models(root, variants=("dev",), loras: bool = False, seed: int = 0) -> dict:
+    """Write the small random models into the models folder `root` in their usual layouts and names.
+    Returns {part: path}."""
+    from safetensors.torch import save_file
+
+    from . import factory
+    from .convert.write import convert_file
+
+    root = Path(root)
+    tok = factory.small_tokenizers(root)
+    written = {"tokenizer_clip_l": tok["clip_l"], "tokenizer_t5xxl": tok["t5xxl"]}
+    with tempfile.TemporaryDirectory(prefix="fluxbridge-demo-") as tmp:
+        tmp = Path(tmp)
+
+        def write(model, part: str, layout: str):
+            src = tmp / f"{part}.safetensors"
+            state, seen = {}, set()
+            items = sorted(model.state_dict().items(), key=lambda kv: kv[0] in _ALIASES)  # aliases last
+            for k, v in items:
+                key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+                if key not in seen:  # a tied weight (T5's embed_tokens) is stored once, as files do
+                    seen.add(key)
+                    state[k] = v.detach().contiguous()
+            save_file(state, str(src))
+            dst = root / MODEL_FILES[part]
+            convert_file(src, dst, to=layout)
+            written[part] = dst
+            src.unlink()
+
+        parts = None
+        for variant in variants:
+            parts = factory.tiny_pipeline_components(variant, tokenizers=root, seed=seed)
+            write(parts["transformer"], variant, "bfl")
+            if variant == "dev" and loras:
+                for k, (path, fmt) in enumerate(zip(LORA_FILES, ("kohya", "peft"))):
+                    dst = root / path
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    save_file(tiny_lora(parts["transformer"], fmt, seed=seed + 10 + k), str(dst))
+                    written[Path(path).stem] = dst
+        if parts is None:
+            parts = factory.tiny_pipeline_components("dev", tokenizers=root, seed=seed)
+        write(parts["vae"], "vae", "bfl")
+        write(parts["text_encoder"], "clip", "comfy")
+        write(parts["text_encoder_2"], "t5", "comfy")
+    return written
+
+
+def tiny_lora(transformer, fmt: str = "peft", rank: int = 4, seed: int = 0) -> dict:
+    """A small random LoRA for the diffusers `transformer` (attention projections of every block):
+    `fmt="peft"` (diffusers / PEFT names: `transformer.<module>.lora_A.weight`) or `fmt="kohya"`
+    (`lora_unet_<bfl_module>.lora_down.weight` + `.alpha`; qkv fused as in BFL)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+
+    def pair(in_f, out_f):
+        down = torch.randn(rank, in_f, generator=gen) * 0.05
+        up = torch.randn(out_f, rank, generator=gen) * 0.05
+        return down, up
+
+    n_double = len(transformer.transformer_blocks)
+    n_single = len(transformer.single_transformer_blocks)
+    width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    if fmt == "peft":
+        for i in range(n_double):
+            for proj in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+                down, up = pair(width, width)
+                base = f"transformer.transformer_blocks.{i}.attn.{proj}"
+                out[base + ".lora_A.weight"], out[base + ".lora_B.weight"] = down, up
+        for i in range(n_single):
+            for proj in ("attn.to_q", "attn.to_k", "attn.to_v"):
+                down, up = pair(width, width)
+                base = f"transformer.single_transformer_blocks.{i}.{proj}"
+                out[base + ".lora_A.weight"], out[base + ".lora_B.weight"] = down, up
+    elif fmt == "kohya":
+        mlp = transformer.single_transformer_blocks[0].proj_mlp.out_features if n_single else 4 * width
+        for i in range(n_double):
+            for part in ("img_attn_qkv", "txt_attn_qkv"):
+                down, up = pair(width, 3 * width)
+                base = f"lora_unet_double_blocks_{i}_{part}"
+                out[base + ".lora_down.weight"], out[base + ".lora_up.weight"] = down, up
+                out[base + ".alpha"] = torch.tensor(float(rank))
+        for i in range(n_single):
+            down, up = pair(width, 3 * width + mlp)
+            base = f"lora_unet_single_blocks_{i}_linear1"
+            out[base + ".lora_down.weight"], out[base + ".lora_up.weight"] = down, up
+            out[base + ".alpha"] = torch.tensor(float(rank))
+    else:
+        raise ValueError(f"unknown LoRA format {fmt!r}")
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def run_demo(output_dir="out", progress=True, cache_dir=None, overrides=None) -> dict:
+    """Build (or reuse) the small models, run the text-to-image example on them, and write the image and
+    `fluxbridge_demo_report.json` into `output_dir`. Returns the report."""
+    from .runner import run_workflow
+    from .workflows import examples_dir
+
+    t0 = time.perf_counter()
+    workflow = examples_dir() / "api" / DEMO_WORKFLOW
+    if not workflow.is_file():
+        raise FileNotFoundError(f"{workflow}: the example workflows are missing from the installed pack")
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise BadInput(out, "the output folder is a file")
+    root = cache_dir if cache_dir is not None else cache_root()
+    cached = (Path(root) / "demo-models" / models_key() / "READY").is_file()
+    models = demo_models(root)
+    t1 = time.perf_counter()
+    run = run_workflow(workflow, models_dir=models, output_dir=out, progress=progress,
+                       overrides=DEMO_OVERRIDES if overrides is None else overrides)
+    t2 = time.perf_counter()
+
+    detections, loras, sigmas = {}, {}, {}
+    for nid, node in run["nodes"].items():
+        ui = node.get("ui") or {}
+        if node["class_type"].startswith("FluxBridgeLoad"):
+            (loras if node["class_type"] == "FluxBridgeLoadLoRA" else detections)[nid] = {
+                "class_type": node["class_type"], **ui}
+        if node["class_type"] == "FluxBridgeScheduler":
+            sigmas[nid] = ui
+    images = [p for p in run["outputs"] if p.lower().endswith(".png")]
+    report = {
+        "workflow": str(workflow),
+        "models_dir": str(models),
+        "models_cached": cached,
+        "output_dir": str(out),
+        "images": images,
+        "loaders": detections,
+        "loras": loras,
+        "schedulers": sigmas,
+        "overrides": DEMO_OVERRIDES if overrides is None else overrides,
+        "timings": {"models_seconds": round(t1 - t0, 3), "workflow_seconds": round(t2 - t1, 3),
+                    "total_seconds": round(time.perf_counter() - t0, 3),
+                    "nodes": {nid: n["seconds"] for nid, n in run["nodes"].items()}},
+        "run": run,
+    }
+    (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    report["report"] = str(out / REPORT_NAME)
+    return report

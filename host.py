@@ -1,0 +1,402 @@
+"""The host adapter: the only module that imports ComfyUI (`comfy`, `comfy_api`, `folder_paths`).
+
+Inside ComfyUI every service below goes through the host: its device and dtype choices, its model manager
+(`ModelPatcher` + `load_models_gpu`), its progress bar and interrupt flag, its model folders. Standalone (the
+`fluxbridge` command, the tests) the same functions fall back to plain torch, tqdm, a threading.Event and one
+models directory (`set_models_dir()` or `FLUXBRIDGE_MODELS`) with the same sub-folder names.
+
+Which host we run in is read once at import (`IN_COMFY`); tests that install stubs call `detect_host()`.
+torch and tqdm are imported on first use, so importing this module stays cheap.
+"""
+from __future__ import annotations
+
+import importlib
+import ntpath
+import os
+import re
+import threading
+import weakref
+
+from .errors import BadInput
+
+IN_COMFY = False  # set by detect_host(): comfy.model_management, comfy.model_patcher, comfy.utils, folder_paths
+_mm = _patcher = _utils = _folders = _api = None  # the host's modules when IN_COMFY (_api: comfy_api.latest)
+
+
+def _optional_import(name):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def detect_host() -> bool:
+    """(Re)read whether ComfyUI's modules are importable; return IN_COMFY."""
+    global IN_COMFY, _mm, _patcher, _utils, _folders, _api
+    mods = [_optional_import(n) for n in ("comfy.model_management", "comfy.model_patcher", "comfy.utils",
+                                          "folder_paths")]
+    IN_COMFY = all(m is not None for m in mods)
+    _mm, _patcher, _utils, _folders = mods if IN_COMFY else (None,) * 4
+    _api = _optional_import("comfy_api.latest") if IN_COMFY else None
+    return IN_COMFY
+
+
+detect_host()
+
+
+# ------------------------------------------------------------------------------------------- node API
+
+def _standalone_api():
+    from . import io_standalone
+    return io_standalone
+
+
+def comfy_io():
+    """The V3 `io` namespace: `comfy_api.latest.io` in ComfyUI, our `io_standalone` stand-in otherwise."""
+    return _api.io if _api is not None else _standalone_api().io
+
+
+def comfy_ui():
+    """The V3 `ui` namespace (`ui.PreviewText`, ...), from the same place as `comfy_io()`."""
+    return _api.ui if _api is not None else _standalone_api().ui
+
+
+def extension_class():
+    """`ComfyExtension`, the base class of what `comfy_entrypoint()` returns."""
+    return _api.ComfyExtension if _api is not None else _standalone_api().ComfyExtension
+
+
+# ------------------------------------------------------------------------------------- device and dtype
+
+def torch_device():
+    """Where models compute. Standalone: `FLUXBRIDGE_DEVICE` if set, else CUDA, MPS or CPU."""
+    if IN_COMFY:
+        return _mm.get_torch_device()
+    import torch
+    if os.environ.get("FLUXBRIDGE_DEVICE"):
+        return torch.device(os.environ["FLUXBRIDGE_DEVICE"])
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def offload_device():
+    """Where idle models wait."""
+    if IN_COMFY:
+        return _mm.unet_offload_device()
+    import torch
+    return torch.device("cpu")
+
+
+def intermediate_device():
+    """Where node outputs (images, latents) live."""
+    if IN_COMFY:
+        return _mm.intermediate_device()
+    import torch
+    return torch.device("cpu")
+
+
+def compute_dtype(device=None):
+    """bf16 where the device does it well (the host decides inside ComfyUI), fp32 otherwise."""
+    import torch
+    device = torch_device() if device is None else torch.device(device)
+    if IN_COMFY:
+        use_bf16 = _mm.should_use_bf16(device)
+    else:
+        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if use_bf16 else torch.float32
+
+
+# ------------------------------------------------------------------------------------ memory management
+
+class Handle:
+    """Standalone stand-in for ComfyUI's `ModelPatcher`: the module and the two devices it moves between."""
+
+    def __init__(self, model, load_device, offload_device):
+        self.model = model
+        self.load_device = load_device
+        self.offload_device = offload_device
+
+    def __repr__(self):
+        return f"Handle({type(self.model).__name__}, load={self.load_device}, offload={self.offload_device})"
+
+
+_resident = weakref.WeakSet()  # standalone: handles whose module sits on its load device
+
+
+def wrap(module):
+    """A handle for `module` that `load_to_device` understands (a `ModelPatcher` inside ComfyUI)."""
+    if IN_COMFY:
+        return _patcher.ModelPatcher(module, load_device=torch_device(), offload_device=offload_device())
+    return Handle(module, torch_device(), offload_device())
+
+
+def load_to_device(handles):
+    """Put these models on their load device before use; returns them as a list.
+
+    Inside ComfyUI the model manager does it (fully: our modules are not `comfy.ops` layers, so partial
+    loading would leave weights behind) and frees others as needed. Standalone, the models not named here
+    go back to their offload device, so only the working set occupies the accelerator.
+    """
+    handles = list(handles)
+    if IN_COMFY:
+        _mm.load_models_gpu(handles, force_full_load=True)
+        return handles
+    for h in list(_resident):
+        if not any(h is x for x in handles):
+            h.model.to(h.offload_device)
+            _resident.discard(h)
+    for h in handles:
+        h.model.to(h.load_device)
+        _resident.add(h)
+    return handles
+
+
+def soft_empty_cache():
+    """Give cached accelerator memory back."""
+    if IN_COMFY:
+        _mm.soft_empty_cache()
+        return
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------- progress and interrupt
+
+class Interrupted(Exception):
+    """Standalone: the user asked to stop. (Inside ComfyUI the host's own exception is raised instead.)"""
+
+
+_interrupt = threading.Event()
+
+
+def request_interrupt():
+    if IN_COMFY:
+        _mm.interrupt_current_processing(True)
+    else:
+        _interrupt.set()
+
+
+def clear_interrupt():
+    if IN_COMFY:
+        _mm.interrupt_current_processing(False)
+    else:
+        _interrupt.clear()
+
+
+def check_interrupt():
+    """Raise if the user asked to stop; the request is consumed, as ComfyUI does."""
+    if IN_COMFY:
+        _mm.throw_exception_if_processing_interrupted()
+    elif _interrupt.is_set():
+        _interrupt.clear()
+        raise Interrupted("interrupted")
+
+
+class Progress:
+    """A progress bar: ComfyUI's `ProgressBar` in the host, tqdm (on stderr) outside.
+
+    Every update also checks for an interrupt, so a loop that reports progress can be stopped.
+    """
+
+    def __init__(self, total, node_id=None):
+        self.total = total
+        self.current = 0
+        if IN_COMFY:
+            self._bar, self._tqdm = _utils.ProgressBar(total, node_id=node_id), None
+        else:
+            from tqdm import tqdm
+            self._bar, self._tqdm = None, tqdm(total=total, leave=False, dynamic_ncols=True)
+
+    def update(self, n=1):
+        self.update_absolute(self.current + n)
+
+    def update_absolute(self, value, total=None, preview=None):
+        check_interrupt()
+        if total is not None:
+            self.total = total
+        value = min(value, self.total)
+        if self._bar is not None:
+            self._bar.update_absolute(value, total, preview)
+        else:
+            if total is not None:
+                self._tqdm.total = total
+            self._tqdm.update(value - self.current)
+            if value >= self.total:
+                self._tqdm.close()
+        self.current = value
+
+    def close(self):
+        if self._tqdm is not None:
+            self._tqdm.close()
+
+
+def progress(total, node_id=None) -> Progress:
+    return Progress(total, node_id=node_id)
+
+
+# ----------------------------------------------------------------------------------------- model files
+
+KINDS = {  # kind -> its sub-folders of a standalone models directory (inside ComfyUI: the host's own)
+    "diffusion_models": ("diffusion_models", "unet"),
+    "text_encoders": ("text_encoders", "clip"),
+    "vae": ("vae",),
+    "loras": ("loras",),
+    "tokenizers/clip_l": (os.path.join("tokenizers", "clip_l"),),
+    "tokenizers/t5xxl": (os.path.join("tokenizers", "t5xxl"),),
+}
+LEGACY = {"unet": "diffusion_models", "clip": "text_encoders"}
+WEIGHT_EXTENSIONS = (".safetensors", ".sft", ".gguf")  # what our readers open (no pickle formats)
+# Inside ComfyUI the tokenizers are the host's bundled copies (relative to the `comfy` package).
+_BUNDLED_TOKENIZERS = {"tokenizers/clip_l": "sd1_tokenizer", "tokenizers/t5xxl": "text_encoders/t5_tokenizer"}
+
+_models_dir = None
+_output_dir = None
+
+
+def set_models_dir(path):
+    """Standalone: use this models directory (None: back to `FLUXBRIDGE_MODELS`)."""
+    global _models_dir
+    if path is not None and not os.path.isdir(path):
+        raise BadInput(path, "the models folder does not exist")
+    _models_dir = None if path is None else os.path.abspath(path)
+
+
+def models_dir():
+    """Standalone: the models directory in use, or None."""
+    return _models_dir or os.environ.get("FLUXBRIDGE_MODELS") or None
+
+
+def set_output_dir(path):
+    """Standalone: write outputs here (None: back to `FLUXBRIDGE_OUTPUT`, else ./output)."""
+    global _output_dir
+    _output_dir = None if path is None else os.path.abspath(path)
+
+
+def output_directory() -> str:
+    if IN_COMFY:
+        return _folders.get_output_directory()
+    return _output_dir or os.path.abspath(os.environ.get("FLUXBRIDGE_OUTPUT") or "output")
+
+
+def _kind(kind):
+    kind = LEGACY.get(kind, kind)
+    if kind not in KINDS:
+        raise BadInput(kind, f"unknown model folder kind; expected one of {', '.join(KINDS)}")
+    return kind
+
+
+def folders(kind) -> list:
+    """The existing directories that hold models of this kind, in lookup order."""
+    kind = _kind(kind)
+    if IN_COMFY:
+        if kind in _BUNDLED_TOKENIZERS:
+            roots = [os.path.join(os.path.dirname(_mm.__file__), _BUNDLED_TOKENIZERS[kind])]
+        else:
+            roots = _folders.get_folder_paths(kind)
+    else:
+        base = models_dir()
+        roots = [os.path.join(base, sub) for sub in KINDS[kind]] if base else []
+    return [r for r in roots if os.path.isdir(r)]
+
+
+def _inside(path, root) -> bool:
+    """True when `path`, all symlinks resolved, lies in `root` (resolved too)."""
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    try:
+        return os.path.commonpath([real, base]) == base
+    except ValueError:  # different drives
+        return False
+
+
+def _check_name(name, where):
+    """Refuse names that leave their folder by their spelling: absolute, drive letters, '..' parts."""
+    if not isinstance(name, str) or not name.strip() or "\0" in name:
+        raise BadInput(repr(name), f"not a usable file name in the {where} folder")
+    if os.path.isabs(name) or ntpath.isabs(name) or ntpath.splitdrive(name)[0]:
+        raise BadInput(name, f"an absolute path leads outside the {where} folder; give a name inside it")
+    if ".." in re.split(r"[\\/]", name):
+        raise BadInput(name, f"a '..' part leads outside the {where} folder")
+
+
+def _is_model_dir(filenames):
+    """A diffusers/transformers folder: listed (and resolved) as one entry."""
+    return "model_index.json" in filenames or "config.json" in filenames
+
+
+def list_models(kind) -> list:
+    """Sorted names (relative paths) of the weight files and model folders of this kind.
+
+    Tokenizer kinds list every file. Names whose target lies outside the folder (a symlink out) are left out,
+    since `model_path` would refuse them.
+    """
+    kind = _kind(kind)
+    tokenizers = kind.startswith("tokenizers/")
+    names = set()
+    for root in folders(kind):
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            if not tokenizers and dirpath != root and _is_model_dir(filenames):
+                dirnames[:] = []
+                if _inside(dirpath, root):
+                    names.add(os.path.relpath(dirpath, root))
+                continue
+            for f in filenames:
+                path = os.path.join(dirpath, f)
+                if (tokenizers or f.lower().endswith(WEIGHT_EXTENSIONS)) and _inside(path, root):
+                    names.add(os.path.relpath(path, root))
+    return sorted(names)
+
+
+def model_path(kind, name) -> str:
+    """The full path of a model file or folder named by a workflow; never one outside the kind's folders."""
+    kind = _kind(kind)
+    _check_name(name, kind)
+    roots = folders(kind)
+    for root in roots:
+        candidate = os.path.join(root, name)
+        if not os.path.lexists(candidate):
+            continue
+        if not _inside(candidate, root):
+            raise BadInput(name, f"resolves (through a link) outside the {kind} folder {root}")
+        if os.path.exists(candidate):
+            return candidate
+    if roots:
+        where = ", ".join(roots)
+    elif IN_COMFY:
+        where = f"(no {kind} folder exists)"
+    elif models_dir():
+        where = f"(no {'/'.join(KINDS[kind])} folder under {models_dir()})"
+    else:
+        where = "(no models folder: pass --models DIR or set FLUXBRIDGE_MODELS)"
+    raise BadInput(name, f"not found in the {kind} folder {where}")
+
+
+def safe_output_path(filename_prefix, ext) -> str:
+    """A new path in the output directory: '<prefix>_00001_<ext>', counting up past existing files.
+
+    The prefix may name sub-folders (created here); one that would leave the output directory is refused.
+    `ext` is like ".safetensors" (or "" for a folder).
+    """
+    _check_name(filename_prefix, "output")
+    base = output_directory()
+    subfolder, stem = os.path.split(os.path.normpath(filename_prefix))
+    if not stem or stem in (".", ".."):
+        raise BadInput(filename_prefix, "the prefix names no file")
+    folder = os.path.join(base, subfolder)
+    if not _inside(folder, base):
+        raise BadInput(filename_prefix, f"resolves (through a link) outside the output folder {base}")
+    os.makedirs(folder, exist_ok=True)
+    ext = ext if not ext or ext.startswith(".") else "." + ext
+    taken = re.compile(re.escape(stem) + r"_(\d+)_")
+    counters = [int(m.group(1)) for m in map(taken.match, os.listdir(folder)) if m]
+    counter = max(counters, default=0) + 1
+    path = os.path.join(folder, f"{stem}_{counter:05}_{ext}")
+    while os.path.lexists(path):  # one the count missed (e.g. other case on a case-insensitive disk)
+        counter += 1
+        path = os.path.join(folder, f"{stem}_{counter:05}_{ext}")
+    return path

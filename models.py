@@ -1,0 +1,539 @@
+"""The model objects that FluxBridge nodes pass to each other, the load cache, and the tokenizer lookup.
+
+Model objects (the custom socket types):
+
+* `TransformerModel` (`FLUXBRIDGE_TRANSFORMER`): the diffusers `FluxTransformer2DModel`, its host handle
+  (`host.wrap`: a `ModelPatcher` inside ComfyUI), what was detected (family, layout, variant, config), the
+  load report, and the LoRA stack.
+* `TextEncoders` (`FLUXBRIDGE_TEXT_ENCODERS`): CLIP-L and T5 (each an `Encoder`: model + handle + what was
+  detected), their tokenizers and where those came from, and the LoRA stack for their parts.
+* `VAEModel` (`FLUXBRIDGE_VAE`): the diffusers `AutoencoderKL`, its handle and latent format (scale, shift,
+  channels).
+
+Caching and LoRAs (the design, in short):
+
+* A loaded model is cached once, in a small LRU per kind, keyed by what makes it different: the resolved
+  path, the file's (or folder's files') modification time and size, the dtype and the quantization. A
+  second run, or a second loader node naming the same file, gets the same module back, and a file
+  changed on disk is loaded again.
+* The model objects are frozen. The LoRA node never touches weights: it returns a *new* object whose
+  `loras` tuple has one more `(lora, strength)` entry and that shares the cached base module. Weights
+  are patched only while they are used: `with transformer.patched():` (sampler, scheduler-step node) and
+  `with text_encoders.patched():` (text encode) apply the stack and remove it on the way out, in a
+  `finally`, so an interrupt or an error leaves the base exactly as it was. Two graph branches with
+  different LoRAs on one base each patch it for their own node's run only; the cached base stays clean
+  between nodes and between runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import host
+from .errors import BadInput
+
+# weight_dtype choices -> torch dtype names (None: the host's compute dtype for the device)
+WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
+TEXT_DTYPES = ("default", "bf16", "fp16", "fp32")
+QUANTIZE = ("none", "int8", "fp8")
+_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
+                "fp8_e4m3fn": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+
+# a diffusers pipeline folder's component sub-folders
+TRANSFORMER_DIR, CLIP_DIR, T5_DIR, VAE_DIR = "transformer", "text_encoder", "text_encoder_2", "vae"
+CLIP_TOKENIZER_DIR, T5_TOKENIZER_DIR = "tokenizer", "tokenizer_2"
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _torch_dtype(name: str):
+    import torch
+    return getattr(torch, _DTYPE_NAMES[name])
+
+
+# ------------------------------------------------------------------------------------------ LoRA stack
+
+@dataclass(frozen=True)
+class LoraEntry:
+    """One LoRA in a stack: the opened LoRA (as `convert.lora` reads it), its file name and strength."""
+    name: str
+    lora: Any
+    strength: float
+
+
+def _apply_stack(module, family: str, loras, strength_of: Callable[[LoraEntry], float]):
+    """Apply the entries with a non-zero strength; returns a handle with `.remove()` (or None)."""
+    pairs = [(e.lora, strength_of(e)) for e in loras if strength_of(e) != 0]
+    if not pairs:
+        return None
+    from .convert.lora.apply import apply_loras
+    return apply_loras(module, family, pairs)
+
+
+@contextlib.contextmanager
+def _patched(module, family: str, loras, strength_of):
+    handle = _apply_stack(module, family, loras, strength_of)
+    try:
+        yield module
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+# --------------------------------------------------------------------------------------- model objects
+
+@dataclass(frozen=True)
+class TransformerModel:
+    module: Any  # diffusers FluxTransformer2DModel
+    handle: Any  # host.wrap(module)
+    name: str  # as the workflow names it
+    path: str  # the file or folder loaded
+    family: str
+    layout: str
+    variant: str | None
+    config: dict
+    dtype: str  # the compute dtype
+    storage: str  # how the weights are held: a dtype, "fp8_e4m3fn (upcast to ...)" or "int8 (torchao)"
+    report: dict
+    loras: tuple = ()  # LoraEntry, applied in order around use
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the VAE latents the model denoises (packed 2x2: out_channels / 4)."""
+        return int(self.config["out_channels"]) // 4
+
+    @property
+    def guidance_embeds(self) -> bool:
+        return bool(self.config.get("guidance_embeds"))
+
+    def with_lora(self, name: str, lora, strength: float) -> "TransformerModel":
+        return dataclasses.replace(self, loras=self.loras + (LoraEntry(name, lora, float(strength)),))
+
+    def patched(self):
+        """`with model.patched() as module:` the module with the LoRA stack applied, removed on exit."""
+        return _patched(self.module, self.family, self.loras, lambda e: e.strength)
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """One text encoder: a transformers model, its handle, and what the loader detected."""
+    module: Any
+    handle: Any
+    name: str
+    path: str
+    family: str
+    layout: str
+    config: dict
+    dtype: str
+    report: dict
+
+
+@dataclass(frozen=True)
+class Tokenizers:
+    clip: Any
+    t5: Any
+    clip_source: str  # where each was found (shown in the loader's UI text)
+    t5_source: str
+
+
+@dataclass(frozen=True)
+class TextEncoders:
+    clip: Encoder
+    t5: Encoder
+    tokenizers: Tokenizers
+    loras: tuple = ()  # LoraEntry (strength = the text strength)
+
+    @property
+    def handles(self) -> list:
+        return [self.clip.handle, self.t5.handle]
+
+    def with_lora(self, name: str, lora, strength: float) -> "TextEncoders":
+        return dataclasses.replace(self, loras=self.loras + (LoraEntry(name, lora, float(strength)),))
+
+    @contextlib.contextmanager
+    def patched(self):
+        """`with encoders.patched():` CLIP-L and T5 with their LoRA parts applied, removed on exit."""
+        with contextlib.ExitStack() as stack:
+            for enc in (self.clip, self.t5):
+                if any(_has_family(e.lora, enc.family) for e in self.loras):
+                    stack.enter_context(_patched(enc.module, enc.family,
+                                                 [e for e in self.loras if _has_family(e.lora, enc.family)],
+                                                 lambda e: e.strength))
+            yield self
+
+
+def _has_family(lora, family: str) -> bool:
+    """Whether an opened LoRA has parts for `family`."""
+    return bool(lora.family_parts(family))
+
+
+@dataclass(frozen=True)
+class VAEModel:
+    module: Any  # diffusers AutoencoderKL
+    handle: Any
+    name: str
+    path: str
+    layout: str
+    config: dict
+    dtype: str
+    report: dict
+    scaling_factor: float
+    shift_factor: float
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.config["latent_channels"])
+
+    @property
+    def downscale(self) -> int:
+        return 2 ** (len(self.config["block_out_channels"]) - 1)
+
+    @property
+    def latent_format(self):
+        from .pipeline.latents import LatentFormat
+        return LatentFormat(scale=self.scaling_factor, shift=self.shift_factor,
+                            channels=self.latent_channels, downscale=self.downscale)
+
+
+# ----------------------------------------------------------------------------------------------- cache
+
+CACHE_LIMITS = {"transformer": 2, "clip-l": 2, "t5-xxl": 2, "vae": 2, "lora": 8, "tokenizer": 8}
+_cache: OrderedDict = OrderedDict()
+_cache_lock = threading.RLock()
+stats = {"hits": 0, "loads": 0}
+
+
+def signature(path) -> tuple:
+    """What identifies the content of a file or folder without reading it: (relative name, mtime, size)
+    of the file, or of every file under the folder."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            entries = []
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for f in sorted(filenames):
+                    st = os.stat(os.path.join(dirpath, f))
+                    entries.append((os.path.relpath(os.path.join(dirpath, f), path), st.st_mtime_ns, st.st_size))
+            return tuple(entries)
+        st = path.stat()
+    except OSError as exc:
+        raise BadInput(path, f"cannot read: {exc.strerror or exc}") from None
+    return ((path.name, st.st_mtime_ns, st.st_size),)
+
+
+def cache_key(kind: str, path, *options) -> tuple:
+    return (kind, os.path.realpath(path), signature(path)) + tuple(options)
+
+
+def cached(key: tuple, build: Callable[[], Any]) -> tuple[Any, bool]:
+    """(value, was_cached). Builds on a miss; keeps at most CACHE_LIMITS[kind] entries per kind, and
+    drops an entry for the same path and options whose file changed."""
+    kind = key[0]
+    with _cache_lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            stats["hits"] += 1
+            return _cache[key], True
+    value = build()
+    with _cache_lock:
+        stale = [k for k in _cache if k[0] == kind and k[1] == key[1] and k[3:] == key[3:]]
+        for k in stale:
+            del _cache[k]
+        _cache[key] = value
+        same = [k for k in _cache if k[0] == kind]
+        for k in same[:max(0, len(same) - CACHE_LIMITS.get(kind, 2))]:
+            del _cache[k]
+        stats["loads"] += 1
+    return value, False
+
+
+def clear_cache() -> None:
+    with _cache_lock:
+        _cache.clear()
+
+
+def cache_keys(kind: str | None = None) -> list:
+    with _cache_lock:
+        return [k for k in _cache if kind is None or k[0] == kind]
+
+
+# ------------------------------------------------------------------------------------------ tokenizers
+
+def _clip_tokenizer_files(folder: Path) -> bool:
+    return (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file() \
+        or (folder / "tokenizer.json").is_file()
+
+
+def _t5_tokenizer_files(folder: Path) -> bool:
+    return (folder / "tokenizer.json").is_file() or (folder / "spiece.model").is_file()
+
+
+def _pipeline_root(path) -> Path | None:
+    """The diffusers pipeline folder a model path is (or sits in), if any."""
+    if path is None:
+        return None
+    p = Path(path)
+    for candidate in (p, p.parent):
+        if candidate.is_dir() and (candidate / "model_index.json").is_file():
+            return candidate
+    return None
+
+
+def tokenizer_candidates(model_paths=()) -> dict[str, list[tuple[Path, str]]]:
+    """Where each tokenizer is looked for, in order: (folder, how to describe it)."""
+    found = {"clip": [], "t5": []}
+    for path in model_paths:
+        root = _pipeline_root(path)
+        if root is not None:
+            found["clip"].append((root / CLIP_TOKENIZER_DIR, f"the diffusers folder {root}"))
+            found["t5"].append((root / T5_TOKENIZER_DIR, f"the diffusers folder {root}"))
+    where = "ComfyUI's bundled copy" if host.IN_COMFY else "the models folder"
+    for which, kind in (("clip", "tokenizers/clip_l"), ("t5", "tokenizers/t5xxl")):
+        for folder in host.folders(kind):
+            found[which].append((Path(folder), f"{where} ({folder})"))
+    return found
+
+
+def _looked_in(which: str) -> str:
+    if host.IN_COMFY:
+        sub = "comfy/sd1_tokenizer" if which == "clip" else "comfy/text_encoders/t5_tokenizer"
+        return f"ComfyUI's bundled {sub}"
+    base = host.models_dir()
+    sub = "tokenizers/clip_l" if which == "clip" else "tokenizers/t5xxl"
+    return f"{os.path.join(base, sub)}" if base else f"<models folder>/{sub} (no models folder is set)"
+
+
+def find_tokenizers(model_paths=()) -> Tokenizers:
+    """The CLIP-L and T5 tokenizers: from a diffusers folder the encoders came from (`tokenizer/`,
+    `tokenizer_2/`), else ComfyUI's bundled copies (in ComfyUI) or the models folder's `tokenizers/clip_l/`
+    and `tokenizers/t5xxl/` (standalone). Raises BadInput naming every place it looked."""
+    model_paths = [p for p in model_paths if p is not None]
+    candidates = tokenizer_candidates(model_paths)
+    result = {}
+    for which, has_files in (("clip", _clip_tokenizer_files), ("t5", _t5_tokenizer_files)):
+        for folder, label in candidates[which]:
+            if folder.is_dir() and has_files(folder):
+                result[which] = (_load_tokenizer(which, folder), label)
+                break
+        else:
+            looked = [str(f) for f, _ in candidates[which]] or [_looked_in(which)]
+            name = "CLIP-L" if which == "clip" else "T5"
+            where = "tokenizers/clip_l" if which == "clip" else "tokenizers/t5xxl"
+            raise BadInput(None, f"no {name} tokenizer found; looked in: {', '.join(looked)}. Put the files of "
+                                 f"a diffusers folder's {CLIP_TOKENIZER_DIR if which == 'clip' else T5_TOKENIZER_DIR}/ "
+                                 f"into the models folder's {where}/, or load the encoders from a diffusers folder")
+    return Tokenizers(clip=result["clip"][0], t5=result["t5"][0], clip_source=result["clip"][1],
+                      t5_source=result["t5"][1])
+
+
+def _load_tokenizer(which: str, folder: Path):
+    def build():
+        try:
+            if which == "clip":
+                from transformers import CLIPTokenizer
+                return CLIPTokenizer.from_pretrained(str(folder))
+            from transformers import T5TokenizerFast
+            return T5TokenizerFast.from_pretrained(str(folder))
+        except (OSError, ValueError, TypeError) as exc:
+            raise BadInput(folder, f"cannot load the {'CLIP-L' if which == 'clip' else 'T5'} tokenizer: "
+                                   f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return cached(cache_key("tokenizer", folder, which), build)[0]
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+def component_path(path, sub: str) -> Path:
+    """A diffusers pipeline folder's component (`transformer/`, `vae/`, ...), else the path itself."""
+    p = Path(path)
+    if p.is_dir() and (p / "model_index.json").is_file():
+        if not (p / sub).is_dir():
+            raise BadInput(p, f"a diffusers pipeline folder without a {sub}/ folder")
+        return p / sub
+    return p
+
+
+def _quantize(module, how: str, path) -> None:
+    """int8 / fp8 weight-only quantization of the Linear layers through torchao."""
+    try:
+        import torchao.quantization as tq
+    except ImportError:
+        raise BadInput(path, f"quantize={how} needs torchao, which is not installed: "
+                             "pip install 'fluxbridge[quant]' (or pip install torchao)") from None
+    names = (("Int8WeightOnlyConfig", "int8_weight_only") if how == "int8"
+             else ("Float8WeightOnlyConfig", "float8_weight_only"))
+    config = next((getattr(tq, n)() for n in names if hasattr(tq, n)), None)
+    if config is None:
+        raise BadInput(path, f"quantize={how}: this torchao ({getattr(tq, '__version__', '?')}) has none of "
+                             f"{', '.join(names)}")
+    import torch
+    tq.quantize_(module, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear))
+
+
+def _display_name(path) -> str:
+    return os.path.basename(os.fspath(path).rstrip("/\\")) or os.fspath(path)
+
+
+def load_transformer(path, weight_dtype: str = "default", quantize: str = "none",
+                     name: str | None = None) -> tuple[TransformerModel, bool]:
+    """(TransformerModel, was_cached) for a Flux transformer file or diffusers folder.
+
+    weight_dtype: "default" = the host's compute dtype for its device (bf16 on a capable GPU, else fp32);
+    fp8_e4m3fn / fp8_e5m2 keep the weights in fp8 and upcast each layer to the compute dtype as it runs
+    (diffusers layerwise casting). quantize: int8 / fp8 weight-only quantization of the Linear layers
+    through torchao (the optional `fluxbridge[quant]` dependency).
+    """
+    from .convert.load import load_model
+
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise BadInput(path, f"weight_dtype {weight_dtype!r}: expected one of {', '.join(WEIGHT_DTYPES)}")
+    if quantize not in QUANTIZE:
+        raise BadInput(path, f"quantize {quantize!r}: expected one of {', '.join(QUANTIZE)}")
+    fp8 = weight_dtype.startswith("fp8")
+    if fp8 and quantize != "none":
+        raise BadInput(path, f"weight_dtype {weight_dtype} and quantize {quantize} both set how the weights are "
+                             "stored: choose one of them")
+    compute = host.compute_dtype(host.torch_device())
+    dtype = compute if weight_dtype == "default" or fp8 else _torch_dtype(weight_dtype)
+    source = component_path(path, TRANSFORMER_DIR)
+
+    def build():
+        if quantize != "none":  # fail before a long load
+            try:
+                import torchao  # noqa: F401
+            except ImportError:
+                _quantize(None, quantize, path)
+        loaded = load_model(source, family="flux-transformer", dtype=dtype)
+        module = loaded.model
+        storage = dtype_name(dtype)
+        if fp8:
+            module.enable_layerwise_casting(storage_dtype=_torch_dtype(weight_dtype), compute_dtype=dtype)
+            storage = f"{weight_dtype} (computing in {dtype_name(dtype)})"
+        elif quantize != "none":
+            _quantize(module, quantize, path)
+            storage = f"{quantize} (torchao, computing in {dtype_name(dtype)})"
+        return TransformerModel(module=module, handle=host.wrap(module), name=_display_name(path),
+                                path=str(source), family=loaded.family, layout=loaded.layout,
+                                variant=loaded.variant, config=dict(loaded.config), dtype=dtype_name(dtype),
+                                storage=storage, report=loaded.report)
+
+    model, hit = cached(cache_key("transformer", source, dtype_name(dtype), weight_dtype, quantize), build)
+    return (dataclasses.replace(model, name=name) if name and name != model.name else model), hit
+
+
+def _load_encoder(path, family: str, dtype, name: str) -> tuple[Encoder, bool]:
+    from .convert.load import load_model
+
+    def build():
+        loaded = load_model(path, family=family, dtype=dtype)
+        return Encoder(module=loaded.model, handle=host.wrap(loaded.model), name=name, path=str(path),
+                       family=loaded.family, layout=loaded.layout, config=dict(loaded.config),
+                       dtype=dtype_name(dtype), report=loaded.report)
+
+    enc, hit = cached(cache_key(family, path, dtype_name(dtype)), build)
+    return (dataclasses.replace(enc, name=name) if enc.name != name else enc), hit
+
+
+def load_text_encoders(clip_path, t5_path, weight_dtype: str = "default", clip_name: str | None = None,
+                       t5_name: str | None = None) -> tuple[TextEncoders, bool]:
+    """(TextEncoders, both_were_cached): CLIP-L and T5 files, or diffusers folders (`text_encoder/`,
+    `text_encoder_2/` of a pipeline folder), plus the tokenizers (see `find_tokenizers`)."""
+    if weight_dtype not in TEXT_DTYPES:
+        raise BadInput(clip_path, f"weight_dtype {weight_dtype!r}: expected one of {', '.join(TEXT_DTYPES)}")
+    dtype = host.compute_dtype(host.torch_device()) if weight_dtype == "default" else _torch_dtype(weight_dtype)
+    clip, hit_clip = _load_encoder(component_path(clip_path, CLIP_DIR), "clip-l", dtype,
+                                   clip_name or _display_name(clip_path))
+    t5, hit_t5 = _load_encoder(component_path(t5_path, T5_DIR), "t5-xxl", dtype, t5_name or _display_name(t5_path))
+    tokenizers = find_tokenizers([clip_path, t5_path])
+    return TextEncoders(clip=clip, t5=t5, tokenizers=tokenizers), hit_clip and hit_t5
+
+
+def load_vae(path, name: str | None = None) -> tuple[VAEModel, bool]:
+    """(VAEModel, was_cached) for a VAE file (BFL `ae.safetensors`, LDM) or diffusers folder."""
+    from .convert.load import load_model
+
+    source = component_path(path, VAE_DIR)
+    dtype = host.compute_dtype(host.torch_device())
+
+    def build():
+        loaded = load_model(source, family="flux-vae", dtype=dtype)
+        cfg = dict(loaded.config)
+        shift = cfg.get("shift_factor")
+        return VAEModel(module=loaded.model, handle=host.wrap(loaded.model), name=_display_name(path),
+                        path=str(source), layout=loaded.layout, config=cfg, dtype=dtype_name(dtype),
+                        report=loaded.report, scaling_factor=float(cfg.get("scaling_factor") or 1.0),
+                        shift_factor=float(shift) if shift is not None else 0.0)
+
+    vae, hit = cached(cache_key("vae", source, dtype_name(dtype)), build)
+    return (dataclasses.replace(vae, name=name) if name and name != vae.name else vae), hit
+
+
+def open_lora(path):
+    """The opened LoRA (read, detected, mapped to canonical parts), cached by file."""
+    from .convert.lora.formats import load_lora
+    return cached(cache_key("lora", path), lambda: load_lora(path))[0]
+
+
+def lora_report(module, family: str, lora, strength: float) -> dict:
+    """What applying `lora` to `module` would do (format, patched modules, zero-filled, not placed), worked
+    out from the parameter shapes without touching the weights."""
+    from .convert.lora.apply import logical_shapes
+    from .convert.lora.patch import Plan
+    report = Plan(family, [(lora, float(strength))], logical_shapes(module)).reports[0]
+    return dict(report, not_placed=list(lora.not_placed) + list(report["not_placed"]))
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+def check_vae_latent(vae: VAEModel, samples, what: str = "latent") -> None:
+    """A latent going into (or made for) this VAE has its channel count."""
+    ch = int(samples.shape[1]) if getattr(samples, "ndim", 0) == 4 else None
+    if ch is None:
+        raise BadInput(what, f"expected LATENT samples [B, C, H, W], got shape {list(getattr(samples, 'shape', []))}")
+    if ch != vae.latent_channels:
+        raise BadInput(vae.name, f"the {what} has {ch} channels, but VAE {vae.name!r} has {vae.latent_channels} "
+                                 f"latent channels (a Flux VAE has 16, an SD VAE 4)")
+
+
+def check_vae_fits(vae: VAEModel, transformer: TransformerModel) -> None:
+    if vae.latent_channels != transformer.latent_channels:
+        raise BadInput(vae.name, f"VAE {vae.name!r} has {vae.latent_channels} latent channels, the transformer "
+                                 f"{transformer.name!r} expects {transformer.latent_channels}")
+
+
+def check_latent_fits(samples, transformer: TransformerModel, what: str = "latent") -> None:
+    """The latent has the transformer's channel count (an all-zero latent of another count is fine: the
+    sampler replaces it, as ComfyUI does for empty latents)."""
+    ch = int(samples.shape[1]) if getattr(samples, "ndim", 0) == 4 else None
+    if ch is None:
+        raise BadInput(what, f"expected LATENT samples [B, C, H, W], got shape {list(getattr(samples, 'shape', []))}")
+    if ch != transformer.latent_channels and not bool((samples == 0).all()):
+        raise BadInput(what, f"the {what} has {ch} channels, the transformer {transformer.name!r} works on "
+                             f"{transformer.latent_channels}-channel latents (encode images with a VAE that has "
+                             f"{transformer.latent_channels} latent channels)")
+
+
+def check_conditioning_fits(conditioning, transformer: TransformerModel, what: str = "positive") -> None:
+    if not isinstance(conditioning, list) or not conditioning:
+        raise BadInput(what, "empty or not a CONDITIONING")
+    for cond, extra in conditioning:
+        want = int(transformer.config["joint_attention_dim"])
+        if cond.shape[-1] != want:
+            raise BadInput(what, f"the {what} conditioning has text features of width {cond.shape[-1]}, the "
+                                 f"transformer {transformer.name!r} expects {want} (T5-XXL: 4096)")
+        pooled = extra.get("pooled_output")
+        want_pooled = int(transformer.config["pooled_projection_dim"])
+        if pooled is None:
+            raise BadInput(what, f"the {what} conditioning has no pooled_output (CLIP-L), which the "
+                                 f"transformer {transformer.name!r} needs")
+        if pooled.shape[-1] != want_pooled:
+            raise BadInput(what, f"the {what} conditioning's pooled output has width {pooled.shape[-1]}, the "
+                                 f"transformer {transformer.name!r} expects {want_pooled} (CLIP-L: 768)")

@@ -1,0 +1,206 @@
+"""Headless stand-ins for the native ComfyUI nodes our example workflows use.
+
+Inside ComfyUI these types are ComfyUI's own; the headless runner needs them too. Each one is declared
+with the same id, input names, types, ranges and outputs as in ComfyUI (0.3.64), so a workflow checked
+here loads there, and implemented in the native data conventions (IMAGE `[B,H,W,3]` float 0..1, MASK
+`[B,H,W]`, LATENT `{"samples": [B,16,H/8,W/8]}`).
+
+Only these types are allowed in workflows besides ours: `NATIVE_NODES` is the allow-list.
+Files: `LoadImage` reads only inside the input folder; `SaveImage` and `PreviewImage` write only inside
+the output folder (previews in its `temp/` subfolder), never elsewhere.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import host
+from .errors import BadInput
+from .workflows import InputSpec, NodeSpec, output_prefix_problem
+
+MAX_RESOLUTION = 16384
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
+TEMP_SUBFOLDER = "temp"
+
+
+@dataclass
+class RunContext:
+    """What native nodes need from the run: folders, the prompt (for PNG metadata), the node id."""
+    output_dir: Path
+    input_dir: Path | None = None
+    prompt: dict | None = None
+    workflow: dict | None = None  # the UI workflow, when known, embedded in saved PNGs like ComfyUI does
+    node_id: str = ""
+    written: list = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------ file names
+
+def inside(root: Path, path: Path) -> bool:
+    root, path = Path(os.path.realpath(root)), Path(os.path.realpath(path))
+    return path == root or root in path.parents
+
+
+def list_input_images(input_dir) -> list[str]:
+    """Image files in the input folder (relative, '/'-separated, sorted), for LoadImage's combo."""
+    if input_dir is None or not Path(input_dir).is_dir():
+        return []
+    root = Path(input_dir)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                found.append((Path(dirpath) / name).relative_to(root).as_posix())
+    return sorted(found)
+
+
+# ------------------------------------------------------------------------------------------------ nodes
+
+def _images_to_png(ctx: RunContext, images, prefix: str, kind: str):
+    """Write each image of the batch as `<prefix>_<counter:05>_.png` inside the output folder (numbered as
+    ComfyUI does, past the files already there), with the prompt and the UI workflow as PNG text."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    why = output_prefix_problem(prefix)
+    if why:
+        raise BadInput(prefix, f"filename_prefix: {why}")
+    results = []
+    for image in images:
+        array = (image.detach().float().cpu().clamp(0, 1) * 255.0).round().to(torch.uint8)
+        pil = Image.fromarray(np.ascontiguousarray(array.numpy()))
+        meta = PngInfo()
+        if ctx.prompt is not None:
+            meta.add_text("prompt", json.dumps(ctx.prompt))
+        if ctx.workflow is not None:
+            meta.add_text("workflow", json.dumps(ctx.workflow))
+        target = Path(host.safe_output_path(prefix, ".png"))
+        if not inside(ctx.output_dir, target):  # the host's output folder must be the run's
+            raise BadInput(prefix, f"{target} is outside the output folder {ctx.output_dir}")
+        pil.save(target, pnginfo=meta, compress_level=4)
+        ctx.written.append(str(target))
+        subfolder = Path(os.path.relpath(target.parent, host.output_directory())).as_posix()
+        subfolder = "" if subfolder == "." else subfolder
+        if kind == "temp":  # ComfyUI's temp folder is its own root; ours is output/temp
+            subfolder = subfolder[len(TEMP_SUBFOLDER):].lstrip("/")
+        results.append({"filename": target.name, "subfolder": subfolder, "type": kind})
+    return results
+
+
+def save_image(ctx: RunContext, images, filename_prefix="ComfyUI"):
+    return (), {"images": _images_to_png(ctx, images, filename_prefix, "output")}
+
+
+def preview_image(ctx: RunContext, images):
+    stem = "ComfyUI_temp_" + "".join(random.choice("abcdefghijklmnopqrstupvxyz") for _ in range(5))
+    return (), {"images": _images_to_png(ctx, images, f"{TEMP_SUBFOLDER}/{stem}", "temp")}
+
+
+def load_image(ctx: RunContext, image):
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps, ImageSequence
+
+    if ctx.input_dir is None:
+        raise BadInput(image, "no input folder to load images from")
+    root = Path(ctx.input_dir)
+    path = root / image
+    if Path(image).is_absolute() or not inside(root, path):
+        raise BadInput(image, "image names must stay inside the input folder")
+    if not path.is_file():
+        raise BadInput(path, "no such image in the input folder")
+    try:
+        pil = Image.open(path)
+    except (OSError, ValueError) as exc:
+        raise BadInput(path, f"cannot read the image: {exc}") from None
+    images, masks, size = [], [], None
+    for frame in ImageSequence.Iterator(pil):
+        frame = ImageOps.exif_transpose(frame)
+        if frame.mode == "I":
+            frame = frame.point(lambda v: v * (1 / 255))
+        rgb = frame.convert("RGB")
+        if size is None:
+            size = rgb.size
+        if rgb.size != size:
+            continue
+        images.append(torch.from_numpy(np.array(rgb).astype(np.float32) / 255.0))
+        if "A" in frame.getbands():
+            alpha = np.array(frame.getchannel("A")).astype(np.float32) / 255.0
+            masks.append(1.0 - torch.from_numpy(alpha))
+        elif frame.mode == "P" and "transparency" in frame.info:
+            alpha = np.array(frame.convert("RGBA").getchannel("A")).astype(np.float32) / 255.0
+            masks.append(1.0 - torch.from_numpy(alpha))
+        else:
+            masks.append(torch.zeros((64, 64), dtype=torch.float32))
+    if len({tuple(m.shape) for m in masks}) > 1:  # mixed frames: keep ComfyUI's shape of the first
+        masks = [m if m.shape == masks[0].shape else torch.zeros_like(masks[0]) for m in masks]
+    return (torch.stack(images), torch.stack(masks)), {}
+
+
+def empty_sd3_latent(ctx: RunContext, width=1024, height=1024, batch_size=1):
+    import torch
+    samples = torch.zeros([batch_size, 16, height // 8, width // 8])
+    return ({"samples": samples},), {}
+
+
+def image_scale_by(ctx: RunContext, image, upscale_method="nearest-exact", scale_by=1.0):
+    import torch
+    import torch.nn.functional as F
+
+    width = round(image.shape[2] * scale_by)
+    height = round(image.shape[1] * scale_by)
+    width, height = max(width, 1), max(height, 1)
+    x = image.movedim(-1, 1).float()
+    if upscale_method == "lanczos":
+        import numpy as np
+        from PIL import Image
+        out = []
+        for frame in x:
+            arr = (frame.movedim(0, -1).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+            pil = Image.fromarray(arr).resize((width, height), resample=Image.Resampling.LANCZOS)
+            out.append(torch.from_numpy(np.array(pil).astype(np.float32) / 255.0).movedim(-1, 0))
+        y = torch.stack(out)
+    elif upscale_method == "area":
+        y = F.interpolate(x, size=(height, width), mode="area")
+    elif upscale_method == "nearest-exact":
+        y = F.interpolate(x, size=(height, width), mode="nearest-exact")
+    else:
+        y = F.interpolate(x, size=(height, width), mode=upscale_method, align_corners=False, antialias=True)
+    return (y.movedim(1, -1).clamp(0, 1).contiguous(),), {}
+
+
+def native_specs(input_dir=None) -> dict[str, NodeSpec]:
+    """The allow-list of native node types: their ComfyUI signatures and headless implementations.
+    `input_dir` fills LoadImage's choices (the images in the input folder)."""
+    images = list_input_images(input_dir)
+    specs = [
+        NodeSpec("SaveImage", [InputSpec("images", "IMAGE"),
+                               InputSpec("filename_prefix", "STRING", default="ComfyUI")],
+                 [], output_node=True, display_name="Save Image", native=True, run=save_image),
+        NodeSpec("PreviewImage", [InputSpec("images", "IMAGE")], [], output_node=True,
+                 display_name="Preview Image", native=True, run=preview_image),
+        NodeSpec("LoadImage", [InputSpec("image", "COMBO", options=images, upload=True)],
+                 [("IMAGE", "IMAGE"), ("MASK", "MASK")], display_name="Load Image", native=True,
+                 run=load_image),
+        NodeSpec("EmptySD3LatentImage",
+                 [InputSpec("width", "INT", default=1024, min=16, max=MAX_RESOLUTION, step=16),
+                  InputSpec("height", "INT", default=1024, min=16, max=MAX_RESOLUTION, step=16),
+                  InputSpec("batch_size", "INT", default=1, min=1, max=4096)],
+                 [("LATENT", "LATENT")], display_name="EmptySD3LatentImage", native=True, run=empty_sd3_latent),
+        NodeSpec("ImageScaleBy",
+                 [InputSpec("image", "IMAGE"),
+                  InputSpec("upscale_method", "COMBO", options=list(UPSCALE_METHODS)),
+                  InputSpec("scale_by", "FLOAT", default=1.0, min=0.01, max=8.0, step=0.01)],
+                 [("IMAGE", "IMAGE")], display_name="Upscale Image By", native=True, run=image_scale_by),
+    ]
+    return {s.node_id: s for s in specs}
+
+
+NATIVE_NODES = tuple(native_specs())

@@ -1,0 +1,90 @@
+"""Latents: empty latent, VAE decode and encode (native LATENT and IMAGE conventions)."""
+from __future__ import annotations
+
+from .. import host, models
+from ..errors import BadInput
+from ..pipeline import latents as latents_lib
+from ..pipeline import vae as vae_lib
+from ._common import CATEGORY, MAX_RESOLUTION, VAE, io, ui
+
+LATENT = CATEGORY + "/latent"
+TILED = {"auto": None, "off": False, "on": True}
+
+
+class EmptyLatent(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxBridgeEmptyLatent",
+            display_name="FluxBridge Empty Latent",
+            category=LATENT,
+            description="An empty 16-channel Flux LATENT (like EmptySD3LatentImage). Sizes that are not a "
+                        "multiple of 16 are rounded down, with a note.",
+            inputs=[
+                io.Int.Input("width", default=1024, min=16, max=MAX_RESOLUTION, step=16),
+                io.Int.Input("height", default=1024, min=16, max=MAX_RESOLUTION, step=16),
+                io.Int.Input("batch_size", default=1, min=1, max=64),
+            ],
+            outputs=[io.Latent.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def execute(cls, width=1024, height=1024, batch_size=1):
+        notes = []
+        latent = latents_lib.empty_latent(int(width), int(height), int(batch_size), notes=notes)
+        latent["samples"] = latent["samples"].to(host.intermediate_device())
+        return io.NodeOutput(latent, ui=ui(notes))
+
+
+def _samples(latent, what="latent"):
+    if not isinstance(latent, dict) or "samples" not in latent:
+        raise BadInput(what, "expected a LATENT (a dict with 'samples')")
+    return latent["samples"]
+
+
+class VAEDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxBridgeVAEDecode",
+            display_name="FluxBridge VAE Decode",
+            category=LATENT,
+            description="LATENT → IMAGE. auto: whole image, in tiles if it runs out of memory.",
+            inputs=[VAE.Input("vae"), io.Latent.Input("latent"),
+                    io.Combo.Input("tiled", options=list(TILED), default="auto")],
+            outputs=[io.Image.Output(display_name="image")],
+        )
+
+    @classmethod
+    def execute(cls, vae, latent, tiled="auto"):
+        if tiled not in TILED:
+            raise BadInput("tiled", f"{tiled!r}: expected one of {', '.join(TILED)}")
+        samples = _samples(latent)
+        models.check_vae_latent(vae, samples)
+        notes = []
+        host.load_to_device([vae.handle])
+        image = vae_lib.decode(vae.module, samples, tiled=TILED[tiled], notes=notes)
+        return io.NodeOutput(image, ui=ui(notes))
+
+
+class VAEEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxBridgeVAEEncode",
+            display_name="FluxBridge VAE Encode",
+            category=LATENT,
+            description="IMAGE → LATENT (posterior mean, as ComfyUI's VAEEncode).",
+            inputs=[VAE.Input("vae"), io.Image.Input("image")],
+            outputs=[io.Latent.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def execute(cls, vae, image):
+        notes = []
+        host.load_to_device([vae.handle])
+        samples = vae_lib.encode(vae.module, image, notes=notes)
+        return io.NodeOutput({"samples": samples.to(host.intermediate_device())}, ui=ui(notes))
+
+
+NODES = [EmptyLatent, VAEDecode, VAEEncode]

@@ -1,0 +1,181 @@
+"""Loaders: transformer, text encoders, VAE, LoRA. They show what they detected as UI text."""
+from __future__ import annotations
+
+from .. import host, models
+from ..errors import BadInput
+from ._common import CATEGORY, TEXT_ENCODERS, TRANSFORMER, VAE, files, io, ui
+
+LOADERS = CATEGORY + "/loaders"
+
+
+def _warnings(report: dict) -> list[str]:
+    out = list(report.get("warnings") or [])
+    unplaced = report.get("unplaced") or []
+    if unplaced:
+        out.append(f"{len(unplaced)} tensor(s) not used: {', '.join(map(str, unplaced[:4]))}"
+                   + (" ..." if len(unplaced) > 4 else ""))
+    unexpected = report.get("unexpected") or []
+    if unexpected:
+        out.append(f"{len(unexpected)} unexpected tensor(s): {', '.join(map(str, unexpected[:4]))}"
+                   + (" ..." if len(unexpected) > 4 else ""))
+    return out
+
+
+def _cached_note(hit: bool) -> str:
+    return "(reused: already loaded)" if hit else ""
+
+
+class LoadTransformer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxBridgeLoadTransformer",
+            display_name="FluxBridge Load Transformer",
+            category=LOADERS,
+            description="Loads a FLUX.1 transformer in any layout (BFL, ComfyUI, diffusers file or folder, "
+                        "GGUF, fp8) and shows what it detected.",
+            inputs=[
+                io.Combo.Input("model_name", options=files("diffusion_models"),
+                               tooltip="A file or diffusers folder in models/diffusion_models (or unet)."),
+                io.Combo.Input("weight_dtype", options=list(models.WEIGHT_DTYPES), default="default",
+                               tooltip="default: bf16 on a GPU that does it well, else fp32. fp8: weights kept "
+                                       "in fp8, each layer upcast as it runs."),
+                io.Combo.Input("quantize", options=list(models.QUANTIZE), default="none",
+                               tooltip="Weight-only quantization of the Linear layers through torchao "
+                                       "(pip install fluxbridge[quant])."),
+            ],
+            outputs=[TRANSFORMER.Output(display_name="transformer")],
+        )
+
+    @classmethod
+    def execute(cls, model_name, weight_dtype="default", quantize="none"):
+        path = host.model_path("diffusion_models", model_name)
+        model, hit = models.load_transformer(path, weight_dtype, quantize, name=model_name)
+        info = {"family": model.family, "layout": model.layout, "variant": model.variant, "dtype": model.storage,
+                "config": model.config, "warnings": _warnings(model.report), "cached": hit}
+        line = (f"{model_name}: {model.family}, layout {model.layout}, variant {model.variant}, "
+                f"{model.storage} {_cached_note(hit)}").strip()
+        return io.NodeOutput(model, ui=ui([line] + info["warnings"], info))
+
+
+class LoadTextEncoders(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        choices = files("text_encoders")
+        return io.Schema(
+            node_id="FluxBridgeLoadTextEncoders",
+            display_name="FluxBridge Load Text Encoders",
+            category=LOADERS,
+            description="Loads CLIP-L and T5-XXL (files, or a diffusers folder's text_encoder/ and "
+                        "text_encoder_2/) and finds their tokenizers.",
+            inputs=[
+                io.Combo.Input("clip_name", options=choices,
+                               tooltip="CLIP-L weights in models/text_encoders (or clip), or a diffusers folder."),
+                io.Combo.Input("t5_name", options=choices,
+                               tooltip="T5-XXL weights in models/text_encoders (or clip), or a diffusers folder."),
+                io.Combo.Input("weight_dtype", options=list(models.TEXT_DTYPES), default="default"),
+            ],
+            outputs=[TEXT_ENCODERS.Output(display_name="text_encoders")],
+        )
+
+    @classmethod
+    def execute(cls, clip_name, t5_name, weight_dtype="default"):
+        clip_path = host.model_path("text_encoders", clip_name)
+        t5_path = host.model_path("text_encoders", t5_name)
+        enc, hit = models.load_text_encoders(clip_path, t5_path, weight_dtype, clip_name=clip_name,
+                                             t5_name=t5_name)
+        tok = enc.tokenizers
+        parts, lines = [], []
+        for e, source in ((enc.clip, tok.clip_source), (enc.t5, tok.t5_source)):
+            parts.append({"name": e.name, "family": e.family, "layout": e.layout, "dtype": e.dtype,
+                          "tokenizer": source, "warnings": _warnings(e.report)})
+            lines.append(f"{e.name}: {e.family}, layout {e.layout}, {e.dtype}; tokenizer from {source}")
+            lines += parts[-1]["warnings"]
+        if hit:
+            lines.append(_cached_note(hit))
+        return io.NodeOutput(enc, ui=ui(lines, {"components": parts, "cached": hit}))
+
+
+class LoadVAE(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxBridgeLoadVAE",
+            display_name="FluxBridge Load VAE",
+            category=LOADERS,
+            description="Loads the FLUX VAE (ae.safetensors, LDM or diffusers layout).",
+            inputs=[io.Combo.Input("vae_name", options=files("vae"),
+                                   tooltip="A VAE file or diffusers folder in models/vae.")],
+            outputs=[VAE.Output(display_name="vae")],
+        )
+
+    @classmethod
+    def execute(cls, vae_name):
+        path = host.model_path("vae", vae_name)
+        vae, hit = models.load_vae(path, name=vae_name)
+        info = {"family": "flux-vae", "layout": vae.layout, "dtype": vae.dtype,
+                "config": {"latent_channels": vae.latent_channels, "scaling_factor": vae.scaling_factor,
+                           "shift_factor": vae.shift_factor, "downscale": vae.downscale},
+                "warnings": _warnings(vae.report), "cached": hit}
+        line = (f"{vae_name}: flux-vae, layout {vae.layout}, {vae.dtype}, {vae.latent_channels} latent channels "
+                f"(scale {vae.scaling_factor}, shift {vae.shift_factor}) {_cached_note(hit)}").strip()
+        return io.NodeOutput(vae, ui=ui([line] + info["warnings"], info))
+
+
+class LoadLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxBridgeLoadLoRA",
+            display_name="FluxBridge Load LoRA",
+            category=LOADERS,
+            description="Adds a LoRA (any Flux format) to the transformer's and the text encoders' LoRA stacks. "
+                        "The weights are patched only while a sampler or text encoder runs, then restored.",
+            inputs=[
+                TRANSFORMER.Input("transformer"),
+                io.Combo.Input("lora_name", options=files("loras")),
+                io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01),
+                io.Float.Input("strength_text", default=1.0, min=-10.0, max=10.0, step=0.01),
+                TEXT_ENCODERS.Input("text_encoders", optional=True),
+            ],
+            outputs=[TRANSFORMER.Output(display_name="transformer"), TEXT_ENCODERS.Output(display_name="text_encoders")],
+        )
+
+    @classmethod
+    def execute(cls, transformer, lora_name, strength_model=1.0, strength_text=1.0, text_encoders=None):
+        path = host.model_path("loras", lora_name)
+        lora = models.open_lora(path)
+        lines, notes = [], []
+        report = models.lora_report(transformer.module, transformer.family, lora, strength_model)
+        if report["parts"] and not report["patched"]:
+            first = report["not_placed"][0] if report["not_placed"] else {"key": "?", "reason": "no module fits"}
+            raise BadInput(lora_name, f"none of the LoRA's {report['parts']} transformer part(s) fits the "
+                                      f"transformer {transformer.name!r}: {first['key']}: {first['reason']}")
+        text_reports = {}
+        if text_encoders is not None:
+            for enc in (text_encoders.clip, text_encoders.t5):
+                if lora.family_parts(enc.family):
+                    r = models.lora_report(enc.module, enc.family, lora, strength_text)
+                    if r["parts"] and not r["patched"]:
+                        first = r["not_placed"][0] if r["not_placed"] else {"key": "?", "reason": "no module fits"}
+                        raise BadInput(lora_name, f"none of the LoRA's {r['parts']} {enc.family} part(s) fits the "
+                                                  f"text encoder {enc.name!r}: {first['key']}: {first['reason']}")
+                    text_reports[enc.family] = r
+            text_encoders = text_encoders.with_lora(lora_name, lora, strength_text)
+        elif any(lora.family_parts(f) for f in ("clip-l", "t5-xxl")):
+            notes.append("this LoRA has text-encoder parts; connect text_encoders to apply them")
+        transformer = transformer.with_lora(lora_name, lora, strength_model)
+
+        not_placed = list(report["not_placed"]) + [n for r in text_reports.values() for n in r["not_placed"]]
+        patched = list(report["patched"]) + [f"{fam}: {m}" for fam, r in text_reports.items() for m in r["patched"]]
+        payload = {"name": lora_name, "format": lora.format, "strength_model": strength_model,
+                   "strength_text": strength_text, "patched": patched, "zero_filled": report["zero_filled"],
+                   "not_placed": not_placed, "stack": [e.name for e in transformer.loras]}
+        lines.append(f"{lora_name}: format {lora.format}; patched {len(patched)} module(s), zero-filled "
+                     f"{len(report['zero_filled'])}, not placed {len(not_placed)}")
+        lines += [f"not placed: {n['key']}: {n['reason']}" for n in not_placed[:5]]
+        lines += notes
+        return io.NodeOutput(transformer, text_encoders, ui=ui(lines, payload))
+
+
+NODES = [LoadTransformer, LoadTextEncoders, LoadVAE, LoadLoRA]

@@ -1,0 +1,293 @@
+"""Sampling: the FLUX.1 schedule, adding noise, one Euler step, and the whole sampler.
+
+The transformer's LoRA stack is applied around the model calls only (`with transformer.patched()`), and
+removed in a `finally`: an interrupt or an error leaves the cached base model exactly as it was.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import host, models
+from ..errors import BadInput
+from ..pipeline import fill as fill_lib
+from ..pipeline import latents as latents_lib
+from ..pipeline import schedule as schedule_lib
+from ..pipeline.sample import DEFAULT_GUIDANCE, _batch, _device_dtype, _text_inputs, sample
+from ._common import CATEGORY, MAX_RESOLUTION, MAX_SEED, TRANSFORMER, io, node_id, ui
+
+SAMPLING = CATEGORY + "/sampling"
+SHIFTS = ("auto", "dynamic", "fixed")
+
+
+def uses_dynamic_shift(shift: str, transformer=None) -> bool:
+    """auto: dynamic for dev-type models (guidance embeddings), fixed for schnell; dynamic without a model."""
+    if shift not in SHIFTS:
+        raise BadInput("shift", f"{shift!r}: expected one of {', '.join(SHIFTS)}")
+    if shift != "auto":
+        return shift == "dynamic"
+    if transformer is None:
+        return True
+    return transformer.variant != "schnell" and transformer.guidance_embeds
+
+
+def flux_sigmas(steps: int, image_seq_len: int, dynamic: bool, denoise: float = 1.0) -> torch.Tensor:
+    if dynamic:
+        return schedule_lib.flux_sigmas(int(steps), image_seq_len=int(image_seq_len), dynamic_shift=True,
+                                        denoise=float(denoise))
+    return schedule_lib.flux_sigmas(int(steps), dynamic_shift=False, shift=1.0, denoise=float(denoise))
+
+
+def _sigmas(sigmas) -> torch.Tensor:
+    sig = torch.as_tensor(sigmas, dtype=torch.float32).detach().cpu().reshape(-1)
+    if sig.numel() < 2:
+        raise BadInput("sigmas", f"need at least 2 values (1 step), got {sig.numel()}")
+    return sig
+
+
+def _latent(latent, what="latent") -> torch.Tensor:
+    if not isinstance(latent, dict) or not torch.is_tensor(latent.get("samples")):
+        raise BadInput(what, "expected a LATENT (a dict with 'samples')")
+    samples = latent["samples"]
+    if samples.ndim != 4:
+        raise BadInput(what, f"samples must be [B, C, H, W], got shape {list(samples.shape)}")
+    return samples
+
+
+def _flux_raw(samples: torch.Tensor, fmt, notes) -> torch.Tensor:
+    """Raw latents with the format's channel count: an all-zero latent of another count (a 4-channel
+    EmptyLatentImage) becomes zeros of the right count, as the sampler and ComfyUI do."""
+    if samples.shape[1] == fmt.channels:
+        return samples
+    if not bool((samples == 0).all()):
+        raise BadInput("latent", f"{samples.shape[1]} channels, but Flux latents have {fmt.channels}; encode the "
+                                 "image with the Flux VAE")
+    notes.append(f"empty latent with {samples.shape[1]} channels replaced by {fmt.channels}-channel zeros")
+    return torch.zeros(samples.shape[0], fmt.channels, *samples.shape[2:], dtype=samples.dtype)
+
+
+def _check_conditioning(conditioning, transformer, which: str) -> None:
+    """Name both parts when a CONDITIONING's widths do not fit the transformer."""
+    if not isinstance(conditioning, (list, tuple)) or not conditioning:
+        raise BadInput(which, "expected a CONDITIONING list [[tensor, dict], ...]")
+    cond, extra = conditioning[0]
+    cfg = transformer.config
+    if cond.shape[-1] != cfg["joint_attention_dim"]:
+        raise BadInput(which, f"the {which} text states are {cond.shape[-1]} wide, the transformer "
+                              f"{transformer.name!r} expects {cfg['joint_attention_dim']} (its T5 width)")
+    pooled = extra.get("pooled_output") if isinstance(extra, dict) else None
+    if pooled is not None and pooled.shape[-1] != cfg["pooled_projection_dim"]:
+        raise BadInput(which, f"the {which} pooled output is {pooled.shape[-1]} wide, the transformer "
+                              f"{transformer.name!r} expects {cfg['pooled_projection_dim']} (its CLIP width)")
+
+
+class Scheduler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxBridgeScheduler",
+            display_name="FluxBridge Scheduler",
+            category=SAMPLING,
+            description="The FLUX.1 flow-matching sigmas, exactly as diffusers computes them. auto: the "
+                        "resolution-dependent (dynamic) shift for dev-type models, none for schnell.",
+            inputs=[
+                io.Int.Input("steps", default=28, min=1, max=1000),
+                io.Int.Input("width", default=1024, min=16, max=MAX_RESOLUTION, step=16),
+                io.Int.Input("height", default=1024, min=16, max=MAX_RESOLUTION, step=16),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+                io.Combo.Input("shift", options=list(SHIFTS), default="auto"),
+                TRANSFORMER.Input("transformer", optional=True,
+                                  tooltip="Decides what auto means (schnell: fixed; dev: dynamic)."),
+            ],
+            outputs=[io.Sigmas.Output(display_name="sigmas")],
+        )
+
+    @classmethod
+    def execute(cls, steps=28, width=1024, height=1024, denoise=1.0, shift="auto", transformer=None):
+        notes = []
+        w, h, _ = latents_lib.snap_size(int(width), int(height), notes=notes)
+        dynamic = uses_dynamic_shift(shift, transformer)
+        sigmas = flux_sigmas(steps, schedule_lib.image_tokens(w, h), dynamic, denoise)
+        values = [float(s) for s in sigmas.tolist()]
+        kind = "dynamic shift" if dynamic else "fixed shift 1.0"
+        notes.insert(0, f"{len(values) - 1} step(s), {kind}, sigmas {values[0]:.4f} → {values[-1]:.4f}")
+        return io.NodeOutput(sigmas, ui=ui(notes, {"sigmas": values, "shift": "dynamic" if dynamic else "fixed"},
+                                           sigmas=values))
+
+
+class AddNoise(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxBridgeAddNoise",
+            display_name="FluxBridge Add Noise",
+            category=SAMPLING,
+            description="Noises a LATENT to the first sigma (sigma·noise + (1−sigma)·latent, in the model's "
+                        "normalised space), with the sampler's noise for a seed. Start of a step-by-step loop.",
+            inputs=[
+                io.Latent.Input("latent"),
+                io.Sigmas.Input("sigmas"),
+                io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True),
+            ],
+            outputs=[io.Latent.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def execute(cls, latent, sigmas, seed=0):
+        notes = []
+        fmt = latents_lib.LatentFormat()
+        raw = _flux_raw(_latent(latent), fmt, notes).to(torch.float32)
+        sig = _sigmas(sigmas)
+        eps = latents_lib.noise(int(seed), raw.shape)
+        x = schedule_lib.add_noise(fmt.process_in(raw.cpu()), eps, sig[0])
+        out = dict(latent)
+        out["samples"] = fmt.process_out(x).to(host.intermediate_device())
+        return io.NodeOutput(out, ui=ui(notes))
+
+
+class SchedulerStep(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxBridgeSchedulerStep",
+            display_name="FluxBridge Scheduler Step",
+            category=SAMPLING,
+            description="One flow-matching Euler step, from sigmas[step] to sigmas[step+1]. Chained over every "
+                        "step after FluxBridge Add Noise, it gives the sampler's result.",
+            inputs=[
+                TRANSFORMER.Input("transformer"),
+                io.Conditioning.Input("positive"),
+                io.Latent.Input("latent"),
+                io.Sigmas.Input("sigmas"),
+                io.Int.Input("step", default=0, min=0, max=999),
+                io.Conditioning.Input("negative", optional=True),
+                io.Float.Input("true_cfg", default=1.0, min=1.0, max=30.0, step=0.1),
+            ],
+            outputs=[io.Latent.Output(display_name="latent")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, transformer, positive, latent, sigmas, step=0, negative=None, true_cfg=1.0):
+        notes = []
+        sig = _sigmas(sigmas)
+        step = int(step)
+        if not 0 <= step < sig.numel() - 1:
+            raise BadInput("step", f"step {step} is outside the schedule of {sig.numel() - 1} step(s) "
+                                   f"(0..{sig.numel() - 2})")
+        _check_conditioning(positive, transformer, "positive")
+        if negative is not None:
+            _check_conditioning(negative, transformer, "negative")
+        fmt = latents_lib.LatentFormat()
+        raw = _flux_raw(_latent(latent), fmt, notes).to(torch.float32).cpu()
+        models.check_latent_fits(raw, transformer)
+        if latent.get("noise_mask") is not None:
+            notes.append("noise_mask ignored: a single step cannot re-noise the kept area (use the sampler)")
+        host.load_to_device([transformer.handle])
+        host.check_interrupt()
+        with transformer.patched() as module:
+            x = euler_step(module, positive, raw, sig, step, negative, float(true_cfg), fmt, notes)
+        out = dict(latent)
+        out["samples"] = x.to(host.intermediate_device())
+        bar = host.progress(1, node_id=node_id(cls))
+        bar.update_absolute(1)
+        return io.NodeOutput(out, ui=ui(notes))
+
+
+@torch.no_grad()
+def euler_step(module, positive, raw, sig, i, negative, true_cfg, fmt, notes):
+    """Raw latents at sigmas[i] → raw latents at sigmas[i+1]: the very operations of one iteration of
+    `pipeline.sample.sample` (float32 running sample, model inputs in the model's dtype)."""
+    cfg = module.config
+    device, dtype = _device_dtype(module)
+    b, c, h, w = raw.shape
+    if h % 2 or w % 2:
+        raise BadInput("latent", f"{w}x{h} latent pixels: a single step needs even sizes (images a multiple "
+                                 "of 16); use the sampler for odd sizes")
+    hidden, pooled, extra, txt_ids = _text_inputs(module, positive, "positive", b, device, dtype, notes)
+    base = 4 * c
+    n_extra = int(cfg.in_channels) - base
+    fill = fill_lib.from_native_conditioning(extra, (b, c, h, w), n_extra, fmt) if n_extra > 0 else None
+    if n_extra > 0 and fill is None:
+        raise BadInput("positive", f"the transformer takes {cfg.in_channels} input channels ({n_extra} beyond "
+                                   "the latent's): connect FluxBridge Fill Conditioning")
+    guidance = None
+    if cfg.guidance_embeds:
+        g = extra.get("guidance", DEFAULT_GUIDANCE)
+        if g is None:
+            raise BadInput("guidance", "disabled (None), but this transformer has guidance embeddings")
+        guidance = torch.full([b], float(g), dtype=torch.float32, device=device)
+    do_cfg = negative is not None and true_cfg > 1.0
+    if negative is not None and not do_cfg:
+        notes.append(f"negative conditioning ignored: true_cfg is {true_cfg} (it needs > 1)")
+    if do_cfg:
+        neg_hidden, neg_pooled, _, neg_txt_ids = _text_inputs(module, negative, "negative", b, device,
+                                                                          dtype, notes)
+    x = latents_lib.pack(fmt.process_in(raw)).to(device)
+    img_ids = latents_lib.image_ids(h // 2, w // 2, device=device)
+    t = (sig[:-1] * 1000 / 1000)[i].to(device).expand(b)
+    dt = (sig[1:] - sig[:-1]).tolist()[i]
+    inp = x if x.dtype == dtype else x.to(dtype)
+    if fill is not None:
+        inp = torch.cat([inp, _batch(fill, b, "fill").to(device=device, dtype=dtype)], dim=-1)
+    v = module(hidden_states=inp, timestep=t, guidance=guidance, pooled_projections=pooled,
+               encoder_hidden_states=hidden, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+    if do_cfg:
+        v_neg = module(hidden_states=inp, timestep=t, guidance=guidance, pooled_projections=neg_pooled,
+                       encoder_hidden_states=neg_hidden, txt_ids=neg_txt_ids, img_ids=img_ids,
+                       return_dict=False)[0]
+        v = v_neg + true_cfg * (v - v_neg)
+    x.add_(v.mul_(dt))
+    return fmt.process_out(latents_lib.unpack(x, h, w)).to(device="cpu", dtype=torch.float32)
+
+
+class Sampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxBridgeSampler",
+            display_name="FluxBridge Sampler",
+            category=SAMPLING,
+            description="Samples a LATENT with the FLUX.1 transformer (flow-matching Euler, as diffusers' "
+                        "FluxPipeline). denoise < 1 or a non-empty latent: image to image. sigmas overrides "
+                        "steps and denoise.",
+            inputs=[
+                TRANSFORMER.Input("transformer"),
+                io.Conditioning.Input("positive"),
+                io.Latent.Input("latent"),
+                io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True),
+                io.Int.Input("steps", default=28, min=1, max=1000),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+                io.Float.Input("true_cfg", default=1.0, min=1.0, max=30.0, step=0.1,
+                               tooltip="> 1 with a negative prompt: true classifier-free guidance "
+                                       "(two model calls per step)."),
+                io.Conditioning.Input("negative", optional=True),
+                io.Sigmas.Input("sigmas", optional=True),
+            ],
+            outputs=[io.Latent.Output(display_name="latent")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, transformer, positive, latent, seed=0, steps=28, denoise=1.0, true_cfg=1.0, negative=None,
+                sigmas=None):
+        notes = []
+        samples = _latent(latent)
+        models.check_latent_fits(samples, transformer)
+        _check_conditioning(positive, transformer, "positive")
+        if negative is not None:
+            _check_conditioning(negative, transformer, "negative")
+        if sigmas is None:
+            h, w = int(samples.shape[2]), int(samples.shape[3])
+            tokens = ((h + 1) // 2) * ((w + 1) // 2)
+            sigmas = flux_sigmas(steps, tokens, uses_dynamic_shift("auto", transformer), denoise)
+        sig = _sigmas(sigmas)
+        host.load_to_device([transformer.handle])
+        bar = host.progress(sig.numel() - 1, node_id=node_id(cls))
+        with transformer.patched() as module:
+            out = sample(module, positive, latent, sig, seed=int(seed), negative=negative,
+                                    true_cfg=float(true_cfg), progress=bar, check_interrupt=host.check_interrupt,
+                                    notes=notes, output_device=host.intermediate_device())
+        return io.NodeOutput(out, ui=ui(notes))
+
+
+NODES = [Scheduler, AddNoise, SchedulerStep, Sampler]

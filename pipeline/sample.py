@@ -1,0 +1,258 @@
+"""The FLUX.1 sampling loop (flow-matching Euler), shared by the nodes and the headless runner.
+
+native LATENT (raw VAE space) -> process_in -> noise at the first sigma (sigma*noise + (1-sigma)*x0; pure
+noise at sigma 1) -> pack -> per step: transformer(hidden_states, timestep=sigma, guidance, pooled_projections,
+encoder_hidden_states, txt_ids, img_ids) [-> true CFG: neg + scale*(pos - neg)] -> Euler step -> unpack ->
+process_out -> native LATENT.
+
+The arithmetic follows diffusers FluxPipeline / FluxImg2ImgPipeline / FluxFillPipeline / FluxInpaintPipeline
+step for step (same operations, same order), so float32 results match them. One deliberate difference: the
+running sample stays float32 between steps (diffusers rounds it to the model's dtype after each step; for a
+float32 model the two are identical). Everything the loop needs (ids, guidance, timesteps, the Fill input
+buffer) is built once; a step allocates nothing beyond what the transformer itself does.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import BadInput
+from ._notes import note
+from .fill import _batch, from_native_conditioning
+from .latents import LatentFormat, image_ids, noise as make_noise, pack, text_ids, unpack
+from .schedule import add_noise
+
+FROM_CONDITIONING = "conditioning"  # default for `guidance`: take it from the CONDITIONING (3.5 if absent)
+DEFAULT_GUIDANCE = 3.5
+
+
+def _device_dtype(module):
+    for p in module.parameters():
+        return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _parse_conditioning(conditioning, which: str, notes) -> tuple[torch.Tensor, dict]:
+    if not isinstance(conditioning, (list, tuple)) or not conditioning:
+        raise BadInput(which, "expected a CONDITIONING list [[tensor, dict], ...]")
+    first = conditioning[0]
+    if not isinstance(first, (list, tuple)) or len(first) != 2 or not torch.is_tensor(first[0]):
+        raise BadInput(which, "expected a CONDITIONING entry [tensor, dict]")
+    if len(conditioning) > 1:
+        note(f"{which}: {len(conditioning)} conditioning entries; only the first is used", notes)
+    hidden, extra = first
+    if hidden.ndim != 3:
+        raise BadInput(which, f"text states must be [B, N, D], got shape {tuple(hidden.shape)}")
+    if extra.get("pooled_output") is None:
+        raise BadInput(which, "no pooled_output (the CLIP-L pooled vector Flux needs); encode the prompt "
+                              "with both CLIP-L and T5")
+    return hidden, extra
+
+
+def _text_inputs(transformer, conditioning, which, batch, device, dtype, notes):
+    hidden, extra = _parse_conditioning(conditioning, which, notes)
+    pooled = extra["pooled_output"]
+    cfg = transformer.config
+    if hidden.shape[-1] != cfg.joint_attention_dim:
+        raise BadInput(which, f"text states are {hidden.shape[-1]} wide but the transformer's text input "
+                              f"(joint_attention_dim) is {cfg.joint_attention_dim}: wrong T5 for this model")
+    if pooled.shape[-1] != cfg.pooled_projection_dim:
+        raise BadInput(which, f"pooled_output is {pooled.shape[-1]} wide but the transformer expects "
+                              f"{cfg.pooled_projection_dim} (pooled_projection_dim): wrong CLIP for this model")
+    hidden = _batch(hidden, batch, which).to(device=device, dtype=dtype)
+    pooled = _batch(pooled.reshape(pooled.shape[0], -1), batch, which).to(device=device, dtype=dtype)
+    return hidden, pooled, extra, text_ids(hidden.shape[1], device=device)
+
+
+def _prepare_mask(mask: torch.Tensor, batch: int, channels: int, h: int, w: int) -> torch.Tensor:
+    """Native noise_mask ([H, W], [B, H, W] or [B, 1, H, W], any resolution; 1 = denoise) -> [B, C, h, w]
+    at latent size (bilinear, as ComfyUI's prepare_mask)."""
+    m = mask.float().cpu()
+    if m.ndim == 2:
+        m = m[None, None]
+    elif m.ndim == 3:
+        m = m[:, None]
+    if m.ndim != 4:
+        raise BadInput("denoise_mask", f"expected a mask [B, H, W], got shape {tuple(mask.shape)}")
+    m = m.mean(dim=1, keepdim=True)
+    if tuple(m.shape[-2:]) != (h, w):
+        m = torch.nn.functional.interpolate(m, size=(h, w), mode="bilinear")
+    return _batch(m, batch, "denoise_mask").expand(batch, channels, h, w)
+
+
+def _progress_bar(progress, total):
+    if progress is None:
+        return None
+    if callable(progress) and (isinstance(progress, type) or not hasattr(progress, "update")):
+        return progress(total)
+    return progress
+
+
+@torch.no_grad()
+def sample(transformer, conditioning, latent: dict, sigmas, seed: int = 0, guidance=FROM_CONDITIONING,
+           negative=None, true_cfg: float = 1.0, fill: torch.Tensor | None = None,
+           denoise_mask: torch.Tensor | None = None, noise: torch.Tensor | None = None, latent_format=None,
+           progress=None, check_interrupt=None, preview=None, notes: list | None = None,
+           output_device="cpu") -> dict:
+    """Sample a native LATENT with a diffusers `FluxTransformer2DModel`.
+
+    conditioning / negative: native Flux CONDITIONING (`pipeline.text.encode_prompt`). `guidance`: the
+        default takes the conditioning's "guidance" (3.5 if absent; None = disabled); a number overrides it.
+        Used only when the transformer has guidance embeddings (dev); schnell ignores it.
+    latent: native LATENT `{"samples": raw [B, 16, h, w], "noise_mask"?}`. An all-zero latent with another
+        channel count (e.g. a 4-channel EmptyLatentImage) is replaced by 16-channel zeros, with a note.
+    sigmas: native SIGMAS (`schedule.flux_sigmas`); the first sigma sets the noise level: 1.0 = text to
+        image, lower = img2img (noise added as sigma*noise + (1-sigma)*x0, like `scheduler.scale_noise`).
+    seed / noise: the noise is `latents.noise(seed, samples.shape)` unless a tensor is given.
+    true_cfg: with a `negative`, > 1 runs the model twice per step: neg + true_cfg * (pos - neg).
+    fill: packed extra inputs for Fill (320 features) or Depth/Canny (64) models (`pipeline.fill`); when None
+        they are built from native `concat_latent_image`/`concat_mask` keys of the positive conditioning.
+    denoise_mask: native noise_mask (1 = denoise; default: `latent["noise_mask"]`): the rest is kept, re-noised
+        to each step's sigma like FluxInpaintPipeline.
+    progress: a factory `progress(total)` or an object with `.update(n)` / `.update_absolute(v, total, preview)`.
+    check_interrupt: called before every step; it raises to stop (nothing is left changed).
+    preview: `preview(step, x0_raw)` -> an object passed to `update_absolute(..., preview=...)`.
+    latent_format: a VAE or `LatentFormat` (FLUX.1's 0.3611 / 0.1159 when None).
+    Returns a copy of `latent` with new "samples" (float32, on `output_device`).
+    """
+    fmt = LatentFormat.from_vae(latent_format)
+    sig = torch.as_tensor(sigmas, dtype=torch.float32).detach().cpu().reshape(-1)
+    if sig.numel() < 2:
+        raise BadInput("sigmas", f"need at least 2 values (1 step), got {sig.numel()}")
+    steps = sig.numel() - 1
+    if not isinstance(latent, dict) or not torch.is_tensor(latent.get("samples")):
+        raise BadInput("latent", "expected a LATENT dict with 'samples'")
+    raw = latent["samples"]
+    if raw.ndim != 4:
+        raise BadInput("latent", f"samples must be [B, C, H, W], got shape {tuple(raw.shape)}")
+
+    cfg = transformer.config
+    device, dtype = _device_dtype(transformer)
+    c = fmt.channels
+    base = 4 * c
+    in_ch = int(cfg.in_channels)
+    out_ch = int(cfg.out_channels or in_ch)
+    if out_ch != base:
+        raise BadInput("transformer", f"predicts {out_ch} packed channels ({out_ch // 4} latent channels) but the "
+                                      f"latent format has {c} channels ({base} packed)")
+    if raw.shape[1] != c:
+        if not bool((raw == 0).all()):
+            raise BadInput("latent", f"{raw.shape[1]} channels, but this model works on {c}-channel latents "
+                                     f"(a Flux VAE's); encode the image with the Flux VAE")
+        note(f"empty latent with {raw.shape[1]} channels replaced by {c}-channel zeros", notes)
+        raw = torch.zeros(raw.shape[0], c, *raw.shape[2:])
+    b, _, h, w = raw.shape
+    ph, pw = h % 2, w % 2
+
+    # ---- extra input channels (Fill / Depth / Canny) ----
+    pos_hidden, pos_pooled, pos_extra, txt_ids = _text_inputs(transformer, conditioning, "conditioning", b,
+                                                              device, dtype, notes)
+    extra = in_ch - base
+    if fill is None and extra > 0:
+        fill = from_native_conditioning(pos_extra, (b, c, h, w), extra, fmt)
+    if extra > 0 and fill is None:
+        raise BadInput("fill", f"the transformer takes {in_ch} input channels: {base} from the latent and {extra} "
+                               f"from {'a masked image + mask (Fill)' if extra == 320 else 'a control image'}, "
+                               f"but none was given")
+    if fill is not None:
+        if extra == 0:
+            raise BadInput("fill", f"fill/control inputs ({fill.shape[-1]} channels) were given, but the "
+                                   f"transformer takes only {in_ch} input channels (the latent's {base}): "
+                                   f"not a Fill/Depth/Canny model")
+        if fill.shape[-1] != extra:
+            raise BadInput("fill", f"fill/control inputs have {fill.shape[-1]} channels but the transformer "
+                                   f"takes {in_ch} = {base} (latent) + {extra}")
+        if ph or pw:
+            raise BadInput("latent", f"{w}x{h} latent pixels: Fill/control sampling needs even sizes "
+                                     f"(images a multiple of 16)")
+        if fill.shape[1] != (h // 2) * (w // 2):
+            raise BadInput("fill", f"fill/control inputs have {fill.shape[1]} tokens but the latent "
+                                   f"{w}x{h} has {(h // 2) * (w // 2)}")
+
+    # ---- guidance ----
+    g = pos_extra.get("guidance", DEFAULT_GUIDANCE) if guidance == FROM_CONDITIONING else guidance
+    guidance_vec = None
+    if cfg.guidance_embeds:
+        if g is None:
+            raise BadInput("guidance", "disabled (None), but this transformer has guidance embeddings "
+                                       "(a dev-type model); set a guidance value")
+        guidance_vec = torch.full([b], float(g), dtype=torch.float32, device=device)
+
+    # ---- negative / true CFG ----
+    do_cfg = negative is not None and float(true_cfg) > 1.0
+    if negative is not None and not do_cfg:
+        note(f"negative conditioning ignored: true_cfg is {true_cfg} (it needs > 1)", notes)
+    if do_cfg:
+        neg_hidden, neg_pooled, _, neg_txt_ids = _text_inputs(transformer, negative, "negative", b, device,
+                                                              dtype, notes)
+
+    # ---- initial state (packed, float32) ----
+    if noise is None:
+        noise = make_noise(seed, raw.shape)
+    elif tuple(noise.shape) != tuple(raw.shape):
+        raise BadInput("noise", f"shape {tuple(noise.shape)} does not match the latent {tuple(raw.shape)}")
+    x0 = fmt.process_in(raw.to(torch.float32))
+    eps = noise.to(torch.float32)
+    if ph or pw:  # odd latent sizes: pad circularly to the 2x2 patch (as ComfyUI does), crop at the end
+        note(f"latent {w}x{h} is not a multiple of 2; padded to {w + pw}x{h + ph} for sampling", notes)
+        x0 = torch.nn.functional.pad(x0, (0, pw, 0, ph), mode="circular")
+        eps = torch.nn.functional.pad(eps, (0, pw, 0, ph), mode="circular")
+    hh, ww = h + ph, w + pw
+    x0 = pack(x0).to(device)
+    eps = pack(eps).to(device)
+    x = add_noise(x0, eps, sig[0])
+
+    mask = denoise_mask if denoise_mask is not None else latent.get("noise_mask")
+    if mask is not None:
+        mask = _prepare_mask(mask, b, c, h, w)
+        if ph or pw:
+            mask = torch.nn.functional.pad(mask, (0, pw, 0, ph), mode="replicate")
+        mask = pack(mask.contiguous()).to(device)
+
+    img_ids = image_ids(hh // 2, ww // 2, device=device)
+    t_in = (sig[:-1] * 1000 / 1000).to(device)  # what the pipeline passes: (sigma * 1000) / 1000
+    dts = (sig[1:] - sig[:-1]).tolist()          # float32 values, as the scheduler's dt
+    sig_list = sig.tolist()
+    if fill is not None:
+        buf = torch.empty(b, x.shape[1], in_ch, device=device, dtype=dtype)
+        buf[..., base:] = _batch(fill, b, "fill").to(device=device, dtype=dtype)
+
+    bar = _progress_bar(progress, steps)
+    for i in range(steps):
+        if check_interrupt is not None:
+            check_interrupt()
+        if fill is not None:
+            buf[..., :base].copy_(x)
+            inp = buf
+        else:
+            inp = x if x.dtype == dtype else x.to(dtype)
+        t = t_in[i].expand(b)
+        v = transformer(hidden_states=inp, timestep=t, guidance=guidance_vec, pooled_projections=pos_pooled,
+                        encoder_hidden_states=pos_hidden, txt_ids=txt_ids, img_ids=img_ids,
+                        return_dict=False)[0]
+        if do_cfg:
+            v_neg = transformer(hidden_states=inp, timestep=t, guidance=guidance_vec,
+                                pooled_projections=neg_pooled, encoder_hidden_states=neg_hidden,
+                                txt_ids=neg_txt_ids, img_ids=img_ids, return_dict=False)[0]
+            v = v_neg + true_cfg * (v - v_neg)
+        shown = None
+        if preview is not None:
+            x0_pred = x - sig_list[i] * v.float()
+            shown = preview(i, fmt.process_out(_unpacked(x0_pred, hh, ww, h, w)))
+        x.add_(v.mul_(dts[i]))  # x + (sigma_next - sigma) * v, in float32
+        if mask is not None:
+            keep = add_noise(x0, eps, sig[i + 1]) if i < steps - 1 else x0
+            x = (1 - mask) * keep + mask * x
+        if bar is not None:
+            if shown is not None or not hasattr(bar, "update"):
+                bar.update_absolute(i + 1, steps, shown)
+            else:
+                bar.update(1)
+
+    out = dict(latent)
+    out["samples"] = fmt.process_out(_unpacked(x, hh, ww, h, w)).to(device=output_device, dtype=torch.float32)
+    return out
+
+
+def _unpacked(x: torch.Tensor, hh: int, ww: int, h: int, w: int) -> torch.Tensor:
+    z = unpack(x, hh, ww)
+    return z if (hh, ww) == (h, w) else z[:, :, :h, :w]

@@ -1,0 +1,318 @@
+"""`fluxbridge run`: execute an API-format workflow headless, without ComfyUI.
+
+    report = run_workflow("example_workflows/api/flux_dev_text_to_image.json", models_dir="models",
+                          output_dir="out")
+
+Order of work: read the file → apply overrides → read the node specs (our V3 schemas, with the models
+folder set, and the native allow-list) → validate everything (unknown node types, links to missing nodes
+or outputs, link types, missing required inputs, numbers out of range, combo values, file name prefixes
+that would leave the output folder, cycles) → only then run, in dependency order, just the nodes that the
+output nodes need. Every problem with the workflow is an `errors.BadInput(workflow, "<node id> (<class>):
+<cause>")` raised before anything runs. Model names resolve only inside the models folder (through
+`host`), images only inside the input folder, and files are written only inside the output folder.
+
+The returned report is JSON-able: files written, per-node UI payloads (loader detections, LoRA reports,
+sigmas), per-node output shapes and timings.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import inspect
+import json
+import os
+import time
+from pathlib import Path
+
+from . import host
+from .errors import BadInput
+from .native_nodes import RunContext, native_specs
+from .workflows import _id_key, _is_link, execution_order, find_cycle, our_specs, ui_to_api, validate_api
+
+MODELS_ENV = "FLUXBRIDGE_MODELS"
+INPUT_ENV = "FLUXBRIDGE_INPUT"
+
+
+def run_workflow(path, models_dir=None, output_dir=None, progress=True, input_dir=None, overrides=None,
+                 ui_workflow=None) -> dict:
+    """Validate, then execute the API-format workflow at `path`; returns the report.
+
+    models_dir: the models folder (`diffusion_models/`, `text_encoders/`, `vae/`, `loras/`, `tokenizers/`);
+        default: env FLUXBRIDGE_MODELS.
+    output_dir: where files go (default `./output`); nothing is written anywhere else.
+    input_dir: where LoadImage finds images (default: env FLUXBRIDGE_INPUT, else `./input`).
+    overrides: {node id: {input: value}} applied before validation (e.g. a smaller size or fewer steps).
+    ui_workflow: the UI-format twin to embed in saved PNGs; by default `../<name>.json` next to an `api/`
+        folder when it exists (the layout of `example_workflows/`).
+    A UI-format file is accepted too: it is converted as the frontend would, and embedded in saved PNGs.
+    """
+    path = Path(path)
+    prompt = _read_json(path)
+    if isinstance(prompt, dict) and isinstance(prompt.get("nodes"), list) and "links" in prompt:
+        ui_workflow = prompt
+    elif ui_workflow is None:
+        twin = path.parent.parent / path.name
+        if path.parent.name == "api" and twin.is_file():
+            try:
+                ui_workflow = json.loads(twin.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                ui_workflow = None
+    elif isinstance(ui_workflow, (str, Path)):
+        ui_workflow = _read_json(Path(ui_workflow))
+
+    models = _models_dir(path, models_dir)
+    out_dir = Path(output_dir if output_dir is not None else "output")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BadInput(out_dir, "the output folder is a file")
+    in_dir = input_dir if input_dir is not None else os.environ.get(INPUT_ENV) or "input"
+    in_dir = Path(in_dir)
+    if input_dir is not None and not in_dir.is_dir():
+        raise BadInput(in_dir, "the input folder does not exist")
+
+    _point_host(models, out_dir)
+    specs = native_specs(in_dir if in_dir.is_dir() else None)
+    specs.update(our_specs())  # read now: their combo choices list the models folder as it is
+    if prompt is ui_workflow:
+        prompt, problems = ui_to_api(ui_workflow, specs)
+        if problems:
+            raise BadInput(path, _problem_line(problems))
+        for node in prompt.values():
+            node.pop("_meta", None)
+    prompt = _apply_overrides(path, prompt, overrides)
+
+    problems, outputs = validate_api(prompt, specs)
+    if problems:
+        raise BadInput(path, _problem_line(problems))
+    cycle = find_cycle(prompt)
+    if cycle:
+        nid = cycle[0]
+        raise BadInput(path, f"{nid} ({prompt[nid]['class_type']}): the workflow has a cycle "
+                             f"({' -> '.join(cycle)})")
+    order, _ = execution_order(prompt, sorted(outputs, key=_id_key))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    before = _files(out_dir)
+    ctx = RunContext(output_dir=out_dir, input_dir=in_dir if in_dir.is_dir() else None,
+                     prompt=prompt, workflow=ui_workflow)
+    report = {"workflow": str(path), "models_dir": str(models) if models else None,
+              "output_dir": str(out_dir), "executed": [], "skipped": sorted(set(prompt) - set(order), key=_id_key),
+              "nodes": {}, "outputs": []}
+    # drop each output as soon as its last consumer has run
+    consumers = {nid: 0 for nid in order}
+    for nid in order:
+        for value in prompt[nid].get("inputs", {}).values():
+            if _is_link(value):
+                consumers[str(value[0])] += 1
+
+    values: dict[str, tuple] = {}
+    start = time.perf_counter()
+    bar = _progress_bar(order, progress)
+    try:
+        for nid in order:
+            node = prompt[nid]
+            cls = node["class_type"]
+            spec = specs[cls]
+            if bar is not None:
+                bar.set_postfix_str(f"{nid} {cls}")
+            kwargs = {}
+            for name, value in node.get("inputs", {}).items():
+                if _is_link(value):
+                    src, index = str(value[0]), value[1]
+                    kwargs[name] = values[src][index]
+                else:
+                    kwargs[name] = _cast(spec.input(name), value)
+            t0 = time.perf_counter()
+            ctx.node_id = nid
+            result, ui = _execute(path, nid, spec, kwargs, ctx)
+            seconds = time.perf_counter() - t0
+            if len(result) < len(spec.outputs):
+                raise RuntimeError(f"node {nid} ({cls}) returned {len(result)} values for "
+                                   f"{len(spec.outputs)} outputs")
+            values[nid] = result
+            report["executed"].append(nid)
+            report["nodes"][nid] = {"class_type": cls, "seconds": round(seconds, 4),
+                                    "outputs": [_describe(v, t) for v, (_, t) in zip(result, spec.outputs)],
+                                    "ui": _jsonable(ui) if ui else {}}
+            for value in node.get("inputs", {}).values():
+                if _is_link(value):
+                    src = str(value[0])
+                    consumers[src] -= 1
+                    if consumers[src] == 0:
+                        values.pop(src, None)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    report["seconds"] = round(time.perf_counter() - start, 4)
+    after = _files(out_dir)
+    report["outputs"] = sorted(p for p, stamp in after.items() if before.get(p) != stamp)
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+
+def _read_json(path: Path):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise BadInput(path, f"cannot read the workflow: {exc.strerror or exc}") from None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise BadInput(path, f"not valid JSON: {exc}") from None
+
+
+def _models_dir(path: Path, models_dir):
+    chosen = models_dir if models_dir is not None else os.environ.get(MODELS_ENV)
+    if not chosen:
+        return None
+    chosen = Path(chosen)
+    if not chosen.is_dir():
+        where = "--models" if models_dir is not None else MODELS_ENV
+        raise BadInput(chosen, f"the models folder ({where}) does not exist")
+    return chosen
+
+
+def _point_host(models, out_dir: Path):
+    """Tell host where the models and the output folder are (standalone)."""
+    if models is not None:
+        host.set_models_dir(models)
+    for name in ("set_output_dir", "set_output_directory"):
+        setter = getattr(host, name, None)
+        if setter is not None:
+            setter(out_dir)
+            break
+
+
+def _problem_line(problems) -> str:
+    nid, cls, cause = problems[0]
+    line = cause if nid == "-" else f"{nid} ({cls}): {cause}"
+    if len(problems) > 1:
+        rest = "; ".join(f"{n} ({c}): {why}" for n, c, why in problems[1:4])
+        line += f" [and {len(problems) - 1} more: {rest}{'; …' if len(problems) > 4 else ''}]"
+    return line
+
+
+def _apply_overrides(path, prompt, overrides):
+    if not overrides:
+        return prompt
+    if not isinstance(prompt, dict):
+        return prompt
+    prompt = copy.deepcopy(prompt)
+    for nid, values in overrides.items():
+        node = prompt.get(str(nid))
+        if not isinstance(node, dict):
+            raise BadInput(path, f"{nid}: override for a node that is not in the workflow")
+        node.setdefault("inputs", {}).update(values)
+    return prompt
+
+
+def _execute(path, nid, spec, kwargs, ctx):
+    """Run one node; returns (outputs tuple, ui dict)."""
+    if spec.native:
+        return spec.run(ctx, **kwargs)
+    cls = spec.node_class
+    hidden = _Hidden(unique_id=nid, prompt=ctx.prompt,
+                     extra_pnginfo={"workflow": ctx.workflow} if ctx.workflow is not None else {})
+    runner_cls = type(cls.__name__, (cls,), {"hidden": hidden, "__module__": cls.__module__})
+    try:
+        out = runner_cls.execute(**kwargs)
+        if inspect.isawaitable(out):
+            out = asyncio.run(out)
+    except BadInput as exc:
+        raise BadInput(exc.path, f"{exc.cause} (node {nid}, {spec.node_id})") from None
+    return _normalize(out)
+
+
+def _cast(inp, value):
+    """Numbers as the input's type (ComfyUI casts INT and FLOAT widget values the same way)."""
+    if inp is not None and inp.type == "INT" and isinstance(value, float):
+        return int(value)
+    if inp is not None and inp.type == "FLOAT" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+class _Hidden:
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+    def __getattr__(self, key):
+        return None
+
+
+def _normalize(out):
+    """(values tuple, ui dict) from a NodeOutput, a tuple, a {"ui", "result"} dict or None."""
+    if out is None:
+        return (), {}
+    if isinstance(out, tuple):
+        return out, {}
+    if isinstance(out, dict):
+        return tuple(out.get("result", ()) or ()), _ui_dict(out.get("ui"))
+    args = getattr(out, "args", None)
+    if args is None:
+        args = getattr(out, "result", None) or ()
+    return tuple(args), _ui_dict(getattr(out, "ui", None))
+
+
+def _ui_dict(ui):
+    if ui is None:
+        return {}
+    if hasattr(ui, "as_dict"):
+        ui = ui.as_dict()
+    return dict(ui)
+
+
+def _describe(value, io_type: str):
+    """A JSON-able summary of one output value (type and tensor shapes)."""
+    desc = {"type": io_type}
+    shape = getattr(value, "shape", None)
+    if shape is not None and hasattr(value, "dtype"):
+        desc.update(shape=list(shape), dtype=str(value.dtype).replace("torch.", ""))
+    elif isinstance(value, dict) and hasattr(value.get("samples"), "shape"):
+        desc.update(shape=list(value["samples"].shape))
+    elif io_type == "CONDITIONING" and isinstance(value, list) and value and hasattr(value[0][0], "shape"):
+        desc.update(shape=list(value[0][0].shape))
+    return desc
+
+
+def _jsonable(obj, depth=0):
+    if depth > 20:
+        return repr(obj)
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else str(obj)
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_jsonable(v, depth + 1) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):
+        return _jsonable(obj.tolist(), depth + 1)
+    if hasattr(obj, "value") and isinstance(getattr(obj, "value"), (str, int)):
+        return obj.value
+    return repr(obj)
+
+
+def _files(root: Path) -> dict[str, tuple]:
+    """Every file under `root` (relative, '/'-separated) with its size and modification time."""
+    out = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            out[path.relative_to(root).as_posix()] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _progress_bar(order, progress):
+    if not progress:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=len(order), desc="fluxbridge run", unit="node", leave=True)

@@ -1,0 +1,1 @@
+"""Stub of ComfyUI's `comfy` package (tests only)."""

@@ -1,0 +1,1 @@
+"""Stub of ComfyUI's `comfy_api` package (tests only)."""

@@ -1,0 +1,82 @@
+"""`fluxbridge demo`: small random models built once, the text-to-image example run on them, the image and
+its report written; the command line does the same."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import fluxbridge
+from fluxbridge import demo
+from fluxbridge.demo import REPORT_NAME, models_key, run_demo
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("demo-cache")
+
+
+def test_run_demo_writes_an_image_and_its_report(tmp_path, cache):
+    t0 = time.perf_counter()
+    report = run_demo(tmp_path / "out", progress=False, cache_dir=cache)
+    seconds = time.perf_counter() - t0
+    print(f"\nrun_demo (models built, cold): {seconds:.2f} s; "
+          f"models {report['timings']['models_seconds']} s, workflow {report['timings']['workflow_seconds']} s")
+    assert seconds < 120
+    out = tmp_path / "out"
+    assert len(report["images"]) == 1
+    png = out / report["images"][0]
+    with Image.open(png) as img:
+        w, h = demo.DEMO_OVERRIDES["5"]["width"], demo.DEMO_OVERRIDES["5"]["height"]
+        assert img.size == (w, h)
+        assert np.asarray(img).std() > 0
+        assert "workflow" in img.text and "prompt" in img.text
+    saved = json.loads((out / REPORT_NAME).read_text())
+    assert saved["images"] == report["images"]
+    assert set(saved["timings"]) >= {"models_seconds", "workflow_seconds", "total_seconds", "nodes"}
+    assert saved["models_cached"] is False
+    kinds = {v["class_type"] for v in saved["loaders"].values()}
+    assert kinds == {"FluxBridgeLoadTransformer", "FluxBridgeLoadTextEncoders", "FluxBridgeLoadVAE"}
+    assert all(len(v) > 1 for v in saved["loaders"].values()), "the loaders' UI payloads are in the report"
+    # the cached models: the usual names, built once
+    models = Path(saved["models_dir"])
+    for rel in ("diffusion_models/flux1-dev.safetensors", "vae/ae.safetensors", "text_encoders/clip_l.safetensors",
+                "text_encoders/t5xxl_fp16.safetensors", "tokenizers/clip_l/vocab.json",
+                "tokenizers/t5xxl/tokenizer.json", "READY"):
+        assert (models / rel).is_file(), rel
+    assert models == cache / "demo-models" / models_key()
+    # nothing but the image, its report (and nothing else) in the output folder
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == \
+        sorted(report["images"] + [REPORT_NAME])
+
+
+def test_second_demo_reuses_the_cached_models(tmp_path, cache):
+    run_demo(tmp_path / "warm-up", progress=False, cache_dir=cache)
+    t0 = time.perf_counter()
+    report = run_demo(tmp_path / "out", progress=False, cache_dir=cache)
+    seconds = time.perf_counter() - t0
+    print(f"\nrun_demo (models cached): {seconds:.2f} s")
+    assert report["models_cached"] is True
+    assert report["timings"]["models_seconds"] < 1.0
+
+
+def test_demo_finds_the_example_through_the_package():
+    path = Path(fluxbridge.__file__).resolve().parent / "example_workflows" / "api" / demo.DEMO_WORKFLOW
+    assert path.is_file()
+
+
+def test_cli_demo(tmp_path, cache):
+    env = dict(os.environ, FLUXBRIDGE_CACHE=str(cache), PYTHONPATH=os.pathsep.join(
+        [str(Path(fluxbridge.__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-m", "fluxbridge", "demo", "--output", str(tmp_path / "cli-out")],
+                            capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["images"] and (tmp_path / "cli-out" / report["images"][0]).is_file()
+    assert (tmp_path / "cli-out" / REPORT_NAME).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli-out"]  # nothing else written in cwd

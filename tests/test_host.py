@@ -1,0 +1,234 @@
+"""The host adapter, standalone and inside (stubbed) ComfyUI: devices, memory, progress, interrupt, files."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from tqdm import tqdm
+
+from fluxbridge.errors import BadInput
+
+
+def touch(path: Path, data=b"x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+class FakeModule:
+    """Records where it is sent."""
+
+    def __init__(self):
+        self.moves = []
+
+    def to(self, device):
+        self.moves.append(str(device))
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- standalone
+
+def test_cpu_device_and_dtype(standalone_host, monkeypatch):
+    host = standalone_host
+    cpu = torch.device("cpu")
+    assert host.offload_device() == cpu and host.intermediate_device() == cpu
+    assert host.compute_dtype(cpu) == torch.float32
+    monkeypatch.setenv("FLUXBRIDGE_DEVICE", "cpu")
+    assert host.torch_device() == cpu and host.compute_dtype() == torch.float32
+    monkeypatch.delenv("FLUXBRIDGE_DEVICE")
+    if not torch.cuda.is_available():
+        assert host.torch_device().type in ("cpu", "mps")
+
+
+def test_standalone_handles_keep_only_the_working_set_on_the_device(standalone_host):
+    host = standalone_host
+    a, b = FakeModule(), FakeModule()
+    ha, hb = host.Handle(a, "cuda:0", "cpu"), host.Handle(b, "cuda:0", "cpu")
+    assert host.load_to_device([ha]) == [ha] and a.moves == ["cuda:0"]
+    host.load_to_device([hb])
+    assert a.moves == ["cuda:0", "cpu"] and b.moves == ["cuda:0"]
+    wrapped = host.wrap(torch.nn.Linear(2, 2))
+    assert wrapped.load_device == host.torch_device() and wrapped.offload_device == host.offload_device()
+    host.load_to_device([wrapped])
+    host.soft_empty_cache()
+
+
+def test_progress_outside_the_host_is_tqdm(standalone_host):
+    bar = standalone_host.progress(4)
+    assert isinstance(bar._tqdm, tqdm)
+    bar.update()
+    bar.update(2)
+    assert bar.current == 3 and bar._tqdm.n == 3
+    bar.update_absolute(9, total=10)
+    assert bar.total == 10 and bar._tqdm.total == 10 and bar._tqdm.n == 9
+    bar.update_absolute(50)  # clamped to the total
+    assert bar.current == 10
+
+
+def test_interrupt(standalone_host):
+    host = standalone_host
+    host.check_interrupt()
+    host.request_interrupt()
+    with pytest.raises(host.Interrupted):
+        host.check_interrupt()
+    host.check_interrupt()  # the request was consumed
+    host.request_interrupt()
+    host.clear_interrupt()
+    host.check_interrupt()
+    bar = host.progress(3)
+    host.request_interrupt()
+    with pytest.raises(host.Interrupted):
+        bar.update()
+
+
+def test_model_lookup_and_legacy_folders(standalone_host, models_dir):
+    host = standalone_host
+    touch(models_dir / "diffusion_models" / "flux1-dev.safetensors")
+    touch(models_dir / "unet" / "old" / "flux1-schnell.gguf")
+    touch(models_dir / "unet" / "pickled.ckpt")  # our readers do not open pickles: not listed
+    touch(models_dir / "diffusion_models" / ".hidden" / "x.safetensors")
+    touch(models_dir / "diffusion_models" / "FLUX.1-dev" / "model_index.json", b"{}")
+    touch(models_dir / "diffusion_models" / "FLUX.1-dev" / "transformer" / "a.safetensors")
+    touch(models_dir / "clip" / "clip_l.safetensors")
+    touch(models_dir / "tokenizers" / "clip_l" / "vocab.json", b"{}")
+
+    expected = ["FLUX.1-dev", "flux1-dev.safetensors", os.path.join("old", "flux1-schnell.gguf")]
+    assert host.list_models("diffusion_models") == sorted(expected)
+    assert host.list_models("unet") == host.list_models("diffusion_models")
+    assert host.list_models("clip") == host.list_models("text_encoders") == ["clip_l.safetensors"]
+    assert host.list_models("tokenizers/clip_l") == ["vocab.json"]
+    assert host.list_models("vae") == []
+
+    assert host.model_path("unet", "flux1-dev.safetensors") == str(models_dir / "diffusion_models" /
+                                                                   "flux1-dev.safetensors")
+    assert host.model_path("diffusion_models", "old/flux1-schnell.gguf").endswith("flux1-schnell.gguf")
+    assert os.path.isdir(host.model_path("diffusion_models", "FLUX.1-dev"))
+    assert host.model_path("text_encoders", "clip_l.safetensors") == str(models_dir / "clip" / "clip_l.safetensors")
+    assert host.folders("tokenizers/t5xxl") == [str(models_dir / "tokenizers" / "t5xxl")]
+
+    with pytest.raises(BadInput, match="not found in the vae folder"):
+        host.model_path("vae", "ae.safetensors")
+    with pytest.raises(BadInput, match="unknown model folder kind"):
+        host.list_models("checkpoints")
+
+
+def test_models_folder_from_the_environment(standalone_host, models_dir, monkeypatch):
+    host = standalone_host
+    touch(models_dir / "vae" / "ae.safetensors")
+    host.set_models_dir(None)
+    with pytest.raises(BadInput, match="FLUXBRIDGE_MODELS"):
+        host.model_path("vae", "ae.safetensors")
+    assert host.list_models("vae") == []
+    monkeypatch.setenv("FLUXBRIDGE_MODELS", str(models_dir))
+    assert host.list_models("vae") == ["ae.safetensors"]
+    with pytest.raises(BadInput, match="does not exist"):
+        host.set_models_dir(models_dir / "nope")
+
+
+@pytest.mark.parametrize("name", ["../secret.safetensors", "sub/../../secret.safetensors",
+                                  "..\\secret.safetensors", "/etc/passwd", "C:\\models\\x.safetensors",
+                                  "C:x.safetensors", "\\\\server\\share\\x.safetensors"])
+def test_names_that_leave_the_folder_are_refused(standalone_host, models_dir, name):
+    touch(models_dir.parent / "secret.safetensors")
+    with pytest.raises(BadInput, match="outside the loras folder") as info:
+        standalone_host.model_path("loras", name)
+    assert info.value.path == name
+
+
+def test_symlinks_out_of_the_folder_are_refused(standalone_host, models_dir, tmp_path):
+    host = standalone_host
+    outside = touch(tmp_path / "elsewhere" / "secret.safetensors")
+    (models_dir / "loras" / "link.safetensors").symlink_to(outside)
+    (models_dir / "loras" / "linkdir").symlink_to(outside.parent, target_is_directory=True)
+    inside = touch(models_dir / "loras" / "real.safetensors")
+    (models_dir / "loras" / "alias.safetensors").symlink_to(inside)
+    for name in ("link.safetensors", "linkdir/secret.safetensors"):
+        with pytest.raises(BadInput, match="outside the loras folder"):
+            host.model_path("loras", name)
+    assert host.model_path("loras", "alias.safetensors") == str(models_dir / "loras" / "alias.safetensors")
+    assert host.list_models("loras") == ["alias.safetensors", "real.safetensors"]
+
+
+def test_safe_output_path(standalone_host, tmp_path):
+    host = standalone_host
+    out = tmp_path / "output"
+    first = host.safe_output_path("fluxbridge/transformer", ".safetensors")
+    assert first == str(out / "fluxbridge" / "transformer_00001_.safetensors")
+    touch(Path(first))
+    assert host.safe_output_path("fluxbridge/transformer", "safetensors").endswith("transformer_00002_.safetensors")
+    assert host.safe_output_path("lora", "") == str(out / "lora_00001_")
+    for bad in ("../x", "a/../../x", "/tmp/x", "C:\\x", ""):
+        with pytest.raises(BadInput):
+            host.safe_output_path(bad, ".png")
+    (out / "away").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(BadInput, match="outside the output folder"):
+        host.safe_output_path("away/x", ".png")
+
+
+def test_standalone_node_api(standalone_host):
+    from fluxbridge import io_standalone
+    assert standalone_host.comfy_io() is io_standalone.io
+    assert standalone_host.comfy_ui() is io_standalone.ui
+    assert standalone_host.extension_class() is io_standalone.ComfyExtension
+
+
+# -------------------------------------------------------------------------------------- inside (stubbed)
+
+def test_inside_comfy_the_model_manager_loads_fully(comfy_stubs):
+    host, mm = comfy_stubs.host, comfy_stubs.mm
+    from comfy.model_patcher import ModelPatcher
+    module = torch.nn.Linear(3, 3)
+    handle = host.wrap(module)
+    assert isinstance(handle, ModelPatcher)
+    assert handle.model is module and handle.load_device == mm.get_torch_device()
+    assert handle.offload_device == mm.unet_offload_device()
+    assert host.load_to_device([handle]) == [handle]
+    name, (models,), kwargs = mm._calls[-1]
+    assert name == "load_models_gpu" and models == [handle] and kwargs["force_full_load"] is True
+    host.soft_empty_cache()
+    assert mm._calls[-1][0] == "soft_empty_cache"
+
+
+def test_inside_comfy_devices_and_dtype_come_from_the_host(comfy_stubs, monkeypatch):
+    host, mm = comfy_stubs.host, comfy_stubs.mm
+    assert host.IN_COMFY
+    assert host.torch_device() == torch.device("cpu") and host.compute_dtype() == torch.float32
+    monkeypatch.setattr(mm, "should_use_bf16", lambda device=None, *a, **k: True)
+    assert host.compute_dtype() == torch.bfloat16
+    monkeypatch.setattr(mm, "intermediate_device", lambda: torch.device("meta"))
+    assert host.intermediate_device() == torch.device("meta")
+
+
+def test_inside_comfy_progress_and_interrupt(comfy_stubs):
+    host, mm = comfy_stubs.host, comfy_stubs.mm
+    bar = host.progress(5, node_id="7")
+    assert isinstance(bar._bar, comfy_stubs.utils.ProgressBar) and bar._bar.node_id == "7"
+    bar.update()
+    bar.update_absolute(4, preview="P")
+    assert bar._bar._seen == [(1, 5, None), (4, 5, "P")]
+    host.request_interrupt()
+    assert mm.processing_interrupted()
+    with pytest.raises(mm.InterruptProcessingException):
+        bar.update()
+    host.request_interrupt()
+    host.clear_interrupt()
+    host.check_interrupt()
+
+
+def test_inside_comfy_files_come_from_folder_paths(comfy_stubs):
+    host, models = comfy_stubs.host, comfy_stubs.models
+    touch(models / "unet" / "flux1-dev.safetensors")
+    touch(models / "clip" / "t5xxl_fp16.safetensors")
+    assert host.list_models("diffusion_models") == ["flux1-dev.safetensors"]
+    assert host.model_path("unet", "flux1-dev.safetensors") == str(models / "unet" / "flux1-dev.safetensors")
+    assert host.model_path("text_encoders", "t5xxl_fp16.safetensors").endswith("t5xxl_fp16.safetensors")
+    with pytest.raises(BadInput, match="outside the diffusion_models folder"):
+        host.model_path("diffusion_models", "../clip/t5xxl_fp16.safetensors")
+    assert host.output_directory() == str(comfy_stubs.output)
+    assert host.safe_output_path("fluxbridge/vae", ".safetensors").startswith(str(comfy_stubs.output))
+
+
+def test_inside_comfy_the_node_api_is_the_hosts(comfy_stubs):
+    host, api = comfy_stubs.host, comfy_stubs.api
+    assert host.comfy_io() is api.io and host.comfy_ui() is api.ui
+    assert host.extension_class() is api.ComfyExtension

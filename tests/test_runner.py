@@ -1,0 +1,356 @@
+"""The headless runner: every example's API twin runs on small random models and yields what it should;
+bad workflows are refused before anything runs, with a clear message, and nothing is ever written outside
+the output folder."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fluxbridge
+from fluxbridge import demo
+from fluxbridge.errors import BadInput
+from fluxbridge.native_nodes import RunContext, empty_sd3_latent, image_scale_by, load_image, native_specs
+from fluxbridge.runner import run_workflow
+from fluxbridge.workflows import example_pairs, examples_dir
+
+SIZE = 64  # every example runs at 64x64 here (the files say 1024x1024)
+API = {ui.stem: api for ui, api in example_pairs()}
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """dev, schnell and fill transformers, VAE, CLIP-L, T5, tokenizers and two LoRAs, in their usual
+    layouts and names (built once per session)."""
+    return demo.demo_models(tmp_path_factory.getbasetemp() / "fluxbridge-cache",
+                            variants=("dev", "schnell", "fill"), loras=True)
+
+
+def _write_inputs(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[0:SIZE, 0:SIZE]
+    rgb = np.stack([x * 4, y * 4, (x + y) * 2], -1).astype(np.uint8)
+    Image.fromarray(rgb).save(folder / "example.png")
+    rgba = np.concatenate([rgb, np.full((SIZE, SIZE, 1), 255, np.uint8)], -1)
+    rgba[16:48, 16:48, 3] = 0  # transparent square: the area to fill
+    Image.fromarray(rgba).save(folder / "inpaint_example.png")
+    return folder
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch, models):
+    """A working folder: cwd, an input folder, an output folder (not yet there), and a snapshot of every
+    file outside the output folder (tmp folder, models, inputs) to compare with afterwards."""
+    inputs = _write_inputs(tmp_path / "input")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    roots = [tmp_path, models]
+    before = _snapshot(roots, out)
+    yield {"dir": tmp_path, "input": inputs, "out": out, "models": models}
+    assert _snapshot(roots, out) == before, "something was written outside the output folder"
+
+
+def _snapshot(roots, exclude: Path):
+    seen = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            if Path(dirpath) == exclude or exclude in Path(dirpath).parents:
+                dirnames[:] = []
+                continue
+            for name in filenames:
+                p = Path(dirpath) / name
+                st = p.lstat()
+                seen[str(p)] = (st.st_size, st.st_mtime_ns)
+    return seen
+
+
+def small(api: dict) -> dict:
+    """Overrides: 64x64 everywhere (the custom loop keeps its 4 steps: it has one node per step)."""
+    over = {}
+    for nid, node in api.items():
+        inputs = node["inputs"]
+        if "width" in inputs and not isinstance(inputs["width"], list):
+            over[nid] = {"width": SIZE, "height": SIZE}
+    return over
+
+
+def run(name, work, **kw):
+    path = API[name]
+    api = json.loads(path.read_text())
+    return run_workflow(path, models_dir=work["models"], output_dir=work["out"], input_dir=work["input"],
+                        progress=False, overrides=small(api), **kw)
+
+
+def _pngs(report, out: Path):
+    return [out / p for p in report["outputs"] if p.endswith(".png")]
+
+
+IMAGE_EXAMPLES = {  # example -> (SaveImage size, other PNGs)
+    "flux_dev_text_to_image": SIZE,
+    "flux_schnell_text_to_image": SIZE,
+    "flux_dev_img2img": SIZE,
+    "flux_fill_inpaint": SIZE,
+    "flux_dev_lora_stack": SIZE,
+    "flux_dev_custom_sampling": SIZE,
+    "flux_dev_with_native_nodes": SIZE // 2,
+}
+
+
+@pytest.mark.parametrize("name", sorted(IMAGE_EXAMPLES))
+def test_example_runs_and_saves_its_image(name, work):
+    report = run(name, work)
+    api = json.loads(API[name].read_text())
+    assert report["skipped"] == [] and sorted(report["executed"]) == sorted(api)
+    saved = [p for p in _pngs(report, work["out"]) if "temp" not in p.parts]
+    assert len(saved) == 1, report["outputs"]
+    with Image.open(saved[0]) as img:
+        assert img.size == (IMAGE_EXAMPLES[name],) * 2 and img.mode == "RGB"
+        pixels = np.asarray(img)
+        # the PNG carries the API prompt and the UI workflow, as ComfyUI's SaveImage does
+        assert json.loads(img.text["prompt"]).keys() == api.keys()
+        assert json.loads(img.text["workflow"])["version"] == 0.4
+    assert pixels.std() > 0  # not a flat image
+    save_id = next(n for n, v in api.items() if v["class_type"] == "SaveImage")
+    assert saved[0].parent.relative_to(work["out"]).as_posix() == "fluxbridge"
+    assert saved[0].name.startswith(Path(api[save_id]["inputs"]["filename_prefix"]).name + "_00001_")
+    images = report["nodes"][save_id]["ui"]["images"]
+    assert images == [{"filename": saved[0].name, "subfolder": "fluxbridge", "type": "output"}]
+    decode = next(n for n, v in api.items() if v["class_type"] == "FluxBridgeVAEDecode")
+    assert report["nodes"][decode]["outputs"] == [{"type": "IMAGE", "shape": [1, SIZE, SIZE, 3], "dtype": "float32"}]
+    for nid, node in report["nodes"].items():
+        assert node["seconds"] >= 0
+        if node["class_type"] in ("FluxBridgeLoadTransformer", "FluxBridgeLoadTextEncoders", "FluxBridgeLoadVAE"):
+            assert node["ui"], f"loader {nid} sent no UI payload (what it detected)"
+    json.dumps(report)  # JSON-able
+
+
+def test_native_nodes_mix_with_ours(work):
+    report = run("flux_dev_with_native_nodes", work)
+    api = json.loads(API["flux_dev_with_native_nodes"].read_text())
+    ids = {v["class_type"]: n for n, v in api.items()}
+    assert report["nodes"][ids["EmptySD3LatentImage"]]["outputs"][0]["shape"] == [1, 16, SIZE // 8, SIZE // 8]
+    assert report["nodes"][ids["ImageScaleBy"]]["outputs"][0]["shape"] == [1, SIZE // 2, SIZE // 2, 3]
+    previews = [p for p in report["outputs"] if p.startswith("temp/")]
+    assert len(previews) == 1  # PreviewImage writes into the output folder's temp/ subfolder
+    with Image.open(work["out"] / previews[0]) as img:
+        assert img.size == (SIZE, SIZE)
+    assert report["nodes"][ids["PreviewImage"]]["ui"]["images"][0]["type"] == "temp"
+
+
+def test_lora_stack_reports_each_lora(work):
+    report = run("flux_dev_lora_stack", work)
+    loras = [n for n in report["nodes"].values() if n["class_type"] == "FluxBridgeLoadLoRA"]
+    assert len(loras) == 2 and all(n["ui"] for n in loras)
+    assert all(n["outputs"][0]["type"] == "FLUXBRIDGE_TRANSFORMER" for n in loras)
+
+
+def test_convert_example_writes_transformer_and_lora(work):
+    report = run("flux_convert_and_save", work)
+    written = report["outputs"]
+    assert any(p.startswith("fluxbridge/flux1-dev-diffusers") for p in written), written
+    assert any(p.startswith("fluxbridge/flux_lora_style-diffusers") for p in written), written
+    assert all((work["out"] / p).stat().st_size > 0 for p in written)
+    from safetensors import safe_open
+    for p in written:
+        if p.endswith(".safetensors") and "lora" not in p:
+            with safe_open(work["out"] / p, "pt") as f:
+                keys = list(f.keys())
+            assert any(k.startswith("transformer_blocks.0.") for k in keys)  # diffusers names
+            assert not any(k.startswith("double_blocks.") for k in keys)
+
+
+def test_second_run_counts_up_and_ui_workflow_runs_too(work):
+    first = run("flux_dev_text_to_image", work)
+    ui_path = examples_dir() / "flux_dev_text_to_image.json"
+    api = json.loads(API["flux_dev_text_to_image"].read_text())
+    second = run_workflow(ui_path, models_dir=work["models"], output_dir=work["out"], progress=False,
+                          overrides=small(api))
+    names = sorted(Path(p).name for p in first["outputs"] + second["outputs"])
+    assert names == ["flux_dev_00001_.png", "flux_dev_00002_.png"]
+    a, b = (np.asarray(Image.open(work["out"] / r["outputs"][0])) for r in (first, second))
+    assert np.array_equal(a, b)  # same seed, same picture: the UI file is the same graph
+
+
+def test_progress_bar_over_nodes(work, capsys):
+    path = API["flux_dev_text_to_image"]
+    run_workflow(path, models_dir=work["models"], output_dir=work["out"], progress=True,
+                 overrides=small(json.loads(path.read_text())))
+    err = capsys.readouterr().err
+    assert "fluxbridge run" in err and "8/8" in err
+
+
+def test_models_dir_from_the_environment(work, monkeypatch):
+    monkeypatch.setenv("FLUXBRIDGE_MODELS", str(work["models"]))
+    path = API["flux_dev_text_to_image"]
+    report = run_workflow(path, output_dir=work["out"], progress=False,
+                          overrides=small(json.loads(path.read_text())))
+    assert report["models_dir"] == str(work["models"]) and len(report["outputs"]) == 1
+
+
+# --------------------------------------------------------------------------------------- bad input
+
+def _bad(work, api: dict, *expected: str):
+    """Write `api`, run it, expect BadInput naming the workflow and all of `expected`; nothing written."""
+    path = work["dir"] / "bad.json"
+    path.write_text(json.dumps(api))
+    with pytest.raises(BadInput) as info:
+        run_workflow(path, models_dir=work["models"], output_dir=work["out"], input_dir=work["input"],
+                     progress=False)
+    message = str(info.value)
+    assert message.startswith(f"{path}: "), message
+    assert "\n" not in message
+    for text in expected:
+        assert text in message, message
+    assert not work["out"].exists() or not any(work["out"].rglob("*")), "files written despite refusal"
+    path.unlink()
+    return message
+
+
+def _t2i():
+    return json.loads(API["flux_dev_text_to_image"].read_text())
+
+
+def test_model_outside_the_models_folder_is_refused(work):
+    api = _t2i()
+    api["1"]["inputs"]["model_name"] = "../flux1-dev.safetensors"
+    _bad(work, api, "1 (FluxBridgeLoadTransformer): model_name", "../flux1-dev.safetensors")
+    api["1"]["inputs"]["model_name"] = str(work["models"] / "diffusion_models" / "flux1-dev.safetensors")
+    _bad(work, api, "1 (FluxBridgeLoadTransformer): model_name")
+    api = _t2i()
+    api["3"]["inputs"]["vae_name"] = "../../etc/passwd"
+    _bad(work, api, "3 (FluxBridgeLoadVAE): vae_name")
+
+
+def test_filename_prefix_escaping_the_output_folder_is_refused(work):
+    api = _t2i()
+    api["8"]["inputs"]["filename_prefix"] = "../escaped"
+    _bad(work, api, "8 (SaveImage): filename_prefix", "leaves the output folder")
+    api["8"]["inputs"]["filename_prefix"] = str(work["dir"] / "abs" / "img")
+    _bad(work, api, "8 (SaveImage): filename_prefix", "absolute path")
+    convert = json.loads(API["flux_convert_and_save"].read_text())
+    convert["2"]["inputs"]["filename_prefix"] = "fluxbridge/../../x"
+    _bad(work, convert, "2 (FluxBridgeSaveTransformer): filename_prefix")
+    convert = json.loads(API["flux_convert_and_save"].read_text())
+    convert["3"]["inputs"]["filename_prefix"] = "/tmp/lora"
+    _bad(work, convert, "3 (FluxBridgeConvertLoRA): filename_prefix")
+
+
+def test_prefix_through_a_link_out_of_the_output_folder_is_refused(work, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("outside")
+    work["out"].mkdir()
+    (work["out"] / "link").symlink_to(outside, target_is_directory=True)
+    api = _t2i()
+    api["8"]["inputs"]["filename_prefix"] = "link/img"
+    path = work["dir"] / "link.json"
+    path.write_text(json.dumps(api))
+    with pytest.raises(BadInput, match="outside the output folder"):
+        run_workflow(path, models_dir=work["models"], output_dir=work["out"], progress=False,
+                     overrides=small(api))
+    assert list(outside.iterdir()) == []
+    path.unlink()
+    (work["out"] / "link").unlink()
+
+
+def test_unknown_node_is_refused(work):
+    api = _t2i()
+    api["9"] = {"class_type": "KSampler", "inputs": {}}
+    _bad(work, api, "9 (KSampler): unknown node type 'KSampler'")
+
+
+def test_wrong_link_type_is_refused(work):
+    api = _t2i()
+    api["7"]["inputs"]["vae"] = ["6", 0]  # a LATENT into the VAE input
+    _bad(work, api, "7 (FluxBridgeVAEDecode): vae: expects FLUXBRIDGE_VAE but node 6 (FluxBridgeSampler) "
+                    "output 0 gives LATENT")
+
+
+def test_cycle_is_refused(work):
+    api = json.loads(API["flux_dev_with_native_nodes"].read_text())
+    api["5"] = {"class_type": "FluxBridgeVAEEncode", "inputs": {"vae": ["3", 0], "image": ["8", 0]}}
+    _bad(work, api, "the workflow has a cycle", "->")
+
+
+@pytest.mark.parametrize("change,expected", [
+    (lambda a: a["6"]["inputs"].pop("positive"), "6 (FluxBridgeSampler): required input 'positive' is missing"),
+    (lambda a: a["6"]["inputs"].update(steps=0), "6 (FluxBridgeSampler): steps: 0 is below the minimum"),
+    (lambda a: a["6"]["inputs"].update(denoise=2.0), "denoise: 2.0 is above the maximum"),
+    (lambda a: a["7"]["inputs"].update(tiled="sometimes"), "7 (FluxBridgeVAEDecode): tiled: \"sometimes\" is not one"),
+    (lambda a: a["7"]["inputs"].update(latent=["42", 0]), "latent: linked to node 42, which is not in the workflow"),
+    (lambda a: a["7"]["inputs"].update(latent=["6", 5]), "latent: node 6 (FluxBridgeSampler) has no output 5"),
+    (lambda a: a["6"]["inputs"].update(colour="red"), "6 (FluxBridgeSampler): unknown input 'colour'"),
+    (lambda a: a["6"]["inputs"].update(positive="a fox"), "positive: expects a link to a CONDITIONING output"),
+    (lambda a: a.pop("8"), "no output node"),
+])
+def test_invalid_workflows_are_refused_before_running(work, change, expected):
+    api = _t2i()
+    change(api)
+    _bad(work, api, expected)
+
+
+def test_image_outside_the_input_folder_is_refused(work):
+    api = json.loads(API["flux_dev_img2img"].read_text())
+    api["5"]["inputs"]["image"] = "../secret.png"
+    (work["dir"] / "secret.png").write_bytes(b"")
+    _bad(work, api, "5 (LoadImage): image", "../secret.png")
+    (work["dir"] / "secret.png").unlink()
+
+
+def test_unreadable_workflow_files_are_bad_input(work):
+    with pytest.raises(BadInput, match="cannot read the workflow"):
+        run_workflow(work["dir"] / "missing.json", models_dir=work["models"], output_dir=work["out"])
+    (work["dir"] / "broken.json").write_text("{not json")
+    with pytest.raises(BadInput, match="not valid JSON"):
+        run_workflow(work["dir"] / "broken.json", models_dir=work["models"], output_dir=work["out"])
+    (work["dir"] / "broken.json").unlink()
+    with pytest.raises(BadInput, match="models folder"):
+        run_workflow(API["flux_dev_text_to_image"], models_dir=work["dir"] / "nope", output_dir=work["out"])
+
+
+def test_cli_run_bad_input_exits_2_with_one_line(work):
+    api = _t2i()
+    api["1"]["inputs"]["model_name"] = "../x.safetensors"
+    path = work["dir"] / "bad.json"
+    path.write_text(json.dumps(api))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(fluxbridge.__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-m", "fluxbridge", "run", str(path), "--models", str(work["models"]),
+                             "--output", str(work["out"])], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "1 (FluxBridgeLoadTransformer): model_name" in lines[0], result.stderr
+    assert not work["out"].exists()
+    path.unlink()
+
+
+# ------------------------------------------------------------------------------------- native nodes
+
+def test_load_image_gives_image_and_mask_from_alpha(tmp_path):
+    _write_inputs(tmp_path)
+    ctx = RunContext(output_dir=tmp_path / "out", input_dir=tmp_path)
+    (image, mask), _ = load_image(ctx, "inpaint_example.png")
+    assert image.shape == (1, SIZE, SIZE, 3) and image.dtype == torch.float32
+    assert mask.shape == (1, SIZE, SIZE)
+    assert mask[0, 32, 32] == 1.0 and mask[0, 0, 0] == 0.0  # MASK = 1 - alpha
+    (image, mask), _ = load_image(ctx, "example.png")
+    assert mask.shape == (1, 64, 64) and mask.abs().sum() == 0  # no alpha: an empty 64x64 mask
+    assert float(image[0, 0, 1, 0]) == pytest.approx(4 / 255)
+    with pytest.raises(BadInput, match="inside the input folder"):
+        load_image(ctx, "../x.png")
+    with pytest.raises(BadInput, match="inside the input folder"):
+        load_image(ctx, str(tmp_path / "example.png"))
+    assert native_specs(tmp_path)["LoadImage"].input("image").options == ["example.png", "inpaint_example.png"]
+
+
+def test_empty_latent_and_scale_by_follow_native_conventions():
+    ctx = RunContext(output_dir=Path("unused"))
+    (latent,), _ = empty_sd3_latent(ctx, width=96, height=64, batch_size=2)
+    assert latent["samples"].shape == (2, 16, 8, 12) and latent["samples"].abs().sum() == 0
+    image = torch.rand(2, 20, 30, 3)
+    for method in ("nearest-exact", "bilinear", "area", "bicubic", "lanczos"):
+        (out,), _ = image_scale_by(ctx, image, method, 1.5)
+        assert out.shape == (2, 30, 45, 3) and out.min() >= 0 and out.max() <= 1

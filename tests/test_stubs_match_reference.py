@@ -1,0 +1,147 @@
+"""The ComfyUI stubs keep the real signatures.
+
+Each expected signature is copied from `reference/comfyui-host.md` (ComfyUI 0.3.64); where that document
+abbreviates one ("...", or a paraphrased parameter name) the ComfyUI 0.3.64 source gives the rest, and the
+row says so. With COMFYUI_PATH set, the stubs are also compared with the real functions (in a subprocess).
+"""
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+STUBS = Path(__file__).resolve().parent / "comfy_stubs"
+
+# (module, attribute path, expected signature, where it comes from). "..." at the end: a prefix.
+EXPECTED = [
+    ("comfy.model_management", "get_torch_device", "()", "reference 3.1"),
+    ("comfy.model_management", "unet_offload_device", "()", "reference 3.1"),
+    ("comfy.model_management", "intermediate_device", "()", "reference 3.1"),
+    ("comfy.model_management", "should_use_bf16",
+     "(device=None, model_params=0, prioritize_performance=True, manual_cast=False)", "reference 3.1 + source"),
+    ("comfy.model_management", "load_models_gpu",
+     "(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None, force_full_load=False)",
+     "reference 3.1"),
+    ("comfy.model_management", "soft_empty_cache", "(force=False)", "reference 3.1"),
+    ("comfy.model_management", "processing_interrupted", "()", "reference 3.1"),
+    ("comfy.model_management", "throw_exception_if_processing_interrupted", "()", "reference 3.1"),
+    ("comfy.model_management", "interrupt_current_processing", "(value=True)", "reference 3.1 + source"),
+    ("comfy.model_patcher", "ModelPatcher",
+     "(model, load_device, offload_device, size=0, weight_inplace_update=False)", "reference 3.2"),
+    ("comfy.utils", "ProgressBar", "(total, node_id=None)", "reference 3.3"),
+    ("comfy.utils", "ProgressBar.update", "(self, value)", "reference 3.3 ('n') + source"),
+    ("comfy.utils", "ProgressBar.update_absolute", "(self, value, total=None, preview=None)", "reference 3.3"),
+    ("folder_paths", "map_legacy", "(folder_name)", "reference 3.4 + source"),
+    ("folder_paths", "get_filename_list", "(folder_name)", "reference 3.4 ('folder') + source"),
+    ("folder_paths", "get_full_path", "(folder_name, filename)", "reference 3.4 + source"),
+    ("folder_paths", "get_full_path_or_raise", "(folder_name, filename)", "reference 3.4 + source"),
+    ("folder_paths", "get_folder_paths", "(folder_name)", "reference 3.4"),
+    ("folder_paths", "get_output_directory", "()", "reference 3.4"),
+    ("comfy_api.latest", "ComfyExtension.get_node_list", "(self)", "reference 2.1"),
+    ("comfy_api.latest", "io.NodeOutput", "(*args, ui=None, expand=None, block_execution=None)",
+     "reference 2.1 ('*values') + source"),
+    ("comfy_api.latest", "io.Image.Output", "(id=None, display_name=None, tooltip=None, is_output_list=False)",
+     "reference 2.1"),
+    ("comfy_api.latest", "io.Image.Input", "(id, display_name=None, optional=False, tooltip=None, lazy=None, ...)",
+     "reference 2.1"),
+    ("comfy_api.latest", "io.Latent.Input", "(id, display_name=None, optional=False, tooltip=None, lazy=None, ...)",
+     "reference 2.1"),
+    ("comfy_api.latest", "io.Int.Input", "(id, display_name=None, optional=False, tooltip=None, lazy=None, "
+     "default=None, min=None, max=None, step=None, control_after_generate=None, display_mode=None, ...)",
+     "reference 2.1 + source"),
+    ("comfy_api.latest", "io.Float.Input", "(id, display_name=None, optional=False, tooltip=None, lazy=None, "
+     "default=None, min=None, max=None, step=None, round=None, display_mode=None, ...)", "reference 2.1 + source"),
+    ("comfy_api.latest", "io.String.Input", "(id, display_name=None, optional=False, tooltip=None, lazy=None, "
+     "multiline=False, placeholder=None, default=None, dynamic_prompts=None, ...)", "reference 2.1 + source"),
+    ("comfy_api.latest", "io.Combo.Input", "(id, options=None, display_name=None, optional=False, tooltip=None, "
+     "lazy=None, default=None, control_after_generate=None, upload=None, image_folder=None, remote=None, ...)",
+     "reference 2.1 + source"),
+    ("comfy_api.latest", "ui.PreviewText", "(value, **kwargs)", "reference 2.1 + source"),
+]
+MUST_EXIST = [  # names the host or nodes use whose signature does not matter (classes, constants)
+    ("comfy.model_management", "InterruptProcessingException"),
+    ("folder_paths", "folder_names_and_paths"),
+    ("comfy_api.latest", "io.ComfyNode.define_schema"), ("comfy_api.latest", "io.ComfyNode.execute"),
+    ("comfy_api.latest", "io.ComfyNode.GET_SCHEMA"), ("comfy_api.latest", "io.Schema"),
+    ("comfy_api.latest", "io.Custom"), ("comfy_api.latest", "io.Boolean.Input"),
+    ("comfy_api.latest", "io.Mask.Input"), ("comfy_api.latest", "io.Conditioning.Input"),
+    ("comfy_api.latest", "io.Sigmas.Output"),
+]
+
+
+def resolve(module, path):
+    obj = module
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def plain_signature(obj) -> str:
+    """The signature without annotations (real ComfyUI annotates some, the reference does not)."""
+    sig = inspect.signature(obj)
+    params = [p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values()]
+    return str(sig.replace(parameters=params, return_annotation=inspect.Signature.empty))
+
+
+def matches(actual: str, expected: str) -> bool:
+    if expected.endswith(", ...)"):
+        return actual.startswith(expected[:-len(", ...)")] + ",") or actual == expected[:-len(", ...)")] + ")"
+    return actual == expected
+
+
+@pytest.mark.parametrize("module_name,path,expected,source", EXPECTED, ids=[f"{m}.{p}" for m, p, *_ in EXPECTED])
+def test_stub_signature_matches_the_reference(comfy_stubs, module_name, path, expected, source):
+    import importlib
+    actual = plain_signature(resolve(importlib.import_module(module_name), path))
+    assert matches(actual, expected), f"{module_name}.{path}{actual} drifted from {expected} ({source})"
+
+
+def test_stub_surface_exists(comfy_stubs):
+    import importlib
+    for module_name, path in MUST_EXIST:
+        resolve(importlib.import_module(module_name), path)
+    assert inspect.isabstract(comfy_stubs.api.ComfyExtension)
+    assert inspect.iscoroutinefunction(comfy_stubs.api.ComfyExtension.get_node_list)
+    assert issubclass(comfy_stubs.mm.InterruptProcessingException, Exception)
+
+
+PROBE = r"""
+import importlib, inspect, json, sys
+sys.path.insert(0, sys.argv[1])
+sys.argv = ["main.py", "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+out = {}
+for module_name, path in json.loads(sys.stdin.read()):
+    try:
+        obj = importlib.import_module(module_name)
+        for part in path.split("."):
+            obj = getattr(obj, part)
+        sig = inspect.signature(obj)
+        params = [p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values()]
+        out[module_name + ":" + path] = str(sig.replace(parameters=params, return_annotation=inspect.Signature.empty))
+    except Exception as exc:
+        out[module_name + ":" + path] = "ERROR " + repr(exc)
+print("SIGNATURES " + json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="set COMFYUI_PATH to compare with a real ComfyUI")
+def test_stubs_match_a_real_comfyui(comfy_stubs):
+    import importlib
+    names = [(m, p) for m, p, *_ in EXPECTED]
+    done = subprocess.run([sys.executable, "-c", PROBE, os.environ["COMFYUI_PATH"]], input=json.dumps(names),
+                          capture_output=True, text=True, timeout=300, cwd=os.environ["COMFYUI_PATH"])
+    line = [l for l in done.stdout.splitlines() if l.startswith("SIGNATURES ")]
+    assert line, done.stderr[-3000:]
+    real = json.loads(line[-1][len("SIGNATURES "):])
+    drift = []
+    for module_name, path, expected, _ in EXPECTED:
+        ours = plain_signature(resolve(importlib.import_module(module_name), path))
+        theirs = real[f"{module_name}:{path}"]
+        if ours != theirs and not (expected.endswith(", ...)") and matches(theirs, expected)):
+            drift.append(f"{module_name}.{path}: stub {ours}, ComfyUI {theirs}")
+    assert not drift, "\n".join(drift)

@@ -1,0 +1,466 @@
+"""Workflow files: node specs, API-format validation, and the UI ⇄ API consistency check.
+
+A *node spec* says what a node type takes and gives: its inputs in the frontend's order (name, type,
+widget range / choices), its outputs (name, type) and whether it is an output node. Our node types get
+theirs from the V3 schemas of `nodes.NODE_LIST`; the native ComfyUI types the examples use get theirs from
+`native_nodes.py`. One set of specs drives three things:
+
+* `validate_api(api, specs)`: everything ComfyUI's `/prompt` validation checks (node types, links, link
+  types, required inputs, numbers within range, combo choices), and a little more (unknown inputs,
+  cycles, file name prefixes that would leave the output folder). Problems are `(node id, class, cause)`.
+* `ui_to_api(ui, specs)`: what the frontend's `graphToPrompt()` makes of a UI-format workflow.
+* `workflow_check(ui, api)`: a UI workflow and its API twin are valid and describe the same graph.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+SEED_NAMES = ("seed", "noise_seed")  # the frontend gives these INT inputs a control widget by default
+CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
+
+
+@dataclass
+class InputSpec:
+    name: str
+    type: str  # INT, FLOAT, STRING, BOOLEAN, COMBO, or a socket type (IMAGE, LATENT, FLUXBRIDGE_VAE, ...)
+    optional: bool = False
+    default: Any = None
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    options: list | None = None  # COMBO choices
+    control: bool = False  # the frontend adds a control_after_generate widget right after this one
+    upload: bool = False  # the frontend adds an upload widget right after this one (LoadImage)
+    force_input: bool = False
+    multiline: bool = False
+
+    @property
+    def is_widget(self) -> bool:
+        return self.type in WIDGET_TYPES and not self.force_input
+
+
+@dataclass
+class NodeSpec:
+    node_id: str
+    inputs: list[InputSpec]
+    outputs: list[tuple[str, str]]  # (name shown in the UI, type)
+    output_node: bool = False
+    display_name: str | None = None
+    native: bool = False
+    run: Callable | None = None  # native nodes: run(ctx, **inputs) -> (outputs tuple, ui dict)
+    node_class: type | None = None  # our nodes: the V3 class
+
+    def input(self, name: str) -> InputSpec | None:
+        return next((i for i in self.inputs if i.name == name), None)
+
+    def ordered(self) -> list[InputSpec]:
+        """Inputs in the frontend's order: required ones in schema order, then optional ones."""
+        return [i for i in self.inputs if not i.optional] + [i for i in self.inputs if i.optional]
+
+    def widgets(self) -> list[InputSpec]:
+        return [i for i in self.ordered() if i.is_widget]
+
+    def sockets(self) -> list[InputSpec]:
+        return [i for i in self.ordered() if not i.is_widget]
+
+
+# ------------------------------------------------------------------------------------------------- specs
+
+def spec_from_schema(node_class) -> NodeSpec:
+    """The spec of a V3 node class (works with the real `comfy_api` objects and with `io_standalone`)."""
+    schema = node_class.define_schema()
+    inputs = []
+    for inp in schema.inputs:
+        io_type = inp.get_io_type() if hasattr(inp, "get_io_type") else inp.io_type
+        io_type = str(getattr(io_type, "value", io_type))
+        control = getattr(inp, "control_after_generate", None)
+        if control is None:
+            control = io_type == "INT" and inp.id in SEED_NAMES
+        options = getattr(inp, "options", None)
+        inputs.append(InputSpec(
+            name=inp.id, type=io_type, optional=bool(getattr(inp, "optional", False)),
+            default=getattr(inp, "default", None), min=getattr(inp, "min", None), max=getattr(inp, "max", None),
+            step=getattr(inp, "step", None), options=list(options) if options is not None else None,
+            control=bool(control) and io_type in ("INT", "COMBO"),
+            upload=getattr(inp, "upload", None) is not None, force_input=bool(getattr(inp, "force_input", False)),
+            multiline=bool(getattr(inp, "multiline", False))))
+    outputs = []
+    for out in schema.outputs:
+        io_type = out.get_io_type() if hasattr(out, "get_io_type") else out.io_type
+        outputs.append((out.display_name or io_type, io_type))
+    return NodeSpec(node_id=schema.node_id, inputs=inputs, outputs=outputs,
+                    output_node=bool(schema.is_output_node), display_name=schema.display_name,
+                    node_class=node_class)
+
+
+def our_specs() -> dict[str, NodeSpec]:
+    """Specs of every node in `nodes.NODE_LIST`, read from their schemas now (combo file lists included)."""
+    from .nodes import NODE_LIST
+    specs = {}
+    for cls in NODE_LIST:
+        spec = spec_from_schema(cls)
+        specs[spec.node_id] = spec
+    return specs
+
+
+def all_specs(input_dir=None) -> dict[str, NodeSpec]:
+    """Our specs and the native allow-list (LoadImage's choices: the images in `input_dir`)."""
+    from .native_nodes import native_specs
+    specs = native_specs(input_dir)
+    specs.update(our_specs())
+    return specs
+
+
+# -------------------------------------------------------------------------------------- API validation
+
+def _is_link(value) -> bool:
+    return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], (str, int))
+            and not isinstance(value[0], bool) and isinstance(value[1], int) and not isinstance(value[1], bool))
+
+
+def _fmt(value) -> str:
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def check_widget_value(inp: InputSpec, value) -> str | None:
+    """Why `value` is not acceptable for the widget input `inp` (None when it is)."""
+    t = inp.type
+    if t == "INT":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (isinstance(value, float) and not value.is_integer()):
+            return f"{inp.name}: {_fmt(value)} is not an integer"
+    elif t == "FLOAT":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"{inp.name}: {_fmt(value)} is not a number"
+    elif t == "STRING":
+        if not isinstance(value, str):
+            return f"{inp.name}: {_fmt(value)} is not a string"
+    elif t == "BOOLEAN":
+        if not isinstance(value, bool):
+            return f"{inp.name}: {_fmt(value)} is not true or false"
+    elif t == "COMBO":
+        options = inp.options or []
+        if value not in options and _leaves_folder(value):
+            return (f"{inp.name}: {_fmt(value)} points outside its folder (absolute paths and '..' are "
+                    f"refused; give a name listed in the folder)")
+        if value not in options:
+            shown = ", ".join(_fmt(o) for o in options[:8]) + (", …" if len(options) > 8 else "")
+            return f"{inp.name}: {_fmt(value)} is not one of the choices ({shown or 'none available'})"
+        return None
+    if t in ("INT", "FLOAT"):
+        if inp.min is not None and value < inp.min:
+            return f"{inp.name}: {value} is below the minimum {inp.min}"
+        if inp.max is not None and value > inp.max:
+            return f"{inp.name}: {value} is above the maximum {inp.max}"
+    return None
+
+
+def _leaves_folder(name) -> bool:
+    """A file name that is absolute or has a '..' part (refused whatever the folder holds)."""
+    if not isinstance(name, str):
+        return False
+    parts = name.replace("\\", "/").split("/")
+    return name.startswith(("/", "\\", "~")) or os.path.isabs(name) or ".." in parts or \
+        (len(name) > 1 and name[1] == ":")
+
+
+def output_prefix_problem(prefix: str) -> str | None:
+    """Why a `filename_prefix` would not stay inside the output folder (None when it does)."""
+    if not isinstance(prefix, str):
+        return "is not a string"
+    if "\x00" in prefix:
+        return "contains a NUL character"
+    if prefix.startswith(("/", "\\", "~")) or os.path.isabs(prefix) or (len(prefix) > 1 and prefix[1] == ":"):
+        return f"{_fmt(prefix)} is an absolute path; it must stay inside the output folder"
+    parts = PurePosixPath(prefix.replace("\\", "/")).parts
+    depth = 0
+    for part in parts:
+        depth += -1 if part == ".." else (0 if part == "." else 1)
+        if depth < 0:
+            return f"{_fmt(prefix)} leaves the output folder"
+    if not parts or prefix.endswith(("/", "\\")):
+        return f"{_fmt(prefix)} has no file name part"
+    return None
+
+
+def validate_api(api, specs: dict[str, NodeSpec]) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """Validate an API-format workflow. Returns (problems, output node ids); each problem is
+    (node id, class_type, cause). Nothing is executed."""
+    problems: list[tuple[str, str, str]] = []
+    if not isinstance(api, dict) or not api:
+        return [("-", "-", "not an API-format workflow (expected an object of nodes by id)")], []
+    for nid, node in api.items():
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
+            problems.append((str(nid), "?", "not a node (expected {\"class_type\": ..., \"inputs\": {...}})"))
+            continue
+        cls = node["class_type"]
+        spec = specs.get(cls)
+        if spec is None:
+            problems.append((str(nid), cls, f"unknown node type {cls!r}"))
+            continue
+        inputs = node.get("inputs", {})
+        if not isinstance(inputs, dict):
+            problems.append((str(nid), cls, "inputs is not an object"))
+            continue
+        for name, value in inputs.items():
+            inp = spec.input(name)
+            if inp is None:
+                problems.append((str(nid), cls, f"unknown input {name!r}"))
+                continue
+            if _is_link(value):
+                src_id, index = str(value[0]), value[1]
+                src = api.get(src_id)
+                if not isinstance(src, dict):
+                    problems.append((str(nid), cls, f"{name}: linked to node {src_id}, which is not in the workflow"))
+                    continue
+                src_spec = specs.get(src.get("class_type"))
+                if src_spec is None:
+                    continue  # reported at that node
+                if not 0 <= index < len(src_spec.outputs):
+                    problems.append((str(nid), cls, f"{name}: node {src_id} ({src_spec.node_id}) has no output "
+                                                    f"{index} (it has {len(src_spec.outputs)})"))
+                    continue
+                out_type = src_spec.outputs[index][1]
+                if out_type != inp.type and "*" not in (out_type, inp.type):
+                    problems.append((str(nid), cls, f"{name}: expects {inp.type} but node {src_id} "
+                                                    f"({src_spec.node_id}) output {index} gives {out_type}"))
+            elif not inp.is_widget:
+                problems.append((str(nid), cls, f"{name}: expects a link to a {inp.type} output, "
+                                                f"got the value {_fmt(value)}"))
+            else:
+                why = check_widget_value(inp, value)
+                if why:
+                    problems.append((str(nid), cls, why))
+                elif name == "filename_prefix" and (why := output_prefix_problem(value)):
+                    problems.append((str(nid), cls, f"filename_prefix: {why}"))
+        for inp in spec.inputs:
+            if not inp.optional and inp.name not in inputs:
+                problems.append((str(nid), cls, f"required input {inp.name!r} is missing"))
+    outputs = [str(nid) for nid, node in api.items()
+               if isinstance(node, dict) and (s := specs.get(node.get("class_type"))) and s.output_node]
+    if not problems and not outputs:
+        problems.append(("-", "-", "the workflow has no output node (nothing would be saved or shown)"))
+    return problems, outputs
+
+
+def execution_order(api: dict, targets: list[str]) -> tuple[list[str], list[str] | None]:
+    """Topological order of the nodes that `targets` need (dependencies first). Returns (order, cycle):
+    cycle is the list of node ids on a cycle when there is one."""
+    order, state = [], {}  # state: 1 = on the current path, 2 = done
+
+    def deps(nid):
+        return [str(v[0]) for v in api[nid].get("inputs", {}).values() if _is_link(v) and str(v[0]) in api]
+
+    for target in targets:
+        if state.get(target) == 2:
+            continue
+        stack, path = [(target, iter(deps(target)))], [target]
+        state[target] = 1
+        while stack:
+            nid, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                stack.pop()
+                path.pop()
+                state[nid] = 2
+                order.append(nid)
+            elif state.get(nxt) == 1:
+                return order, path[path.index(nxt):] + [nxt]
+            elif state.get(nxt) != 2:
+                state[nxt] = 1
+                stack.append((nxt, iter(deps(nxt))))
+                path.append(nxt)
+    return order, None
+
+
+def find_cycle(api: dict) -> list[str] | None:
+    """A cycle anywhere in the workflow (not only among the nodes the outputs need)."""
+    _, cycle = execution_order(api, sorted(api, key=_id_key))
+    return cycle
+
+
+def _id_key(nid):
+    s = str(nid)
+    return (0, int(s), s) if s.isdigit() else (1, 0, s)
+
+
+# ----------------------------------------------------------------------------------------- UI format
+
+def ui_widget_values(spec: NodeSpec, values: list) -> tuple[dict, list[str]]:
+    """Map a UI node's `widgets_values` to input names, as the frontend does (control and upload widgets
+    take a slot of their own right after their input). Returns (values by name, problems)."""
+    named, problems, pos = {}, [], 0
+    values = list(values or [])
+    for inp in spec.widgets():
+        if pos >= len(values):
+            problems.append(f"widgets_values has no value for {inp.name!r}")
+            break
+        named[inp.name] = values[pos]
+        pos += 1
+        if inp.control:
+            if pos >= len(values) or values[pos] not in CONTROL_VALUES:
+                problems.append(f"{inp.name}: expected a control_after_generate value "
+                                f"({', '.join(CONTROL_VALUES)}) after it in widgets_values")
+            pos += 1
+        if inp.upload:
+            pos += 1  # the upload button's value ("image")
+    if pos < len(values):
+        problems.append(f"widgets_values has {len(values) - pos} value(s) too many")
+    return named, problems
+
+
+def ui_to_api(ui: dict, specs: dict[str, NodeSpec]) -> tuple[dict, list[tuple[str, str, str]]]:
+    """The API prompt the frontend would queue for a UI-format workflow, plus the problems found in the UI
+    file itself (link table consistency, slot types, widgets_values)."""
+    problems = []
+    nodes = {str(n["id"]): n for n in ui.get("nodes", [])}
+    links = {}
+    for link in ui.get("links", []):
+        if not (isinstance(link, list) and len(link) == 6):
+            problems.append(("-", "-", f"link {link!r} is not [id, from, from_slot, to, to_slot, type]"))
+            continue
+        links[link[0]] = link
+    api = {}
+    for nid, node in nodes.items():
+        cls = node.get("type")
+        spec = specs.get(cls)
+        if spec is None:
+            problems.append((nid, str(cls), f"unknown node type {cls!r}"))
+            continue
+        if node.get("mode", 0) in (2, 4):  # muted / bypassed nodes are not queued
+            continue
+        inputs = {}
+        # socket inputs, linked by the UI link table
+        for slot, entry in enumerate(node.get("inputs", [])):
+            inp = spec.input(entry.get("name"))
+            if inp is None:
+                problems.append((nid, cls, f"UI input {entry.get('name')!r} is not an input of {cls}"))
+                continue
+            if entry.get("type") != inp.type and not (entry.get("widget") and inp.is_widget):
+                problems.append((nid, cls, f"UI input {inp.name!r} has type {entry.get('type')!r}, "
+                                           f"the node takes {inp.type}"))
+            lid = entry.get("link")
+            if lid is None:
+                continue
+            link = links.get(lid)
+            if link is None:
+                problems.append((nid, cls, f"{inp.name}: link {lid} is not in the link table"))
+                continue
+            _, src, src_slot, dst, dst_slot, ltype = link
+            if str(dst) != nid or dst_slot != slot:
+                problems.append((nid, cls, f"{inp.name}: link {lid} says it ends at node {dst} slot {dst_slot}"))
+            src_node = nodes.get(str(src))
+            src_spec = specs.get(src_node.get("type")) if src_node else None
+            if src_spec is None:
+                problems.append((nid, cls, f"{inp.name}: link {lid} starts at unknown node {src}"))
+                continue
+            outs = src_node.get("outputs", [])
+            if not 0 <= src_slot < len(src_spec.outputs) or src_slot >= len(outs):
+                problems.append((nid, cls, f"{inp.name}: link {lid} starts at missing output {src_slot} of {src}"))
+                continue
+            if lid not in (outs[src_slot].get("links") or []):
+                problems.append((str(src), src_node["type"], f"output {src_slot} does not list link {lid}"))
+            if outs[src_slot].get("type") != src_spec.outputs[src_slot][1]:
+                problems.append((str(src), src_node["type"], f"UI output {src_slot} has type "
+                                 f"{outs[src_slot].get('type')!r}, the node gives {src_spec.outputs[src_slot][1]}"))
+            if ltype != src_spec.outputs[src_slot][1] or ltype != inp.type:
+                problems.append((nid, cls, f"{inp.name}: link {lid} has type {ltype}, joining output type "
+                                           f"{src_spec.outputs[src_slot][1]} to input type {inp.type}"))
+            inputs[inp.name] = [str(src), src_slot]
+        if len(node.get("outputs", [])) != len(spec.outputs):
+            problems.append((nid, cls, f"the UI node has {len(node.get('outputs', []))} outputs, "
+                                       f"{cls} has {len(spec.outputs)}"))
+        for out_slot, out in enumerate(node.get("outputs", [])):
+            for lid in out.get("links") or []:
+                link = links.get(lid)
+                if link is None or str(link[1]) != nid or link[2] != out_slot:
+                    problems.append((nid, cls, f"output {out_slot} lists link {lid}, which does not start there"))
+        named, why = ui_widget_values(spec, node.get("widgets_values", []))
+        problems += [(nid, cls, w) for w in why]
+        for name, value in named.items():
+            inputs.setdefault(name, value)  # a linked widget input keeps its link
+        api[nid] = {"class_type": cls, "inputs": inputs}
+        title = node.get("title") or spec.display_name or cls
+        api[nid]["_meta"] = {"title": title}
+    return api, problems
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
+            and not isinstance(b, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def workflow_check(ui_json, api_json, specs: dict[str, NodeSpec] | None = None) -> list[str]:
+    """Problems with a UI-format workflow and its API-format twin (an empty list when all is well): every
+    node type exists, links join matching types, widget values are in range / among the choices, the API
+    twin validates, and both describe the same graph (node ids and types, links, widget values by name).
+    `ui_json` / `api_json` are dicts or paths. `specs` default to `all_specs()` (our schemas, read with the
+    models folder as it is set now, and the native nodes)."""
+    ui = _load(ui_json)
+    api = _load(api_json)
+    specs = specs if specs is not None else all_specs()
+    out = []
+    if ui.get("version") != 0.4:
+        out.append(f"UI workflow: version is {ui.get('version')!r}, expected 0.4")
+    for key in ("id", "revision", "last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra"):
+        if key not in ui:
+            out.append(f"UI workflow: missing {key!r}")
+    ids = [n.get("id") for n in ui.get("nodes", [])]
+    if ids and max(ids) > ui.get("last_node_id", 0):
+        out.append("UI workflow: last_node_id is smaller than a node id")
+    lids = [link[0] for link in ui.get("links", []) if isinstance(link, list) and link]
+    if lids and max(lids) > ui.get("last_link_id", 0):
+        out.append("UI workflow: last_link_id is smaller than a link id")
+    if len(set(ids)) != len(ids) or len(set(lids)) != len(lids):
+        out.append("UI workflow: duplicate node or link ids")
+    converted, problems = ui_to_api(ui, specs)
+    out += [f"UI node {n} ({c}): {why}" for n, c, why in problems]
+    for label, prompt in (("UI workflow", converted), ("API twin", api)):
+        problems, _ = validate_api(prompt, specs)
+        out += [f"{label}: node {n} ({c}): {why}" for n, c, why in problems]
+        if not problems and (cycle := find_cycle(prompt)):
+            out.append(f"{label}: cycle through nodes {' -> '.join(cycle)}")
+    if set(converted) != set(map(str, api)):
+        out.append(f"node ids differ: UI {sorted(converted, key=_id_key)} vs API {sorted(api, key=_id_key)}")
+    for nid in sorted(set(converted) & set(api), key=_id_key):
+        a, b = converted[nid], api[nid]
+        if a["class_type"] != b.get("class_type"):
+            out.append(f"node {nid}: type {a['class_type']} in the UI, {b.get('class_type')} in the API twin")
+            continue
+        names = set(a["inputs"]) | set(b.get("inputs", {}))
+        for name in sorted(names):
+            va, vb = a["inputs"].get(name, "<absent>"), b.get("inputs", {}).get(name, "<absent>")
+            if _is_link(va) and _is_link(vb):
+                va, vb = [str(va[0]), va[1]], [str(vb[0]), vb[1]]
+            if not _same(va, vb):
+                out.append(f"node {nid} ({a['class_type']}): {name} is {_fmt(va)} in the UI, {_fmt(vb)} in the API twin")
+    return out
+
+
+def _load(obj):
+    if isinstance(obj, (str, Path)):
+        try:
+            return json.loads(Path(obj).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            from .errors import BadInput
+            raise BadInput(obj, f"cannot read the workflow: {exc}") from None
+    return obj
+
+
+def examples_dir() -> Path:
+    """`example_workflows/` of the installed pack."""
+    return Path(__file__).resolve().parent / "example_workflows"
+
+
+def example_pairs() -> list[tuple[Path, Path]]:
+    """(UI workflow, API twin) for every example shipped with the pack."""
+    root = examples_dir()
+    return [(p, root / "api" / p.name) for p in sorted(root.glob("*.json"))]
