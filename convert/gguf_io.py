@@ -13,6 +13,7 @@ Other types fall back to gguf-py's numpy code. The `gguf` package is imported on
 """
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -301,6 +302,22 @@ QTYPES: dict[int, tuple[str, int, int, object]] = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def can_dequantize(qtype: int) -> bool:
+    """Plain types, our torch decoders, and whatever gguf-py's numpy code can decode (tried on one block)."""
+    if qtype in _PLAIN or qtype in QTYPES:
+        return True
+    import numpy as np
+    import gguf
+    try:
+        t = gguf.GGMLQuantizationType(qtype)
+        _, type_size = gguf.GGML_QUANT_SIZES[t]
+        gguf.quants.dequantize(np.zeros((1, type_size), np.uint8), t)
+    except (NotImplementedError, ValueError, KeyError):
+        return False
+    return True
+
+
 def _qinfo(qtype: int) -> tuple[str, int, int, object]:
     if qtype in QTYPES:
         return QTYPES[qtype]
@@ -409,7 +426,7 @@ class GGUFTensor:
             shape = tuple(shape[0])
         shape = torch.Size(self._resolve(shape))
         _, block, _, _ = _qinfo(self.qtype)
-        if shape and (shape[-1] == self.shape[-1] or (block == 1 and len(shape) >= 1)):
+        if shape and (shape[-1] == self.shape[-1] or block == 1):
             return GGUFTensor(self.raw.reshape(-1), self.qtype, shape)
         return self.dequantize(self.dtype).reshape(shape)
 
@@ -574,6 +591,11 @@ def open_gguf(path) -> GGUFFile:
     except Exception as exc:  # gguf-py raises ValueError, KeyError, IndexError, ... on bad files
         raise BadInput(path, f"corrupt GGUF file: {type(exc).__name__}: {exc}") from None
     try:
-        return GGUFFile(path, reader)
+        opened = GGUFFile(path, reader)
     except (ValueError, UnicodeDecodeError, IndexError) as exc:
         raise BadInput(path, f"corrupt GGUF metadata: {exc}") from None
+    for name in opened:
+        if not can_dequantize(opened.qtype(name)):
+            raise BadInput(path, f"tensor {name!r} has GGML type {opened.dtype_name(name)}, "
+                                 "which cannot be dequantized (no decoder for it)")
+    return opened

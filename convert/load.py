@@ -14,6 +14,7 @@ import torch
 
 from ..errors import BadInput
 from .detect import Component, components, pick
+from .extents import read_extents, step_extents
 from .families import FAMILIES
 from .table import B, materialize
 from .safetensors_io import open_weights
@@ -34,7 +35,8 @@ def storage_dtype(source, names) -> torch.dtype:
     """The dominant floating dtype among `names`; fp8 storage counts as bf16 for compute."""
     counts: dict[torch.dtype, int] = {}
     for n in names:
-        dt = source.dtype(n)
+        # GGUF block types dequantize exactly to float32, but like fp8 they are bf16-class weights
+        dt = torch.bfloat16 if source.dtype_name(n).startswith(("Q", "IQ")) else source.dtype(n)
         if dt.is_floating_point:
             counts[dt] = counts.get(dt, 0) + 1
     dt = max(counts, key=counts.get) if counts else torch.float32
@@ -91,9 +93,15 @@ def load_model(path, family: str | None = None, dtype: torch.dtype | None = None
     unexpected = sorted(k for k in plan if k not in expected)
 
     get = lambda name: source[comp.names[name]]
+    locate = lambda name: source.extent(comp.names[name]) if hasattr(source, "extent") else None
     state = {}
     for k, step in plan.items():
         if k not in expected:
+            continue
+        stored = source.dtype(comp.names[step.sources[0]])
+        ext = step_extents(step, locate) if stored == dtype or not stored.is_floating_point else None
+        if ext is not None:  # bytes straight from the file into aligned memory: one copy, no cast
+            state[k] = read_extents(ext, step.shape, stored)
             continue
         t = materialize(step, get)
         if not isinstance(t, torch.Tensor):  # a GGUF quantized tensor (rows already split)

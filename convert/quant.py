@@ -150,7 +150,7 @@ class QuantView(Mapping):
             roles.setdefault(layer, {})
 
         applied = Counter()
-        dropped_inputs, dropped_blobs, orphans, casts_only = 0, 0, [], 0
+        dropped_inputs, dropped_blobs, orphans = 0, 0, []
         full_precision = any(src.shape(m).numel() == 2 for m in markers)
         for layer, role in roles.items():
             conf = self._comfy_quant(layer, role["comfy_quant"]) if "comfy_quant" in role else \
@@ -187,8 +187,7 @@ class QuantView(Mapping):
                                 "format: this quantization format is not supported")
             if fmt is not None and FP8_FORMATS[fmt] != wdt:
                 raise self._bad(f"layer {layer}: format {fmt} but the weight is stored as {wname}")
-            if scale is None:
-                casts_only += 1
+            if scale is None:  # a format but no scale: the weight is a plain cast
                 continue
             per_row = self._check_scale(layer, weight, scale)
             self._layers[weight] = ScaledLayer(layer, weight, scale, fmt or FP8_DTYPES.get(wdt), per_row)
@@ -219,7 +218,7 @@ class QuantView(Mapping):
         if orphans:
             notes.append(f"{len(orphans)} scale keys without a weight dropped: {', '.join(orphans[:4])}"
                          + (" ..." if len(orphans) > 4 else ""))
-        if fp8_plain + casts_only:
+        if fp8_plain:
             what = "kept as fp8 (upcast on compute)" if self.keep_fp8 else \
                 f"cast to {str(self._dtype or torch.bfloat16).replace('torch.', '')}"
             notes.append(f"{fp8_plain} unscaled fp8 tensors {what}")
@@ -279,6 +278,14 @@ class QuantView(Mapping):
         if layer is None:
             return self[name], None
         return self.source[name], self._scale(layer)
+
+    def extent(self, name: str):
+        """The file bytes of a tensor passed through unchanged; None for one that is computed."""
+        if name in self._hidden or name in self._layers or not hasattr(self.source, "extent"):
+            return None
+        if self.source.dtype(name) in FP8_DTYPES and not self.keep_fp8:
+            return None
+        return self.source.extent(name)
 
     def is_scaled(self, name: str) -> bool:
         return name in self._layers

@@ -30,6 +30,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import BadInput
+from .extents import Extents, copy_extents
 
 MAX_HEADER = 100 * 1024 * 1024  # bytes of JSON header we accept (real FLUX headers are ~100 kB)
 MAX_TENSORS = 1_000_000
@@ -285,6 +286,15 @@ class WeightFile(Mapping):
     def info(self, name: str) -> TensorInfo:
         return self._infos[name]
 
+    def extent(self, name: str) -> Extents | None:
+        """Where the tensor's bytes lie in the file (None for bool tensors, which are normalised)."""
+        info = self._infos[name]
+        if info.dtype == "BOOL":
+            return None
+        nbytes = info.end - info.begin
+        rows = info.shape[0] if info.shape else 1
+        return Extents(((self.path, self._data_start + info.begin, nbytes),), nbytes // rows if rows else 0)
+
     @property
     def nbytes(self) -> int:
         return sum(i.end - i.begin for i in self._infos.values())
@@ -353,6 +363,9 @@ class ShardedWeights(Mapping):
 
     def dtype_name(self, name):
         return self._where[name].dtype_name(name)
+
+    def extent(self, name):
+        return self._where[name].extent(name)
 
     def dtypes(self) -> Counter:
         return Counter(self._where[n].dtype_name(n) for n in self._where)
@@ -584,7 +597,8 @@ def write_safetensors(path, entries: Iterable[Entry] | Mapping[str, torch.Tensor
     """Write a safetensors file, streaming: memory stays near one tensor.
 
     `entries` is an iterable (a generator is fine) of `(name, shape, dtype, producer)`, where
-    `producer()` returns the tensor (or anything with `.dequantize(dtype)`) only when its turn comes and
+    `producer()` returns the tensor (or anything with `.dequantize(dtype)`, or the `Extents` of bytes to
+    copy from a source file) only when its turn comes and
     the result is dropped right after it is written; or of plain `(name, tensor)` pairs; or a mapping
     `name -> tensor`. A produced tensor of another dtype is cast to the declared one; a wrong shape is an
     error. The data goes to `<path>.partial` in the same folder, is fsync'ed and then renamed onto `path`;
@@ -601,6 +615,13 @@ def write_safetensors(path, entries: Iterable[Entry] | Mapping[str, torch.Tensor
             f.write(header)
             for name, shape, dtype, make in ordered:
                 t = make()
+                if isinstance(t, Extents):  # bytes of the source file: copied file to file
+                    if t.nbytes != _numel(shape) * dtype.itemsize:
+                        raise ValueError(f"{name}: {t.nbytes} source bytes for shape {shape} of {dtype}")
+                    f.flush()
+                    copy_extents(t, f.fileno())
+                    f.seek(0, os.SEEK_END)
+                    continue
                 if not isinstance(t, torch.Tensor) and hasattr(t, "dequantize"):
                     t = t.dequantize(dtype)
                 if not isinstance(t, torch.Tensor):

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import BadInput
 from .detect import components
+from .extents import step_extents
 from .families import target
 from .load import diffusers_plan
 from .quant import logical_weights
@@ -29,6 +30,7 @@ DIFFUSERS_FOLDERS = {"flux-transformer": ("transformer", "diffusion_pytorch_mode
                      "sd15-unet": ("unet", "diffusion_pytorch_model.safetensors")}
 # metadata that describes the source's quantization no longer applies once dequantized
 _STALE_METADATA = ("_quantization_metadata",)
+_GGUF_METADATA = ("general.", "gguf.", "comfy.gguf.")  # describe the GGUF container, not the weights
 
 
 def convert_file(src, dst, to: str, dtype: str = "keep", loras=()) -> dict:
@@ -62,10 +64,16 @@ def convert_file(src, dst, to: str, dtype: str = "keep", loras=()) -> dict:
             for key in ("split", "fused", "swapped", "reshaped"):
                 comp_report[key] += out_report[key]
         out_prefix = prefix if not comp.prefix or to != "comfy" else comp.prefix
+        locate = (lambda name, comp=comp, plan_b=plan_b: step_extents(
+            plan_b[name], lambda n: source.extent(comp.names[n]) if hasattr(source, "extent") else None))
         comp_entries = []
         for name, step in plan_out.items():
             out_dtype = _out_dtype(step, plan_b, source, comp, dtype)
-            make = lambda step=step, get_b=get_b, out_dtype=out_dtype: finish(materialize(step, get_b), out_dtype)
+            ext = None if lora_set else step_extents(step, locate)
+            if ext is not None and _out_dtype(step, plan_b, source, comp, "keep") == out_dtype:
+                make = lambda ext=ext: ext  # unchanged bytes: copied file to file
+            else:
+                make = lambda step=step, get_b=get_b, out_dtype=out_dtype: finish(materialize(step, get_b), out_dtype)
             comp_entries.append((out_prefix + name, step.shape, out_dtype, make))
         if as_folder:
             folders[comp.family] = (comp_entries, config)
@@ -76,7 +84,8 @@ def convert_file(src, dst, to: str, dtype: str = "keep", loras=()) -> dict:
         comp_report["dropped"] = comp_report.pop("unplaced")
         report["components"].append(comp_report)
 
-    metadata = {k: v for k, v in (source.metadata or {}).items() if k not in _STALE_METADATA}
+    metadata = {k: v for k, v in (source.metadata or {}).items()
+                if isinstance(v, str) and k not in _STALE_METADATA and not k.startswith(_GGUF_METADATA)}
     if as_folder:
         for family, (comp_entries, config) in folders.items():
             folder, filename = DIFFUSERS_FOLDERS[family]
@@ -101,8 +110,10 @@ def _out_dtype(step, plan_b, source, comp, dtype: str) -> torch.dtype:
     if DTYPES[dtype] is not None:
         return DTYPES[dtype]
     first = step.sources[0]
-    origin = plan_b[first].sources[0] if first in plan_b else first
-    return source.dtype(comp.names[origin])
+    origin = comp.names[plan_b[first].sources[0] if first in plan_b else first]
+    if source.dtype_name(origin).startswith(("Q", "IQ")):
+        return torch.bfloat16  # a GGUF block type: bf16, not its exact-but-doubled float32
+    return source.dtype(origin)
 
 
 def _open_loras(loras):

@@ -71,8 +71,11 @@ def test_demo_finds_the_example_through_the_package():
 
 
 def test_cli_demo(tmp_path, cache):
+    pypath = tmp_path.parent / f"{tmp_path.name}-pypath"  # this checkout linked as `fluxbridge`
+    pypath.mkdir()
+    (pypath / "fluxbridge").symlink_to(Path(fluxbridge.__file__).resolve().parent, target_is_directory=True)
     env = dict(os.environ, FLUXBRIDGE_CACHE=str(cache), PYTHONPATH=os.pathsep.join(
-        [str(Path(fluxbridge.__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]))
+        p for p in (str(pypath), os.environ.get("PYTHONPATH")) if p))
     result = subprocess.run([sys.executable, "-m", "fluxbridge", "demo", "--output", str(tmp_path / "cli-out")],
                             capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -106,10 +106,10 @@ def test_small_tokenizers_load_offline(tmp_path):
     assert {p.name for p in paths["clip_l"].iterdir()} >= {"vocab.json", "merges.txt", "tokenizer_config.json"}
     clip = CLIPTokenizer.from_pretrained(str(paths["clip_l"]), local_files_only=True)
     t5 = T5TokenizerFast.from_pretrained(str(paths["t5xxl"]), local_files_only=True)
-    ids = clip("A photo of a cat!", padding="max_length", max_length=77).input_ids
+    ids = clip("A photo of a cat", padding="max_length", max_length=77).input_ids
     assert len(ids) == 77 and ids[0] == clip.bos_token_id
     assert clip.eos_token_id == max(clip.get_vocab().values()) == clip.pad_token_id  # CLIP pooling needs it
-    assert clip.decode(ids, skip_special_tokens=True).strip() == "a photo of a cat!"
+    assert clip.decode(ids, skip_special_tokens=True).strip() == "a photo of a cat"
     tids = t5("a photo of a cat").input_ids
     assert tids[-1] == t5.eos_token_id == 1 and t5.pad_token_id == 0 and t5.unk_token_id == 2
     assert t5.decode(tids, skip_special_tokens=True) == "a photo of a cat"
@@ -133,11 +133,15 @@ def test_components_run_in_the_diffusers_pipeline_with_small_tokenizers(tmp_path
               output_type="pt")
     image = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), **kw).images
     assert image.shape == (1, 3, 32, 32)
-    # saved as a diffusers folder, it loads back offline and gives the same image
+    # saved as a diffusers folder, it loads back offline with the same weights and gives the same image
+    # (to float rounding: loaded weights can take other kernel paths, ~1e-7)
     factory.save_diffusers(comps, tmp_path / "pipe")
     again = FluxPipeline.from_pretrained(str(tmp_path / "pipe"), local_files_only=True)
     again.set_progress_bar_config(disable=True)
-    assert torch.equal(again("a photo of a cat", generator=torch.Generator().manual_seed(0), **kw).images, image)
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        assert _same_weights(comps[name], getattr(again, name))
+    reloaded = again("a photo of a cat", generator=torch.Generator().manual_seed(0), **kw).images
+    assert torch.allclose(reloaded, image, atol=1e-5)
 
 
 def test_components_with_the_real_tokenizers():

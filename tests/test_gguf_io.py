@@ -284,6 +284,7 @@ def test_hand_built_gguf_is_readable(tmp_path):
     (hand_gguf([ARCH, ARCH]), "duplicate metadata key"),
     (hand_gguf([("general.alignment", struct.pack("<I", 4) + struct.pack("<I", 24))]), "power of two"),
     (hand_gguf([], [("w", (64,), 99, 0)], b"\0" * 256), "unknown GGML type 99"),
+    (hand_gguf([], [("w", (64,), 9, 0)], b"\0" * 256), "tensor 'w' has GGML type Q8_1, which cannot be dequantized"),
     (hand_gguf([], [("w", (64,), 0, 0)], b"\0" * 16), "truncated: tensor 'w' ends at byte"),
     (hand_gguf([], [("w", (2 ** 40, 2 ** 40), 0, 0)], b"\0" * 16), "corrupt header: tensor 'w' has shape"),
     (hand_gguf([], [("w", (31,), 8, 0)], b"\0" * 64), "not whole blocks of 32"),

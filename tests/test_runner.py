@@ -70,12 +70,17 @@ def _snapshot(roots, exclude: Path):
 
 
 def small(api: dict) -> dict:
-    """Overrides: 64x64 everywhere (the custom loop keeps its 4 steps: it has one node per step)."""
+    """Overrides that keep the examples quick: 64x64 everywhere, 3 sampler steps, 32 T5 tokens (the custom
+    loop keeps its 4 scheduler steps: it has one node per step)."""
     over = {}
     for nid, node in api.items():
-        inputs = node["inputs"]
+        inputs, cls = node["inputs"], node["class_type"]
         if "width" in inputs and not isinstance(inputs["width"], list):
             over[nid] = {"width": SIZE, "height": SIZE}
+        if cls == "FluxBridgeSampler":
+            over[nid] = {"steps": 3}
+        if cls == "FluxBridgeTextEncode":
+            over[nid] = {"max_sequence_length": 32}
     return over
 
 
@@ -311,13 +316,12 @@ def test_unreadable_workflow_files_are_bad_input(work):
         run_workflow(API["flux_dev_text_to_image"], models_dir=work["dir"] / "nope", output_dir=work["out"])
 
 
-def test_cli_run_bad_input_exits_2_with_one_line(work):
+def test_cli_run_bad_input_exits_2_with_one_line(work, tmp_path_factory):
     api = _t2i()
     api["1"]["inputs"]["model_name"] = "../x.safetensors"
     path = work["dir"] / "bad.json"
     path.write_text(json.dumps(api))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(Path(fluxbridge.__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]))
+    env = _cli_env(tmp_path_factory.mktemp("pypath"))
     result = subprocess.run([sys.executable, "-m", "fluxbridge", "run", str(path), "--models", str(work["models"]),
                              "--output", str(work["out"])], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2, result.stderr
@@ -325,6 +329,15 @@ def test_cli_run_bad_input_exits_2_with_one_line(work):
     assert len(lines) == 1 and "1 (FluxBridgeLoadTransformer): model_name" in lines[0], result.stderr
     assert not work["out"].exists()
     path.unlink()
+
+
+def _cli_env(folder: Path) -> dict:
+    """The environment for `python -m fluxbridge`: this checkout linked as `fluxbridge` on PYTHONPATH."""
+    folder.mkdir(exist_ok=True)
+    link = folder / "fluxbridge"
+    if not link.exists():
+        link.symlink_to(Path(fluxbridge.__file__).resolve().parent, target_is_directory=True)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p))
 
 
 # ------------------------------------------------------------------------------------- native nodes

@@ -1,0 +1,157 @@
+"""The node catalogue (docs/NODES.md) as the schemas declare it: ids, categories, inputs, outputs; the
+entry point registers every node; the combos list the model folders; no ComfyUI import outside host."""
+import asyncio
+import re
+from pathlib import Path
+
+import pytest
+
+from fluxbridge.nodes import NODE_LIST
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# id -> (category, [(input, type, optional)], [(output name, type)], output node)
+CATALOGUE = {
+    "FluxBridgeLoadTransformer": ("loaders", [("model_name", "COMBO", False), ("weight_dtype", "COMBO", False),
+                                              ("quantize", "COMBO", False)],
+                                  [("transformer", "FLUXBRIDGE_TRANSFORMER")], False),
+    "FluxBridgeLoadTextEncoders": ("loaders", [("clip_name", "COMBO", False), ("t5_name", "COMBO", False),
+                                               ("weight_dtype", "COMBO", False)],
+                                   [("text_encoders", "FLUXBRIDGE_TEXT_ENCODERS")], False),
+    "FluxBridgeLoadVAE": ("loaders", [("vae_name", "COMBO", False)], [("vae", "FLUXBRIDGE_VAE")], False),
+    "FluxBridgeLoadLoRA": ("loaders", [("transformer", "FLUXBRIDGE_TRANSFORMER", False), ("lora_name", "COMBO", False),
+                                       ("strength_model", "FLOAT", False), ("strength_text", "FLOAT", False),
+                                       ("text_encoders", "FLUXBRIDGE_TEXT_ENCODERS", True)],
+                           [("transformer", "FLUXBRIDGE_TRANSFORMER"), ("text_encoders", "FLUXBRIDGE_TEXT_ENCODERS")],
+                           False),
+    "FluxBridgeTextEncode": ("conditioning", [("text_encoders", "FLUXBRIDGE_TEXT_ENCODERS", False),
+                                              ("clip_text", "STRING", False), ("t5_text", "STRING", False),
+                                              ("guidance", "FLOAT", False), ("max_sequence_length", "INT", False)],
+                             [("conditioning", "CONDITIONING")], False),
+    "FluxBridgeEmptyLatent": ("latent", [("width", "INT", False), ("height", "INT", False),
+                                         ("batch_size", "INT", False)], [("latent", "LATENT")], False),
+    "FluxBridgeScheduler": ("sampling", [("steps", "INT", False), ("width", "INT", False), ("height", "INT", False),
+                                         ("denoise", "FLOAT", False), ("shift", "COMBO", False),
+                                         ("transformer", "FLUXBRIDGE_TRANSFORMER", True)],
+                            [("sigmas", "SIGMAS")], False),
+    "FluxBridgeAddNoise": ("sampling", [("latent", "LATENT", False), ("sigmas", "SIGMAS", False),
+                                        ("seed", "INT", False)], [("latent", "LATENT")], False),
+    "FluxBridgeSchedulerStep": ("sampling", [("transformer", "FLUXBRIDGE_TRANSFORMER", False),
+                                             ("positive", "CONDITIONING", False), ("latent", "LATENT", False),
+                                             ("sigmas", "SIGMAS", False), ("step", "INT", False),
+                                             ("negative", "CONDITIONING", True), ("true_cfg", "FLOAT", False)],
+                                [("latent", "LATENT")], False),
+    "FluxBridgeSampler": ("sampling", [("transformer", "FLUXBRIDGE_TRANSFORMER", False),
+                                       ("positive", "CONDITIONING", False), ("latent", "LATENT", False),
+                                       ("seed", "INT", False), ("steps", "INT", False), ("denoise", "FLOAT", False),
+                                       ("true_cfg", "FLOAT", False), ("negative", "CONDITIONING", True),
+                                       ("sigmas", "SIGMAS", True)], [("latent", "LATENT")], False),
+    "FluxBridgeVAEDecode": ("latent", [("vae", "FLUXBRIDGE_VAE", False), ("latent", "LATENT", False),
+                                       ("tiled", "COMBO", False)], [("image", "IMAGE")], False),
+    "FluxBridgeVAEEncode": ("latent", [("vae", "FLUXBRIDGE_VAE", False), ("image", "IMAGE", False)],
+                            [("latent", "LATENT")], False),
+    "FluxBridgeFillConditioning": ("conditioning", [("vae", "FLUXBRIDGE_VAE", False),
+                                                    ("positive", "CONDITIONING", False), ("image", "IMAGE", False),
+                                                    ("mask", "MASK", False), ("negative", "CONDITIONING", True)],
+                                   [("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                                    ("latent", "LATENT")], False),
+    "FluxBridgeSaveTransformer": ("convert", [("transformer", "FLUXBRIDGE_TRANSFORMER", False),
+                                              ("layout", "COMBO", False), ("dtype", "COMBO", False),
+                                              ("filename_prefix", "STRING", False)], [], True),
+    "FluxBridgeSaveVAE": ("convert", [("vae", "FLUXBRIDGE_VAE", False), ("layout", "COMBO", False),
+                                      ("filename_prefix", "STRING", False)], [], True),
+    "FluxBridgeConvertLoRA": ("convert", [("lora_name", "COMBO", False), ("to", "COMBO", False),
+                                          ("filename_prefix", "STRING", False)], [], True),
+}
+
+WIDGETS = {  # (node, input) -> expected attributes
+    ("FluxBridgeLoadTransformer", "weight_dtype"): dict(
+        options=["default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2"], default="default"),
+    ("FluxBridgeLoadTransformer", "quantize"): dict(options=["none", "int8", "fp8"], default="none"),
+    ("FluxBridgeLoadTextEncoders", "weight_dtype"): dict(options=["default", "bf16", "fp16", "fp32"], default="default"),
+    ("FluxBridgeLoadLoRA", "strength_model"): dict(min=-10.0, max=10.0, default=1.0),
+    ("FluxBridgeLoadLoRA", "strength_text"): dict(min=-10.0, max=10.0, default=1.0),
+    ("FluxBridgeTextEncode", "clip_text"): dict(multiline=True),
+    ("FluxBridgeTextEncode", "t5_text"): dict(multiline=True),
+    ("FluxBridgeTextEncode", "guidance"): dict(min=0.0, max=100.0, default=3.5),
+    ("FluxBridgeTextEncode", "max_sequence_length"): dict(min=1, max=512, default=512),
+    ("FluxBridgeEmptyLatent", "width"): dict(min=16, max=16384, step=16, default=1024),
+    ("FluxBridgeEmptyLatent", "height"): dict(min=16, max=16384, step=16, default=1024),
+    ("FluxBridgeEmptyLatent", "batch_size"): dict(min=1, max=64, default=1),
+    ("FluxBridgeScheduler", "steps"): dict(min=1, max=1000, default=28),
+    ("FluxBridgeScheduler", "denoise"): dict(min=0.0, max=1.0, default=1.0),
+    ("FluxBridgeScheduler", "shift"): dict(options=["auto", "dynamic", "fixed"], default="auto"),
+    ("FluxBridgeAddNoise", "seed"): dict(min=0, max=2 ** 64 - 1, default=0),
+    ("FluxBridgeSchedulerStep", "step"): dict(min=0, max=999, default=0),
+    ("FluxBridgeSchedulerStep", "true_cfg"): dict(min=1.0, max=30.0, default=1.0),
+    ("FluxBridgeSampler", "seed"): dict(min=0, max=2 ** 64 - 1, default=0),
+    ("FluxBridgeSampler", "steps"): dict(min=1, max=1000, default=28),
+    ("FluxBridgeSampler", "denoise"): dict(min=0.0, max=1.0, default=1.0),
+    ("FluxBridgeSampler", "true_cfg"): dict(min=1.0, max=30.0, default=1.0),
+    ("FluxBridgeVAEDecode", "tiled"): dict(options=["auto", "off", "on"], default="auto"),
+    ("FluxBridgeSaveTransformer", "layout"): dict(options=["bfl", "comfy", "diffusers"]),
+    ("FluxBridgeSaveTransformer", "dtype"): dict(options=["keep", "bf16", "fp16", "fp32"]),
+    ("FluxBridgeSaveTransformer", "filename_prefix"): dict(default="fluxbridge/transformer"),
+    ("FluxBridgeSaveVAE", "layout"): dict(options=["bfl", "diffusers"]),
+    ("FluxBridgeSaveVAE", "filename_prefix"): dict(default="fluxbridge/vae"),
+    ("FluxBridgeConvertLoRA", "to"): dict(options=["diffusers", "bfl", "kohya", "comfy"]),
+    ("FluxBridgeConvertLoRA", "filename_prefix"): dict(default="fluxbridge/lora"),
+}
+
+
+def _io_type(x):
+    t = x.get_io_type() if hasattr(x, "get_io_type") else x.io_type
+    return str(getattr(t, "value", t))
+
+
+def test_node_list_is_the_catalogue_in_order():
+    assert [c.GET_SCHEMA().node_id for c in NODE_LIST] == list(CATALOGUE)
+
+
+@pytest.mark.parametrize("cls", NODE_LIST, ids=lambda c: c.__name__)
+def test_schema_matches_catalogue(cls):
+    schema = cls.GET_SCHEMA()  # finalize + validate: ids unique across inputs and outputs, as ComfyUI checks
+    category, inputs, outputs, output_node = CATALOGUE[schema.node_id]
+    assert schema.node_id.startswith("FluxBridge")
+    assert schema.category == "FluxBridge/" + category
+    assert schema.display_name and schema.display_name.startswith("FluxBridge ")
+    assert schema.description
+    assert [(i.id, _io_type(i), bool(i.optional)) for i in schema.inputs] == inputs
+    assert [(o.display_name, _io_type(o)) for o in schema.outputs] == outputs
+    assert bool(schema.is_output_node) == output_node
+    for inp in schema.inputs:
+        for attr, value in WIDGETS.get((schema.node_id, inp.id), {}).items():
+            assert getattr(inp, attr) == value, (inp.id, attr)
+
+
+def test_entrypoint_registers_every_node(comfy_stubs):
+    import fluxbridge
+    ext = asyncio.run(fluxbridge.comfy_entrypoint())
+    assert isinstance(ext, comfy_stubs.api.ComfyExtension)
+    assert asyncio.run(ext.get_node_list()) == NODE_LIST
+
+
+def test_combos_list_the_model_folders(standalone_host, models_dir):
+    for rel in ("diffusion_models/flux1-dev.safetensors", "unet/old.safetensors", "text_encoders/clip_l.safetensors",
+                "clip/t5xxl_fp16.safetensors", "vae/ae.safetensors", "loras/style.safetensors"):
+        (models_dir / rel).write_bytes(b"")
+    (models_dir / "diffusion_models" / "FLUX.1-dev").mkdir()
+    (models_dir / "diffusion_models" / "FLUX.1-dev" / "model_index.json").write_text("{}")
+    by_id = {c.GET_SCHEMA().node_id: c.GET_SCHEMA() for c in NODE_LIST}
+
+    def options(node, name):
+        return next(i for i in by_id[node].inputs if i.id == name).options
+
+    assert options("FluxBridgeLoadTransformer", "model_name") == ["FLUX.1-dev", "flux1-dev.safetensors",
+                                                                  "old.safetensors"]
+    assert options("FluxBridgeLoadTextEncoders", "clip_name") == ["clip_l.safetensors", "t5xxl_fp16.safetensors"]
+    assert options("FluxBridgeLoadTextEncoders", "t5_name") == ["clip_l.safetensors", "t5xxl_fp16.safetensors"]
+    assert options("FluxBridgeLoadVAE", "vae_name") == ["ae.safetensors"]
+    assert options("FluxBridgeLoadLoRA", "lora_name") == ["style.safetensors"]
+    assert options("FluxBridgeConvertLoRA", "lora_name") == ["style.safetensors"]
+
+
+def test_only_host_imports_comfyui():
+    pattern = re.compile(r"^\s*(from|import)\s+(comfy|comfy_api|folder_paths)\b", re.M)
+    for path in [ROOT / "models.py", *sorted((ROOT / "nodes").glob("*.py"))]:
+        assert not pattern.search(path.read_text()), path
