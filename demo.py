@@ -182,6 +182,17 @@ def tiny_lora(transformer, fmt: str = "peft", rank: int = 4, seed: int = 0) -> d
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
 def run_demo(output_dir="out", progress=True, cache_dir=None, overrides=None) -> dict:
     """Build (or reuse) the small models, run the text-to-image example on them, and write the image and
     `fluxbridge_demo_report.json` into `output_dir`. Returns the report."""
@@ -195,8 +206,10 @@ def run_demo(output_dir="out", progress=True, cache_dir=None, overrides=None) ->
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise BadInput(out, "the output folder is a file")
-    root = cache_dir if cache_dir is not None else cache_root()
-    cached = (Path(root) / "demo-models" / models_key() / "READY").is_file()
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    if cache_dir is None and not _writable(root):  # no user cache folder: keep the models with the output
+        root = out / ".fluxbridge-cache"
+    cached = (root / "demo-models" / models_key() / "READY").is_file()
     models = demo_models(root)
     t1 = time.perf_counter()
     run = run_workflow(workflow, models_dir=models, output_dir=out, progress=progress,

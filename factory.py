@@ -55,13 +55,10 @@ def _not_full_size(width: int, what: str) -> None:
 
 
 def rope_axes(head_dim: int) -> tuple[int, int, int]:
-    """RoPE axes for a head size (FLUX.1: 128 -> (16, 56, 56)). All even, summing to head_dim."""
-    if head_dim < 6 or head_dim % 2:
-        raise ValueError(f"head_dim {head_dim}: needs an even head size of at least 6 for three RoPE axes")
-    first = max(2, 2 * round(head_dim / 16))
-    rest = head_dim - first
-    second = 2 * (rest // 4)
-    return first, second, rest - second
+    """RoPE axes for a head size (FLUX.1: 128 -> (16, 56, 56)): the loader's rule, since checkpoints
+    do not store them."""
+    from .convert.families.flux import default_axes
+    return default_axes(head_dim)
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -99,13 +96,17 @@ def tiny_flux_transformer(width: int = 32, heads: int = 2, double: int = 1, sing
 
 
 def tiny_flux_vae(block_out_channels: tuple[int, ...] = (16, 32, 32, 32), layers_per_block: int = 1,
-                  norm_num_groups: int = 8, latent_channels: int = 16, scaling_factor: float = FLUX_VAE_SCALING,
+                  norm_num_groups: int | None = None, latent_channels: int = 16,
+                  scaling_factor: float = FLUX_VAE_SCALING,
                   shift_factor: float = FLUX_VAE_SHIFT, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A random `AutoencoderKL` with the FLUX VAE structure: 16 latent channels, no quant_conv /
     post_quant_conv, mid-block attention, scaling 0.3611 and shift 0.1159. Four blocks give the usual 8x
-    downscale (the real one is (128, 256, 512, 512), 2 layers per block, 32 groups)."""
+    downscale (the real one is (128, 256, 512, 512), 2 layers per block, 32 groups). GroupNorm groups
+    default to the loader's rule (they are not stored in a checkpoint)."""
     from diffusers import AutoencoderKL
+    from .convert.families.vae import norm_groups
 
+    norm_num_groups = norm_num_groups or norm_groups(block_out_channels)
     for ch in block_out_channels:
         _not_full_size(ch, "tiny_flux_vae")
         if ch % norm_num_groups:
@@ -120,21 +121,24 @@ def tiny_flux_vae(block_out_channels: tuple[int, ...] = (16, 32, 32, 32), layers
             shift_factor=shift_factor, force_upcast=True, use_quant_conv=False, use_post_quant_conv=False,
             mid_block_add_attention=True)
         with torch.no_grad():
-            # A default-initialised decoder gives a nearly flat image; widen its output so that image
-            # comparisons are sensitive (values spread over 0..1 after postprocessing, little clamping).
-            out = model.decoder.conv_out
-            out.weight.mul_(4.0)
+            # A default-initialised decoder gives a nearly flat image (std ~0.15 after postprocessing);
+            # doubling its output spreads values over 0..1 (std ~0.25, ~10% clamped) so that image
+            # comparisons are sensitive.
+            model.decoder.conv_out.weight.mul_(2.0)
     return _finish(model, dtype)
 
 
-def tiny_clip_l(hidden_size: int = 32, layers: int = 2, heads: int = 2, intermediate_size: int = 64,
+def tiny_clip_l(hidden_size: int = 32, layers: int = 2, heads: int | None = None, intermediate_size: int = 64,
                 vocab_size: int = 49408, max_position_embeddings: int = 77, eos_token_id: int = 2,
                 seed: int = 0, dtype: torch.dtype = torch.float32):
     """A random transformers `CLIPTextModel` with the CLIP-L text tower structure (quick_gelu, causal,
     77 positions, vocab 49408 so the real token ids work). `eos_token_id=2` is the value in the released
-    CLIP-L config: the pooled output is taken at the highest token id (the first EOS)."""
+    CLIP-L config: the pooled output is taken at the highest token id (the first EOS). Heads default to
+    the loader's rule (they are not stored in a checkpoint)."""
     from transformers import CLIPTextConfig, CLIPTextModel
+    from .convert.families.clip import default_heads
 
+    heads = heads or default_heads(hidden_size)
     _not_full_size(hidden_size, "tiny_clip_l")
     config = CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
@@ -166,14 +170,16 @@ def tiny_t5(d_model: int = 32, d_kv: int = 8, heads: int = 4, d_ff: int = 64, la
 
 
 def tiny_sd15_unet(block_out_channels: tuple[int, ...] = (32, 32, 64, 64), layers_per_block: int = 2,
-                   cross_attention_dim: int = 32, attention_head_dim: int = 8, norm_num_groups: int = 8,
+                   cross_attention_dim: int = 32, attention_head_dim: int = 8, norm_num_groups: int | None = None,
                    sample_size: int = 8, time_cond_proj_dim: int | None = None, seed: int = 0,
                    dtype: torch.dtype = torch.float32):
     """A random `UNet2DConditionModel` with the SD1.5 block structure (3 cross-attention down blocks + 1
     plain, mirrored up blocks, 2 layers per block, 4 latent channels). `time_cond_proj_dim` (LCM: 256)
     adds `time_embedding.cond_proj`."""
     from diffusers import UNet2DConditionModel
+    from .convert.families.vae import norm_groups
 
+    norm_num_groups = norm_num_groups or norm_groups(block_out_channels)
     for ch in block_out_channels:
         _not_full_size(ch, "tiny_sd15_unet")
         if ch % norm_num_groups:
@@ -229,15 +235,21 @@ def tiny_pipeline_components(variant: str = "dev", width: int = 32, heads: int =
     )
 
 
+_SMALL_TOKENIZERS_DIR = None
+
+
 def _resolve_tokenizers(tokenizers):
     from transformers import CLIPTokenizer, T5TokenizerFast
 
     if isinstance(tokenizers, (tuple, list)):
         return tokenizers[0], tokenizers[1]
     if tokenizers is None:
-        import tempfile
-        tokenizers = tempfile.mkdtemp(prefix="fluxbridge-tok-")
-        small_tokenizers(tokenizers)
+        global _SMALL_TOKENIZERS_DIR
+        if _SMALL_TOKENIZERS_DIR is None:  # built once per process
+            import tempfile
+            _SMALL_TOKENIZERS_DIR = tempfile.mkdtemp(prefix="fluxbridge-tok-")
+            small_tokenizers(_SMALL_TOKENIZERS_DIR)
+        tokenizers = _SMALL_TOKENIZERS_DIR
     root = Path(tokenizers)
     for clip_dir, t5_dir in (("clip-l", "t5-xxl"), ("tokenizers/clip_l", "tokenizers/t5xxl"),
                              ("clip_l", "t5xxl")):
@@ -251,8 +263,9 @@ def save_diffusers(component, directory) -> Path:
     """Save one model (`save_pretrained`) or a components dict (as a diffusers FluxPipeline folder)."""
     directory = Path(directory)
     if isinstance(component, dict):
-        from diffusers import FluxFillPipeline, FluxPipeline
-        cls = FluxFillPipeline if component["transformer"].config.in_channels == 384 else FluxPipeline
+        from diffusers import FluxControlPipeline, FluxFillPipeline, FluxPipeline
+        in_ch = component["transformer"].config.in_channels
+        cls = {384: FluxFillPipeline, 128: FluxControlPipeline}.get(in_ch, FluxPipeline)
         cls(**component).save_pretrained(str(directory))
     else:
         component.save_pretrained(str(directory))

@@ -5,8 +5,8 @@ Inside ComfyUI every service below goes through the host: its device and dtype c
 `fluxbridge` command, the tests) the same functions fall back to plain torch, tqdm, a threading.Event and one
 models directory (`set_models_dir()` or `FLUXBRIDGE_MODELS`) with the same sub-folder names.
 
-Which host we run in is read once at import (`IN_COMFY`); tests that install stubs call `detect_host()`.
-torch and tqdm are imported on first use, so importing this module stays cheap.
+Which host we run in is read once at import (`IN_COMFY`, see `detect_host()`; tests that install stubs call it
+again). torch and tqdm are imported on first use, so importing this module stays cheap.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import importlib
 import ntpath
 import os
 import re
+import sys
 import threading
 import weakref
 
@@ -31,12 +32,18 @@ def _optional_import(name):
 
 
 def detect_host() -> bool:
-    """(Re)read whether ComfyUI's modules are importable; return IN_COMFY."""
+    """(Re)read whether we run inside a ComfyUI process; return IN_COMFY.
+
+    ComfyUI has imported its core modules before it loads any pack, so they are looked for in `sys.modules`:
+    a ComfyUI folder that merely lies on `sys.path` (say, the current directory of `python -m fluxbridge`)
+    does not make a host, and is not initialised by us.
+    """
     global IN_COMFY, _mm, _patcher, _utils, _folders, _api
-    mods = [_optional_import(n) for n in ("comfy.model_management", "comfy.model_patcher", "comfy.utils",
-                                          "folder_paths")]
+    names = ("comfy.model_management", "comfy.model_patcher", "comfy.utils", "folder_paths")
+    running = "comfy.model_management" in sys.modules and "folder_paths" in sys.modules
+    mods = [_optional_import(n) for n in names] if running else [None] * len(names)
     IN_COMFY = all(m is not None for m in mods)
-    _mm, _patcher, _utils, _folders = mods if IN_COMFY else (None,) * 4
+    _mm, _patcher, _utils, _folders = mods if IN_COMFY else (None,) * len(names)
     _api = _optional_import("comfy_api.latest") if IN_COMFY else None
     return IN_COMFY
 
@@ -297,7 +304,10 @@ def folders(kind) -> list:
         if kind in _BUNDLED_TOKENIZERS:
             roots = [os.path.join(os.path.dirname(_mm.__file__), _BUNDLED_TOKENIZERS[kind])]
         else:
-            roots = _folders.get_folder_paths(kind)
+            try:
+                roots = _folders.get_folder_paths(kind)
+            except KeyError:  # a ComfyUI without this folder kind
+                roots = []
     else:
         base = models_dir()
         roots = [os.path.join(base, sub) for sub in KINDS[kind]] if base else []
@@ -321,6 +331,8 @@ def _check_name(name, where):
         raise BadInput(name, f"an absolute path leads outside the {where} folder; give a name inside it")
     if ".." in re.split(r"[\\/]", name):
         raise BadInput(name, f"a '..' part leads outside the {where} folder")
+    if os.path.normpath(name) == ".":
+        raise BadInput(name, f"names the {where} folder itself, not a file in it")
 
 
 def _is_model_dir(filenames):

@@ -21,8 +21,10 @@ Caching and LoRAs (the design, in short):
   are patched only while they are used: `with transformer.patched():` (sampler, scheduler-step node) and
   `with text_encoders.patched():` (text encode) apply the stack and remove it on the way out, in a
   `finally`, so an interrupt or an error leaves the base exactly as it was. Two graph branches with
-  different LoRAs on one base each patch it for their own node's run only; the cached base stays clean
-  between nodes and between runs.
+  different LoRAs on one base each patch it for their own node's run only (ComfyUI and the runner execute
+  one node at a time), and the cached base stays clean between nodes and between runs. Removal is exact:
+  `convert.lora.apply_loras` puts the original tensor objects back (dense weights) or drops its forward
+  hooks (fp8 / quantized weights, which stay as they are).
 """
 from __future__ import annotations
 
@@ -31,14 +33,14 @@ import dataclasses
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from . import host
 from .errors import BadInput
 
-# weight_dtype choices -> torch dtype names (None: the host's compute dtype for the device)
+# weight_dtype choices ("default": the host's compute dtype for its device) and their torch names
 WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
 TEXT_DTYPES = ("default", "bf16", "fp16", "fp32")
 QUANTIZE = ("none", "int8", "fp8")
@@ -361,13 +363,18 @@ def component_path(path, sub: str) -> Path:
     return p
 
 
-def _quantize(module, how: str, path) -> None:
-    """int8 / fp8 weight-only quantization of the Linear layers through torchao."""
+def _torchao(how: str, path):
     try:
         import torchao.quantization as tq
     except ImportError:
         raise BadInput(path, f"quantize={how} needs torchao, which is not installed: "
                              "pip install 'fluxbridge[quant]' (or pip install torchao)") from None
+    return tq
+
+
+def _quantize(module, how: str, path) -> None:
+    """int8 / fp8 weight-only quantization of the Linear layers through torchao."""
+    tq = _torchao(how, path)
     names = (("Int8WeightOnlyConfig", "int8_weight_only") if how == "int8"
              else ("Float8WeightOnlyConfig", "float8_weight_only"))
     config = next((getattr(tq, n)() for n in names if hasattr(tq, n)), None)
@@ -406,11 +413,8 @@ def load_transformer(path, weight_dtype: str = "default", quantize: str = "none"
     source = component_path(path, TRANSFORMER_DIR)
 
     def build():
-        if quantize != "none":  # fail before a long load
-            try:
-                import torchao  # noqa: F401
-            except ImportError:
-                _quantize(None, quantize, path)
+        if quantize != "none":
+            _torchao(quantize, path)  # fail before a long load
         loaded = load_model(source, family="flux-transformer", dtype=dtype)
         module = loaded.model
         storage = dtype_name(dtype)

@@ -25,6 +25,7 @@ MAX_RESOLUTION = 16384
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
 TEMP_SUBFOLDER = "temp"
+_RNG = random.Random()  # preview names only; leaves the global random state alone
 
 
 @dataclass
@@ -99,7 +100,7 @@ def save_image(ctx: RunContext, images, filename_prefix="ComfyUI"):
 
 
 def preview_image(ctx: RunContext, images):
-    stem = "ComfyUI_temp_" + "".join(random.choice("abcdefghijklmnopqrstupvxyz") for _ in range(5))
+    stem = "ComfyUI_temp_" + "".join(_RNG.choice("abcdefghijklmnopqrstupvxyz") for _ in range(5))
     return (), {"images": _images_to_png(ctx, images, f"{TEMP_SUBFOLDER}/{stem}", "temp")}
 
 

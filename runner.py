@@ -27,7 +27,8 @@ from pathlib import Path
 from . import host
 from .errors import BadInput
 from .native_nodes import RunContext, native_specs
-from .workflows import _id_key, _is_link, execution_order, find_cycle, our_specs, ui_to_api, validate_api
+from .workflows import (_id_key, _is_link, execution_order, find_cycle, our_specs, ui_to_api, unknown_inputs,
+                        validate_api)
 
 MODELS_ENV = "FLUXBRIDGE_MODELS"
 INPUT_ENV = "FLUXBRIDGE_INPUT"
@@ -69,7 +70,16 @@ def run_workflow(path, models_dir=None, output_dir=None, progress=True, input_di
     if input_dir is not None and not in_dir.is_dir():
         raise BadInput(in_dir, "the input folder does not exist")
 
+    saved_host = (getattr(host, "_models_dir", None), getattr(host, "_output_dir", None))
     _point_host(models, out_dir)
+    try:
+        return _run(path, prompt, ui_workflow, models, out_dir, in_dir, overrides, progress)
+    finally:  # leave the host's folders as they were
+        host.set_models_dir(saved_host[0] if saved_host[0] and os.path.isdir(saved_host[0]) else None)
+        host.set_output_dir(saved_host[1])
+
+
+def _run(path, prompt, ui_workflow, models, out_dir, in_dir, overrides, progress) -> dict:
     specs = native_specs(in_dir if in_dir.is_dir() else None)
     specs.update(our_specs())  # read now: their combo choices list the models folder as it is
     if prompt is ui_workflow:
@@ -80,9 +90,12 @@ def run_workflow(path, models_dir=None, output_dir=None, progress=True, input_di
             node.pop("_meta", None)
     prompt = _apply_overrides(path, prompt, overrides)
 
-    problems, outputs = validate_api(prompt, specs)
+    problems, outputs = validate_api(prompt, specs, strict=False)
     if problems:
-        raise BadInput(path, _problem_line(problems))
+        line = _problem_line(problems)
+        if host.models_dir() is None and "none available" in line:
+            line += f" (no models folder: pass --models DIR or set {MODELS_ENV})"
+        raise BadInput(path, line)
     cycle = find_cycle(prompt)
     if cycle:
         nid = cycle[0]
@@ -96,7 +109,9 @@ def run_workflow(path, models_dir=None, output_dir=None, progress=True, input_di
                      prompt=prompt, workflow=ui_workflow)
     report = {"workflow": str(path), "models_dir": str(models) if models else None,
               "output_dir": str(out_dir), "executed": [], "skipped": sorted(set(prompt) - set(order), key=_id_key),
-              "nodes": {}, "outputs": []}
+              "nodes": {}, "outputs": [],
+              "warnings": [f"{n} ({c}): input {name!r} is not an input of {c}; ignored"
+                           for n, c, name in unknown_inputs(prompt, specs)]}
     # drop each output as soon as its last consumer has run
     consumers = {nid: 0 for nid in order}
     for nid in order:
@@ -116,11 +131,14 @@ def run_workflow(path, models_dir=None, output_dir=None, progress=True, input_di
                 bar.set_postfix_str(f"{nid} {cls}")
             kwargs = {}
             for name, value in node.get("inputs", {}).items():
+                if spec.input(name) is None:
+                    continue  # an input this node type does not have (warned about above)
                 if _is_link(value):
                     src, index = str(value[0]), value[1]
                     kwargs[name] = values[src][index]
                 else:
                     kwargs[name] = _cast(spec.input(name), value)
+            host.check_interrupt()
             t0 = time.perf_counter()
             ctx.node_id = nid
             result, ui = _execute(path, nid, spec, kwargs, ctx)
@@ -178,11 +196,7 @@ def _point_host(models, out_dir: Path):
     """Tell host where the models and the output folder are (standalone)."""
     if models is not None:
         host.set_models_dir(models)
-    for name in ("set_output_dir", "set_output_directory"):
-        setter = getattr(host, name, None)
-        if setter is not None:
-            setter(out_dir)
-            break
+    host.set_output_dir(out_dir)
 
 
 def _problem_line(problems) -> str:
@@ -211,7 +225,10 @@ def _apply_overrides(path, prompt, overrides):
 def _execute(path, nid, spec, kwargs, ctx):
     """Run one node; returns (outputs tuple, ui dict)."""
     if spec.native:
-        return spec.run(ctx, **kwargs)
+        try:
+            return spec.run(ctx, **kwargs)
+        except BadInput as exc:
+            raise BadInput(exc.path, f"{exc.cause} (node {nid}, {spec.node_id})") from None
     cls = spec.node_class
     hidden = _Hidden(unique_id=nid, prompt=ctx.prompt,
                      extra_pnginfo={"workflow": ctx.workflow} if ctx.workflow is not None else {})
@@ -222,6 +239,11 @@ def _execute(path, nid, spec, kwargs, ctx):
             out = asyncio.run(out)
     except BadInput as exc:
         raise BadInput(exc.path, f"{exc.cause} (node {nid}, {spec.node_id})") from None
+    except host.Interrupted:
+        raise
+    except Exception as exc:  # a fault of ours: keep it as it is, and say which node raised it
+        exc.add_note(f"while running node {nid} ({spec.node_id})")
+        raise
     return _normalize(out)
 
 

@@ -189,9 +189,21 @@ def output_prefix_problem(prefix: str) -> str | None:
     return None
 
 
-def validate_api(api, specs: dict[str, NodeSpec]) -> tuple[list[tuple[str, str, str]], list[str]]:
+def unknown_inputs(api, specs: dict[str, NodeSpec]) -> list[tuple[str, str, str]]:
+    """Inputs a node type does not have, as (node id, class_type, name): ComfyUI ignores them (some
+    frontends export e.g. LoadImage's `upload`), so the runner only warns; the example check refuses them."""
+    found = []
+    for nid, node in (api.items() if isinstance(api, dict) else ()):
+        spec = specs.get(node.get("class_type")) if isinstance(node, dict) else None
+        if spec is not None and isinstance(node.get("inputs"), dict):
+            found += [(str(nid), spec.node_id, name) for name in node["inputs"] if spec.input(name) is None]
+    return found
+
+
+def validate_api(api, specs: dict[str, NodeSpec], strict: bool = True) -> tuple[list[tuple[str, str, str]], list[str]]:
     """Validate an API-format workflow. Returns (problems, output node ids); each problem is
-    (node id, class_type, cause). Nothing is executed."""
+    (node id, class_type, cause). Nothing is executed. `strict`: an input the node type does not have is a
+    problem (otherwise it is left to `unknown_inputs`)."""
     problems: list[tuple[str, str, str]] = []
     if not isinstance(api, dict) or not api:
         return [("-", "-", "not an API-format workflow (expected an object of nodes by id)")], []
@@ -211,7 +223,8 @@ def validate_api(api, specs: dict[str, NodeSpec]) -> tuple[list[tuple[str, str, 
         for name, value in inputs.items():
             inp = spec.input(name)
             if inp is None:
-                problems.append((str(nid), cls, f"unknown input {name!r}"))
+                if strict:
+                    problems.append((str(nid), cls, f"unknown input {name!r}"))
                 continue
             if _is_link(value):
                 src_id, index = str(value[0]), value[1]

@@ -42,8 +42,10 @@ class TextEncode(io.ComfyNode):
                 enc.tokenizers.clip, enc.clip.module, enc.tokenizers.t5, enc.t5.module, clip_text,
                 t5_text if t5_text.strip() else clip_text, max_sequence_length=int(max_sequence_length),
                 guidance=float(guidance), device=host.intermediate_device(), dtype=torch.float32, notes=notes)
-        if enc.loras:
-            notes.append("LoRA text strength: " + ", ".join(f"{e.name} {e.strength:g}" for e in enc.loras))
+        applied = [e for e in enc.loras
+                   if e.strength and (e.lora.family_parts("clip-l") or e.lora.family_parts("t5-xxl"))]
+        if applied:
+            notes.append("text-encoder LoRA: " + ", ".join(f"{e.name} x{e.strength:g}" for e in applied))
         return io.NodeOutput(cond, ui=ui(notes))
 
 

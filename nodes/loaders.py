@@ -138,7 +138,8 @@ class LoadLoRA(io.ComfyNode):
                 io.Float.Input("strength_text", default=1.0, min=-10.0, max=10.0, step=0.01),
                 TEXT_ENCODERS.Input("text_encoders", optional=True),
             ],
-            outputs=[TRANSFORMER.Output(display_name="transformer"), TEXT_ENCODERS.Output(display_name="text_encoders")],
+            outputs=[TRANSFORMER.Output(display_name="transformer"),
+                     TEXT_ENCODERS.Output(display_name="text_encoders")],
         )
 
     @classmethod

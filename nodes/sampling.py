@@ -9,10 +9,9 @@ import torch
 
 from .. import host, models
 from ..errors import BadInput
-from ..pipeline import fill as fill_lib
 from ..pipeline import latents as latents_lib
 from ..pipeline import schedule as schedule_lib
-from ..pipeline.sample import DEFAULT_GUIDANCE, _batch, _device_dtype, _text_inputs, sample
+from ..pipeline.sample import sample
 from ._common import CATEGORY, MAX_RESOLUTION, MAX_SEED, TRANSFORMER, io, node_id, ui
 
 SAMPLING = CATEGORY + "/sampling"
@@ -184,60 +183,14 @@ class SchedulerStep(io.ComfyNode):
             notes.append("noise_mask ignored: a single step cannot re-noise the kept area (use the sampler)")
         host.load_to_device([transformer.handle])
         host.check_interrupt()
-        with transformer.patched() as module:
-            x = euler_step(module, positive, raw, sig, step, negative, float(true_cfg), fmt, notes)
-        out = dict(latent)
-        out["samples"] = x.to(host.intermediate_device())
+        with transformer.patched() as module:  # one iteration of the sampler's loop
+            out = sample(module, positive, {"samples": raw}, sig[step:step + 2], negative=negative,
+                         true_cfg=float(true_cfg), latent_format=fmt, notes=notes, add_noise_first=False,
+                         output_device=host.intermediate_device())
+        out = dict(latent, samples=out["samples"])
         bar = host.progress(1, node_id=node_id(cls))
         bar.update_absolute(1)
         return io.NodeOutput(out, ui=ui(notes))
-
-
-@torch.no_grad()
-def euler_step(module, positive, raw, sig, i, negative, true_cfg, fmt, notes):
-    """Raw latents at sigmas[i] → raw latents at sigmas[i+1]: the very operations of one iteration of
-    `pipeline.sample.sample` (float32 running sample, model inputs in the model's dtype)."""
-    cfg = module.config
-    device, dtype = _device_dtype(module)
-    b, c, h, w = raw.shape
-    if h % 2 or w % 2:
-        raise BadInput("latent", f"{w}x{h} latent pixels: a single step needs even sizes (images a multiple "
-                                 "of 16); use the sampler for odd sizes")
-    hidden, pooled, extra, txt_ids = _text_inputs(module, positive, "positive", b, device, dtype, notes)
-    base = 4 * c
-    n_extra = int(cfg.in_channels) - base
-    fill = fill_lib.from_native_conditioning(extra, (b, c, h, w), n_extra, fmt) if n_extra > 0 else None
-    if n_extra > 0 and fill is None:
-        raise BadInput("positive", f"the transformer takes {cfg.in_channels} input channels ({n_extra} beyond "
-                                   "the latent's): connect FluxBridge Fill Conditioning")
-    guidance = None
-    if cfg.guidance_embeds:
-        g = extra.get("guidance", DEFAULT_GUIDANCE)
-        if g is None:
-            raise BadInput("guidance", "disabled (None), but this transformer has guidance embeddings")
-        guidance = torch.full([b], float(g), dtype=torch.float32, device=device)
-    do_cfg = negative is not None and true_cfg > 1.0
-    if negative is not None and not do_cfg:
-        notes.append(f"negative conditioning ignored: true_cfg is {true_cfg} (it needs > 1)")
-    if do_cfg:
-        neg_hidden, neg_pooled, _, neg_txt_ids = _text_inputs(module, negative, "negative", b, device,
-                                                                          dtype, notes)
-    x = latents_lib.pack(fmt.process_in(raw)).to(device)
-    img_ids = latents_lib.image_ids(h // 2, w // 2, device=device)
-    t = (sig[:-1] * 1000 / 1000)[i].to(device).expand(b)
-    dt = (sig[1:] - sig[:-1]).tolist()[i]
-    inp = x if x.dtype == dtype else x.to(dtype)
-    if fill is not None:
-        inp = torch.cat([inp, _batch(fill, b, "fill").to(device=device, dtype=dtype)], dim=-1)
-    v = module(hidden_states=inp, timestep=t, guidance=guidance, pooled_projections=pooled,
-               encoder_hidden_states=hidden, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-    if do_cfg:
-        v_neg = module(hidden_states=inp, timestep=t, guidance=guidance, pooled_projections=neg_pooled,
-                       encoder_hidden_states=neg_hidden, txt_ids=neg_txt_ids, img_ids=img_ids,
-                       return_dict=False)[0]
-        v = v_neg + true_cfg * (v - v_neg)
-    x.add_(v.mul_(dt))
-    return fmt.process_out(latents_lib.unpack(x, h, w)).to(device="cpu", dtype=torch.float32)
 
 
 class Sampler(io.ComfyNode):

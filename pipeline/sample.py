@@ -9,7 +9,7 @@ The arithmetic follows diffusers FluxPipeline / FluxImg2ImgPipeline / FluxFillPi
 step for step (same operations, same order), so float32 results match them. One deliberate difference: the
 running sample stays float32 between steps (diffusers rounds it to the model's dtype after each step; for a
 float32 model the two are identical). Everything the loop needs (ids, guidance, timesteps, the Fill input
-buffer) is built once; a step allocates nothing beyond what the transformer itself does.
+buffer) is built once; a step allocates one latent-sized temporary (dt * v) beyond what the transformer does.
 """
 from __future__ import annotations
 
@@ -26,9 +26,12 @@ DEFAULT_GUIDANCE = 3.5
 
 
 def _device_dtype(module):
-    for p in module.parameters():
-        return p.device, p.dtype
-    return torch.device("cpu"), torch.float32
+    """Where the model runs and in which dtype it computes (not its storage dtype: a model stored in fp8
+    with upcast on compute reports its compute dtype through diffusers' `.dtype`)."""
+    p = next(module.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    dtype = getattr(module, "dtype", None) or (p.dtype if p is not None else torch.float32)
+    return device, dtype
 
 
 def _parse_conditioning(conditioning, which: str, notes) -> tuple[torch.Tensor, dict]:
@@ -92,7 +95,7 @@ def sample(transformer, conditioning, latent: dict, sigmas, seed: int = 0, guida
            negative=None, true_cfg: float = 1.0, fill: torch.Tensor | None = None,
            denoise_mask: torch.Tensor | None = None, noise: torch.Tensor | None = None, latent_format=None,
            progress=None, check_interrupt=None, preview=None, notes: list | None = None,
-           output_device="cpu") -> dict:
+           output_device="cpu", add_noise_first: bool = True) -> dict:
     """Sample a native LATENT with a diffusers `FluxTransformer2DModel`.
 
     conditioning / negative: native Flux CONDITIONING (`pipeline.text.encode_prompt`). `guidance`: the
@@ -112,6 +115,8 @@ def sample(transformer, conditioning, latent: dict, sigmas, seed: int = 0, guida
     check_interrupt: called before every step; it raises to stop (nothing is left changed).
     preview: `preview(step, x0_raw)` -> an object passed to `update_absolute(..., preview=...)`.
     latent_format: a VAE or `LatentFormat` (FLUX.1's 0.3611 / 0.1159 when None).
+    add_noise_first: False when `latent` is already noised to sigmas[0] (a custom loop's step: sigmas is
+        then [sigma_i, sigma_i+1] and this is one Euler step).
     Returns a copy of `latent` with new "samples" (float32, on `output_device`).
     """
     fmt = LatentFormat.from_vae(latent_format)
@@ -147,6 +152,9 @@ def sample(transformer, conditioning, latent: dict, sigmas, seed: int = 0, guida
     pos_hidden, pos_pooled, pos_extra, txt_ids = _text_inputs(transformer, conditioning, "conditioning", b,
                                                               device, dtype, notes)
     extra = in_ch - base
+    if extra < 0:
+        raise BadInput("transformer", f"takes {in_ch} input channels, fewer than the {base} packed channels of a "
+                                      f"{c}-channel latent")
     if fill is None and extra > 0:
         fill = from_native_conditioning(pos_extra, (b, c, h, w), extra, fmt)
     if extra > 0 and fill is None:
@@ -169,7 +177,12 @@ def sample(transformer, conditioning, latent: dict, sigmas, seed: int = 0, guida
                                    f"{w}x{h} has {(h // 2) * (w // 2)}")
 
     # ---- guidance ----
-    g = pos_extra.get("guidance", DEFAULT_GUIDANCE) if guidance == FROM_CONDITIONING else guidance
+    if isinstance(guidance, str):
+        if guidance != FROM_CONDITIONING:
+            raise BadInput("guidance", f"{guidance!r}: expected a number, None or {FROM_CONDITIONING!r}")
+        g = pos_extra.get("guidance", DEFAULT_GUIDANCE)
+    else:
+        g = guidance
     guidance_vec = None
     if cfg.guidance_embeds:
         if g is None:
@@ -199,7 +212,7 @@ def sample(transformer, conditioning, latent: dict, sigmas, seed: int = 0, guida
     hh, ww = h + ph, w + pw
     x0 = pack(x0).to(device)
     eps = pack(eps).to(device)
-    x = add_noise(x0, eps, sig[0])
+    x = add_noise(x0, eps, sig[0]) if add_noise_first else x0.clone()
 
     mask = denoise_mask if denoise_mask is not None else latent.get("noise_mask")
     if mask is not None:
@@ -238,7 +251,9 @@ def sample(transformer, conditioning, latent: dict, sigmas, seed: int = 0, guida
         if preview is not None:
             x0_pred = x - sig_list[i] * v.float()
             shown = preview(i, fmt.process_out(_unpacked(x0_pred, hh, ww, h, w)))
-        x.add_(v.mul_(dts[i]))  # x + (sigma_next - sigma) * v, in float32
+        # x + (sigma_next - sigma) * v in float32, as scheduler.step (v is not modified: a caching
+        # transformer may hand out a tensor it keeps)
+        x.add_(v * dts[i])
         if mask is not None:
             keep = add_noise(x0, eps, sig[i + 1]) if i < steps - 1 else x0
             x = (1 - mask) * keep + mask * x

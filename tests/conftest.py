@@ -72,6 +72,7 @@ def comfy_stubs(tmp_path):
     sys.path.insert(0, str(STUBS))
     try:
         import comfy.model_management
+        import comfy.model_patcher
         import comfy.utils
         import comfy_api.latest
         import folder_paths

@@ -148,7 +148,6 @@ def test_python_dash_m(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fluxbridge", "--version"], capture_output=True, text=True,
                           env=env, cwd=tmp_path, timeout=60)
     assert done.returncode == 0 and done.stdout.startswith("fluxbridge 0.1.0"), done.stderr
-    done = subprocess.run([sys.executable, "-m", "fluxbridge", "inspect", str(tmp_path / "missing.safetensors")],
+    done = subprocess.run([sys.executable, "-m", "fluxbridge", "lora", "convert", "a", "b", "--to", "nonsense"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
-    assert done.returncode in (2,), done.stderr
-    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("fluxbridge: ")
+    assert done.returncode == 2 and "invalid choice: 'nonsense'" in done.stderr

@@ -1,5 +1,6 @@
 """The host adapter, standalone and inside (stubbed) ComfyUI: devices, memory, progress, interrupt, files."""
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,12 @@ def test_names_that_leave_the_folder_are_refused(standalone_host, models_dir, na
     assert info.value.path == name
 
 
+def test_the_folder_itself_is_not_a_model(standalone_host):
+    for name in (".", "./", "sub/.."):
+        with pytest.raises(BadInput):
+            standalone_host.model_path("loras", name)
+
+
 def test_symlinks_out_of_the_folder_are_refused(standalone_host, models_dir, tmp_path):
     host = standalone_host
     outside = touch(tmp_path / "elsewhere" / "secret.safetensors")
@@ -173,6 +180,15 @@ def test_standalone_node_api(standalone_host):
 
 
 # -------------------------------------------------------------------------------------- inside (stubbed)
+
+def test_a_comfyui_folder_on_sys_path_alone_is_not_a_host(monkeypatch):
+    """Only a running ComfyUI (its core modules already imported) is a host; we never initialise one."""
+    from fluxbridge import host
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "comfy_stubs"))
+    assert not host.detect_host()
+    assert "comfy.model_management" not in sys.modules and "folder_paths" not in sys.modules
+
+
 
 def test_inside_comfy_the_model_manager_loads_fully(comfy_stubs):
     host, mm = comfy_stubs.host, comfy_stubs.mm

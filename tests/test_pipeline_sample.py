@@ -181,6 +181,12 @@ def test_mismatches_name_both_parts(comps, cond):
         P.sample(tr, [[torch.zeros(1, 8, 32), {}]], P.empty_latent(64, 64), _sigmas(2))
     with pytest.raises(BadInput, match="320 channels.*only 64"):
         P.sample(tr, cond, P.empty_latent(64, 64), _sigmas(2), fill=torch.zeros(1, 16, 320))
+    with pytest.raises(BadInput, match="32 input channels.*64"):
+        P.sample(factory.tiny_flux_transformer(in_channels=32), cond, P.empty_latent(64, 64), _sigmas(2))
+    with pytest.raises(BadInput, match="guidance"):
+        P.sample(tr, cond, P.empty_latent(64, 64), _sigmas(2), guidance="high")
+    with pytest.raises(BadInput, match="noise"):
+        P.sample(tr, cond, P.empty_latent(64, 64), _sigmas(2), noise=torch.zeros(1, 16, 4, 4))
 
 
 def test_fill_model_without_mask_inputs_names_both_parts(cond):

@@ -236,3 +236,16 @@ def test_web_extension_node_tests():
     result = subprocess.run(["node", "--test", "web/tests/"], cwd=PACK, capture_output=True, text=True,
                             timeout=120, env={**os.environ, "NODE_OPTIONS": ""})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_web_extension_names_our_node_ids(specs):
+    import re
+    core = (PACK / "web" / "fluxbridge_core.js").read_text()
+    named = set()
+    for const in ("LOADER_NODES", "LORA_NODES", "SCHEDULER_NODES"):
+        block = re.search(rf"export const {const} = \[([^\]]*)\]", core)
+        assert block, const
+        named |= set(re.findall(r'"([^"]+)"', block.group(1)))
+    assert named == {"FluxBridgeLoadTransformer", "FluxBridgeLoadTextEncoders", "FluxBridgeLoadVAE",
+                     "FluxBridgeLoadLoRA", "FluxBridgeScheduler"}
+    assert named <= set(specs)

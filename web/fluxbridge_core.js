@@ -7,7 +7,8 @@
 // UI payloads read (the `ui` dict a node returns arrives as the `executed` message's `output`):
 //   output.fluxbridge: [ {...}, ... ]  JSON objects (or JSON strings) sent by our nodes; merged in order.
 //       loaders: {family, layout, variant, dtype | dtypes, config?, warnings?}
-//       FluxBridgeLoadLoRA: {format, patched, zero_filled, not_placed, keys?}  (counts or lists)
+//       FluxBridgeLoadLoRA: {format, patched, zero_filled, not_placed, keys?}  (counts or lists; a
+//           not_placed entry may be {key, reason})
 //       FluxBridgeScheduler: {sigmas: [...]}
 //   output.sigmas: [...] (or [[...]])  also accepted for the scheduler.
 //   output.text: ["..."]  shown as is when nothing structured came.
@@ -131,8 +132,13 @@ export function loraSummary(report) {
   if (report.format) head.push(`format ${report.format}`);
   head.push(`patched ${patched}`, `zero-filled ${zero}`, `not placed ${notPlaced}`);
   const sections = [];
+  const item = (k) => {
+    if (typeof k === "string") return k;
+    if (k && typeof k === "object" && "key" in k) return k.reason ? `${k.key}: ${k.reason}` : String(k.key);
+    return JSON.stringify(k);
+  };
   const keyList = (v) => {
-    if (Array.isArray(v)) return v.map((k) => (typeof k === "string" ? k : JSON.stringify(k)));
+    if (Array.isArray(v)) return v.map(item);
     if (v && typeof v === "object") return Object.entries(v).map(([k, why]) => `${k}: ${typeof why === "string" ? why : JSON.stringify(why)}`);
     return [];
   };

@@ -61,6 +61,11 @@ def _depth(keys, pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
+def default_heads(hidden: int) -> int:
+    """Heads are not stored: d_head 64 as released (12 for CLIP-L), gcd(hidden, 64) for other widths."""
+    return hidden // math.gcd(hidden, HEAD_SIZE)
+
+
 def infer_config(shapes: Mapping[str, tuple], side: str, overrides: Mapping | None = None) -> dict:
     """transformers CLIPTextConfig (as a dict) from tensor shapes.
 
@@ -79,7 +84,7 @@ def infer_config(shapes: Mapping[str, tuple], side: str, overrides: Mapping | No
         raise ValueError(f"not a complete CLIP text model: no {', '.join(missing)} weights")
     vocab, hidden = tuple(token)
     config = {
-        "num_attention_heads": hidden // math.gcd(hidden, HEAD_SIZE),
+        "num_attention_heads": default_heads(hidden),
         "hidden_act": "quick_gelu",
         "layer_norm_eps": 1e-5,
         "bos_token_id": vocab - 2,

@@ -72,8 +72,13 @@ _BLOCKS = {A: (r"double_blocks\.(\d+)\.", r"single_blocks\.(\d+)\."),
 
 
 def default_axes(head_dim: int) -> tuple[int, int, int]:
-    """RoPE axes are not stored in a checkpoint: FLUX.1 uses (16, 56, 56) for d_head 128; scale that."""
-    first = 2 * round(head_dim / 16)
+    """RoPE axes are not stored in a checkpoint: FLUX.1 uses (16, 56, 56) for d_head 128; scale that.
+
+    Every axis is even (RoPE rotates pairs); tiny models are built with the same rule.
+    """
+    if head_dim < 6 or head_dim % 2:
+        raise ValueError(f"head size {head_dim}: three RoPE axes need an even head size of at least 6")
+    first = max(2, 2 * round(head_dim / 16))
     second = 2 * ((head_dim - first) // 4)
     return first, second, head_dim - first - second
 

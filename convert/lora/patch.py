@@ -85,6 +85,15 @@ def resolve(part: Part, shapes: Mapping[str, tuple], allow_expand: bool = True) 
             if w is None:
                 return f"not in this model: {names[0]}"
             rows = part.out_features
+            have = [_shape(shapes, n + ".weight") for n in names]
+            if None in have:
+                return f"not in this model: {names[have.index(None)]}"
+            total = sum(h[0] for h in have)
+            src = part.shape
+            if rows != total or (src is not None and src[1] != w[1]):
+                got = f"[{rows}, {src[1]}]" if src is not None else f"[{rows}]"
+                return (f"shape mismatch: {part.module} gives {got}, the model's "
+                        f"{' + '.join(names)} need [{total}, {w[1]}]")
             try:
                 slices = rule.op.row_slices(rows, w[1], len(names))
             except ValueError:
@@ -242,6 +251,10 @@ class Plan:
         wanted = set()
         for name in params:
             wanted.update(self.closure_of(name))
+        patches = [p for p in self.patches if p.params & wanted]
+        if len(wanted) == 1 and all(p.part.dora is None and p.value is None for p in patches):
+            name = next(iter(wanted))
+            return {name: self._by_rows(name, patches, read, device)}
         work: dict[str, torch.Tensor] = {}
         dtypes: dict[str, torch.dtype] = {}
 
@@ -260,10 +273,102 @@ class Plan:
 
         for name in sorted(wanted):
             get(name)
-        for patch in self.patches:
-            if patch.params & wanted:
-                _apply(patch, get)
+        for patch in patches:
+            _apply(patch, get)
         return {name: work[name].to(dtypes[name]) for name in sorted(wanted)}
+
+    def _by_rows(self, name: str, patches: list[Patch], read, device=None) -> torch.Tensor:
+        """One tensor whose patches all act row by row (no DoRA, no set): float32 work in a reused
+        buffer of `CHUNK` elements, written straight into the new tensor (no full-size temporaries)."""
+        t = read(name)
+        if not isinstance(t, torch.Tensor) and hasattr(t, "dequantize"):
+            t = t.dequantize(F32)
+        dev = device or t.device
+        width = self.expand.get(name)
+        shape = (t.shape[0], width) if width is not None and t.dim() == 2 else tuple(t.shape)
+        out = torch.empty(shape, dtype=t.dtype, device=dev)
+        terms = []
+        for patch in patches:
+            for tgt in patch.weight:
+                if tgt.param == name:
+                    terms.append(_RowTerm(patch, tgt, dev))
+            for tgt in patch.bias:
+                if tgt.param == name:
+                    terms.append(_RowTerm(patch, tgt, dev, bias=True))
+        rows = shape[0]
+        cols = shape[1] if len(shape) == 2 else 1
+        step = max(1, min(rows, CHUNK // max(cols, 1)))
+        buf = torch.empty((step,) + tuple(shape[1:]), dtype=F32, device=dev)
+        for r0 in range(0, rows, step):
+            n = min(step, rows - r0)
+            w = buf[:n]
+            src = t[r0:r0 + n]
+            if len(shape) == 2 and src.shape[1] < cols:
+                w[:, :src.shape[1]].copy_(src)
+                w[:, src.shape[1]:].zero_()
+            else:
+                w.copy_(src)
+            for term in terms:
+                term.add(w, r0, n)
+            out[r0:r0 + n].copy_(w)
+        return out
+
+
+CHUNK = 1 << 21  # float32 elements per row block of `_by_rows` (8 MiB)
+
+
+class _RowTerm:
+    """One patch's contribution to one tensor, added row block by row block."""
+
+    def __init__(self, patch: Patch, target: Target, device, bias: bool = False):
+        part, s = patch.part, patch.strength
+        self.start, length = target.rows if target.rows else (0, None)
+        self.swap = target.swap
+        self.dense = None
+        self.length = length if length is not None else part.out_features
+        if s == 0:
+            self.alpha = 0.0
+            return
+        if bias:
+            d = bias_delta(part, target.rows, device)
+            self.dense = (swap_halves(d) if target.swap else d) * s
+        elif part.kind == "lora":
+            self.up = part.tensors["up"]
+            self.down = part.tensors["down"].to(device=device, dtype=F32)
+            self.alpha = part.scale * s
+            self.device = device
+        else:
+            d = weight_delta(part, target.rows, device)
+            self.dense = (swap_halves(d) if target.swap else d) * s
+
+    def _segments(self, r0: int, n: int):
+        """(offset in the block, first source row, rows) of target rows r0:r0+n."""
+        if not self.swap:
+            return [(0, self.start + r0, n)]
+        half = self.length // 2
+        segs = []
+        lo, hi = r0, min(r0 + n, self.length - half)  # target rows holding the source's second half
+        if lo < hi:
+            segs.append((0, self.start + lo + half, hi - lo))
+        lo, hi = max(r0, self.length - half), r0 + n
+        if lo < hi:
+            segs.append((lo - r0, self.start + lo - (self.length - half), hi - lo))
+        return segs
+
+    def add(self, w: torch.Tensor, r0: int, n: int) -> None:
+        if self.dense is not None:
+            d = self.dense[r0:r0 + n]
+            if w.dim() == 2 and d.shape[1] < w.shape[1]:
+                w[:, :d.shape[1]].add_(d)
+            else:
+                w.add_(d)
+            return
+        if getattr(self, "alpha", 0.0) == 0.0:
+            return
+        cols = self.down.shape[1]
+        for off, src, ln in self._segments(r0, n):
+            up = self.up[src:src + ln].to(device=self.device, dtype=F32)
+            w[off:off + ln, :cols].addmm_(up, self.down, alpha=self.alpha)
 
 
 def _fit(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -84,6 +84,11 @@ def write_keys(entries: list[Entry], fmt: str) -> tuple[dict[str, torch.Tensor],
             else:
                 meta_alphas[e.name] = float(e.alpha)
     metadata = {}
+    if fmt == "diffusers-clip" and meta_ranks:  # one rank, no alpha: scale 1
+        ranks = list(meta_ranks.values())
+        metadata["lora_adapter_metadata"] = json.dumps({
+            "text_encoder.r": ranks[0], "text_encoder.lora_alpha": ranks[0],
+            "text_encoder.target_modules": sorted(n.removeprefix("text_model.") for n in meta_ranks)})
     if fmt == "diffusers" and meta_alphas:
         ranks = list(meta_ranks.values())
         common_r = max(set(ranks), key=ranks.count)
@@ -96,6 +101,20 @@ def write_keys(entries: list[Entry], fmt: str) -> tuple[dict[str, torch.Tensor],
     if fmt == "ai-toolkit":
         metadata["software"] = json.dumps({"name": "ai-toolkit", "repo": "https://github.com/ostris/ai-toolkit"})
     return sd, metadata
+
+
+def merge_metadata(*metas: dict) -> dict:
+    """One metadata dict from several `write_keys` results (their `lora_adapter_metadata` merged)."""
+    out, packed = {}, {}
+    for m in metas:
+        for k, v in m.items():
+            if k == "lora_adapter_metadata":
+                packed.update(json.loads(v))
+            else:
+                out[k] = v
+    if packed:
+        out["lora_adapter_metadata"] = json.dumps(packed)
+    return out
 
 
 def random_lora_entry(name: str, out: int, inp: int, rank: int, alpha: float | None, gen: torch.Generator,

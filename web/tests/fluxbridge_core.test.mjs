@@ -114,6 +114,9 @@ test("LoRA summary counts lists or numbers and keeps the key lists for the detai
     { title: "not placed", keys: ["x.lora_up: no target"] },
   ]);
   assert.equal(core.loraSummary({}).line, "patched 0 · zero-filled 0 · not placed 0");
+  const asSent = core.loraSummary({ format: "kohya", patched: ["double_blocks.0.img_attn.qkv"], zero_filled: [],
+    not_placed: [{ key: "lora_te1_x.lora_down.weight", reason: "no CLIP-L connected" }] });
+  assert.deepEqual(asSent.sections[1], { title: "not placed", keys: ["lora_te1_x.lora_down.weight: no CLIP-L connected"] });
 });
 
 test("sigma curve geometry spans the box; decreasing sigmas go down", () => {
@@ -229,4 +232,24 @@ test("every .js file in web/ imports cleanly as the frontend would; only fluxbri
   for (const f of jsFiles) await import(pathToFileURL(join(ext, f)).href);
   assert.deepEqual(appModule.registered.map((e) => e.name), ["FluxBridge.ui"]);
   assert.equal(typeof appModule.registered[0].beforeRegisterNodeDef, "function");
+});
+
+test("payloads as our nodes send them (nodes/_common.ui: text + fluxbridge + sigmas)", async () => {
+  const loader = await registered("FluxBridgeLoadTextEncoders");
+  loader.node.onExecuted({
+    text: ["clip_l.safetensors: clip-l, layout comfy, float32; tokenizer from the models folder"],
+    fluxbridge: [{ components: [
+      { name: "clip_l.safetensors", family: "clip-l", layout: "comfy", dtype: "float32", tokenizer: "the models folder", warnings: [] },
+      { name: "t5xxl_fp16.safetensors", family: "t5-xxl", layout: "comfy", dtype: "float16", tokenizer: "the models folder", warnings: ["1 unexpected tensor(s): x"] },
+    ], cached: false }],
+  });
+  const text = loader.node.widgets[0].element.allText();
+  assert.match(text, /clip-l · layout comfy · dtype float32 · tokenizer the models folder/);
+  assert.match(text, /t5-xxl · layout comfy · dtype float16/);
+  assert.match(text, /⚠ 1 unexpected tensor\(s\): x/);
+  const sched = await registered("FluxBridgeScheduler");
+  sched.node.onExecuted({ text: ["4 step(s), fixed shift 1.0"], fluxbridge: [{ sigmas: [1, 0.75, 0.5, 0.25, 0], shift: "fixed" }], sigmas: [1, 0.75, 0.5, 0.25, 0] });
+  const ctx = fakeCtx();
+  sched.node.onDrawForeground(ctx);
+  assert.equal(ctx.calls.filter((c) => c[0] === "lineTo").length, 4);
 });
