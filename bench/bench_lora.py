@@ -15,7 +15,6 @@ peak resident memory above the model's own during each phase (psutil, sampled ev
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import threading

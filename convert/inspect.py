@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .detect import components
 from .load import diffusers_plan
+from .lora import inspect_lora, looks_like_lora
 from .quant import logical_weights
 from .safetensors_io import open_weights
 
@@ -15,9 +16,8 @@ def inspect_path(path) -> dict:
     raw = open_weights(path)
     source = logical_weights(raw)
     found = components(source.keys())
-    if not found:
-        from .lora.inspect import inspect_lora  # not a full model: perhaps a LoRA (names its keys if not)
-        return inspect_lora(path)
+    if not found or looks_like_lora(source.keys()):
+        return inspect_lora(path)  # a LoRA, or nothing we know (inspect_lora names sample keys then)
     parts = []
     for comp in found:
         plan, config, report = diffusers_plan(source, comp, getattr(source, "config", None))

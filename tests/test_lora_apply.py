@@ -1,6 +1,8 @@
 """Applying and removing: stacking, bitwise unpatch, atomicity under injected failures, dtypes, quantized
 bases (fp8 storage with upcast compute, a GGUF-like layer) patched on the fly, text encoders, and
 baking (convert --lora) equal to applying."""
+import json
+
 import pytest
 import torch
 
@@ -84,8 +86,9 @@ def test_stacking_strengths_and_bitwise_unpatch():
     snap = snapshot(m)
     k, _ = lora_of("kohya", KOHYA, gen, name="k")
     d, _ = lora_of("diffusers", DIFF, gen, alpha=None, name="d")
-    h = apply_loras(m, FLUX, [(k, 0.7), (d, -1.3)])
+    h = apply_loras(m, FLUX, [(k, 0.7), (d, -1.3)], originals_device="cpu")
     assert [r["applied"]["strength"] for r in h.reports] == [0.7, -1.3]
+    json.dumps(h.reports)  # JSON-able
     stacked = snapshot(m)
     h.remove()
     assert_bitwise(m, snap)
@@ -135,11 +138,11 @@ def test_injected_failure_leaves_model_bitwise_unchanged(monkeypatch, where):
     else:
         real = apply_mod._assign
 
-        def flaky(handle, param, tensor):
+        def flaky(handle, param, tensor, *rest):
             calls["n"] += 1
             if calls["n"] == 4:  # three tensors already swapped in
                 raise RuntimeError("injected")
-            return real(handle, param, tensor)
+            return real(handle, param, tensor, *rest)
         monkeypatch.setattr(apply_mod, "_assign", flaky)
     hooks_before = sum(len(mod._forward_hooks) for mod in m.modules())
     with pytest.raises(RuntimeError, match="injected"):
@@ -311,3 +314,27 @@ def test_spec_parsing():
     assert parse_spec("C:") == ("C:", 1.0)
     assert parse_spec(r"C:\x\y.safetensors") == (r"C:\x\y.safetensors", 1.0)
     assert parse_spec("x.safetensors:-1e-1") == ("x.safetensors", -0.1)
+
+
+def test_convert_with_lora_equals_apply(tmp_path):
+    """`fluxbridge convert SRC DST --lora FILE:0.5` (a BFL bf16 checkpoint to diffusers) writes exactly
+    the tensors of the model patched in memory."""
+    from safetensors.torch import load_file, save_file
+
+    from fluxbridge.convert.families import flux
+    from fluxbridge.convert.table import A, B, materialize
+    from fluxbridge.convert.write import convert_file
+    gen = torch.Generator().manual_seed(8)
+    m = model(torch.bfloat16)
+    sd = m.state_dict()
+    plan, _ = flux.TABLE.convert({k: tuple(v.shape) for k, v in sd.items()}, B, A)
+    save_file({k: materialize(s, sd.__getitem__).contiguous() for k, s in plan.items()}, tmp_path / "bfl.safetensors")
+    k, _ = lora_of("kohya", KOHYA[:-1], gen, name="k")
+    save_file(write_keys(_, "kohya")[0], tmp_path / "k.safetensors")
+    report = convert_file(tmp_path / "bfl.safetensors", tmp_path / "out.safetensors", "diffusers", "keep",
+                          [(str(tmp_path / "k.safetensors"), 0.5)])
+    assert report["components"][0]["loras"][0]["patched"]
+    out = load_file(tmp_path / "out.safetensors")
+    with apply_loras(m, FLUX, [(load_lora(tmp_path / "k.safetensors"), 0.5)]):
+        for name, t in m.state_dict().items():
+            assert torch.equal(t, out[name]), name

@@ -4,7 +4,6 @@ file's own naming; conversions between the writable formats keep the deltas.
 The oracle here is independent of the layout table: `bfl_map` below is written out by hand from the
 reference (flux-lora-formats.md §1), and reference deltas are computed directly from the random factors.
 """
-import math
 
 import pytest
 import torch
@@ -237,6 +236,9 @@ def test_format_applies_its_own_delta(fmt):
     entries = make_entries(fmt, gen, bias=fmt in ("bfl-peft", "bfl-control", "fal-kontext", "diffusers", "peft"))
     lora, _ = check_applied(fmt, entries)
     assert lora.format == fmt.replace("peft-named", "diffusers"), lora.format
+    from fluxbridge.convert.lora import looks_like_lora
+    assert looks_like_lora(write_keys(entries, fmt)[0])
+    assert not looks_like_lora(tiny().state_dict())
 
 
 def test_wider_model_two_blocks_each():

@@ -16,6 +16,7 @@ apply_loras(model, family=None, loras=[(lora_or_path, strength), ...], text_stre
     `handle.reports` has one report per LoRA. Atomic: nothing changes unless everything was computed.
 apply_to_models({family: model}, loras, strength_text=None) -> MultiHandle
 inspect_lora(path) -> dict                                   (`fluxbridge lora inspect`)
+looks_like_lora(keys) -> bool     LoRA tensor names (ask before model detection: tables place them too)
 convert_lora(src, dst, to) -> dict, to in diffusers | bfl | kohya | comfy   (`fluxbridge lora convert`)
 
 Baking (`fluxbridge convert --lora FILE[:STRENGTH]`) — the chosen interface:
@@ -26,9 +27,9 @@ Baking (`fluxbridge convert --lora FILE[:STRENGTH]`) — the chosen interface:
 """
 from .apply import LoraHandle, MultiHandle, apply_loras, apply_to_models
 from .bake import LoraSet, patch_tensors
-from .formats import Lora, Part, load_lora
+from .formats import Lora, Part, load_lora, looks_like_lora
 from .inspect import inspect_lora
 from .write import convert_lora
 
 __all__ = ["Lora", "Part", "LoraHandle", "MultiHandle", "LoraSet", "load_lora", "apply_loras",
-           "apply_to_models", "inspect_lora", "convert_lora", "patch_tensors"]
+           "apply_to_models", "inspect_lora", "convert_lora", "patch_tensors", "looks_like_lora"]

@@ -15,7 +15,7 @@ dtype (the input's dtype): `out += (x @ Aᵀ) @ (s·B)ᵀ` for LoRA parts, `out 
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +86,7 @@ class LoraHandle:
 
     def remove(self) -> None:
         for param, original in reversed(self._originals):
-            param.data = original
+            param.data = original.back() if hasattr(original, "back") else original
         for h in self._hooks:
             h.remove()
         for undo in reversed(self._undo):
@@ -137,11 +137,13 @@ def apply_to_models(models: Mapping[str, torch.nn.Module], loras, strength_text:
 
 
 def apply_loras(model: torch.nn.Module, family: str | None = None, loras=(),
-                text_strength: float | None = None) -> LoraHandle:
+                text_strength: float | None = None, originals_device=None) -> LoraHandle:
     """Patch `model` with LoRAs in order; the parts for other families are ignored.
 
     On a text encoder the strength of an item is its own text strength (3-tuples), else `text_strength`,
-    else the item's strength. Raises `BadInput` when a LoRA has parts for this family and none fits it.
+    else the item's strength. `originals_device` (e.g. "cpu" for a big model on a GPU) is where the
+    original tensors wait for `remove()`; by default they stay where they are. Raises `BadInput` when a
+    LoRA has parts for this family and none fits it.
     """
     family = family or guess_family(model)
     items = normalize(loras)
@@ -194,7 +196,7 @@ def apply_loras(model: torch.nn.Module, family: str | None = None, loras=(),
         for (lora, _), report in zip(weighted, plan.reports)])
     try:
         for name, tensor in new.items():
-            _assign(handle, params[name], tensor)
+            _assign(handle, params[name], tensor, originals_device)
         for name, width in plan.expand.items():
             if name in new:
                 _expand_module(handle, model, modules, name, width)
@@ -206,9 +208,22 @@ def apply_loras(model: torch.nn.Module, family: str | None = None, loras=(),
     return handle
 
 
-def _assign(handle: LoraHandle, param: torch.nn.Parameter, tensor: torch.Tensor) -> None:
-    handle._originals.append((param, param.data))
+def _assign(handle: LoraHandle, param: torch.nn.Parameter, tensor: torch.Tensor, keep_on=None) -> None:
+    original = param.data
+    if keep_on is not None and torch.device(keep_on) != original.device:
+        original = _Offloaded(original.to(keep_on), original.device)
+    handle._originals.append((param, original))
     param.data = tensor
+
+
+class _Offloaded:
+    """An original kept on another device; `.back()` is a bitwise copy on its own device."""
+
+    def __init__(self, tensor: torch.Tensor, device: torch.device):
+        self.tensor, self.device = tensor, device
+
+    def back(self) -> torch.Tensor:
+        return self.tensor.to(self.device)
 
 
 def _expand_module(handle, model, modules, name: str, width: int) -> None:
@@ -288,7 +303,3 @@ class _Sidecar:
             extra = y if extra is None else extra + y
         return output if extra is None else output + extra.to(output.dtype)
 
-
-def loras_for_text(loras: Iterable) -> bool:
-    """Whether any of these LoRAs has text-encoder parts."""
-    return any(p.family in TEXT_FAMILIES for lora, *_ in normalize(loras) for p in lora.parts)

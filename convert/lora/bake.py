@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from ...errors import BadInput
-from .formats import TEXT_FAMILIES, Lora, load_lora
+from .formats import Lora, load_lora
 from .patch import Plan
 
 
@@ -66,8 +66,7 @@ class LoraSet:
                 cache.update(plan.compute([name], get_b))
             return cache.pop(name)
 
-        report = [dict(r, not_placed=r["not_placed"]) for r in plan.reports if r["parts"]]
-        return getter, report
+        return getter, [r for r in plan.reports if r["parts"]]
 
 
 def patch_tensors(loras, family: str, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -88,5 +87,3 @@ def patch_tensors(loras, family: str, weights: Mapping[str, torch.Tensor]) -> di
         out.update(plan.compute(group, weights.__getitem__))
     return out
 
-
-__all__ = ["LoraSet", "parse_spec", "patch_tensors", "TEXT_FAMILIES"]

@@ -101,15 +101,17 @@ class Part:
         if self.kind == "lokr":
             w1, w2 = _lokr_factor(t, "1", shape_only=True), _lokr_factor(t, "2", shape_only=True)
             return w1[0] * w2[0], w1[1] * w2[1]
-        if self.kind == "full" and "diff" in t:
+        if self.kind == "full" and "diff" in t and t["diff"].dim() == 2:
             return tuple(t["diff"].shape)
-        return None
+        return None  # bias-only, set, reshape, or a 1-D difference (a norm weight)
 
     @property
     def out_features(self) -> int | None:
         if self.shape is not None:
             return self.shape[0]
         t = self.tensors
+        if "diff" in t:
+            return t["diff"].shape[0]
         if "diff_b" in t:
             return t["diff_b"].shape[0]
         if "up_bias" in t:
@@ -374,6 +376,14 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
             return key[: -len(suffix)], role, _STYLE.get(suffix, "lycoris" if role.startswith(
                 ("hada", "lokr", "diff")) else "")
     return None
+
+
+def looks_like_lora(keys) -> bool:
+    """Whether tensor names are a LoRA's: at least half end in a LoRA / LyCORIS suffix. (A layout table
+    places `double_blocks.0.img_attn.qkv.lora_A.weight` like a weight, so model detection should ask
+    this first.)"""
+    keys = list(keys)
+    return bool(keys) and sum(1 for k in keys if _split_key(k) is not None) * 2 >= len(keys)
 
 
 # --------------------------------------------------------------------------------------------- parse
@@ -642,7 +652,9 @@ def _make_parts(loc: _Loc, group: dict, configs: dict, label: str) -> tuple[list
         for r in dora:
             refused.append({"key": keys[r], "reason": "DoRA magnitude without LoRA weights"})
     full = take("diff", "diff_b")
-    if full:
+    if full and any(x.dim() > (2 if r == "diff" else 1) for r, x in full.items()):
+        refused.append({"key": keys[next(iter(full))], "reason": "convolution-only tensor: Flux, CLIP and T5 layers are Linear"})
+    elif full:
         parts.append(Part(loc.family, loc.side, loc.module, "full", full, None, None, 1.0,
                           tuple(keys[r] for r in full), label))
     if "value" in roles:

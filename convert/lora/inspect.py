@@ -27,4 +27,15 @@ def inspect_lora(path) -> dict:
     report["target_modules"] = {f: sorted(v) for f, v in targets.items()}
     report["fused_sources"] = dict(fused)
     report["family"] = "flux-lora"
+    report["text_encoder"] = report["text_encoder_parts"]
+    warnings = []
+    if report["not_placed"]:
+        warnings.append(f"{len(report['not_placed'])} key(s) not placed: "
+                        + "; ".join(f"{d['key']} ({d['reason']})" for d in report["not_placed"][:3]))
+    if report["zero_filled"]:
+        warnings.append(f"{len(report['zero_filled'])} fused module(s) only partly covered (the rest is zero): "
+                        + ", ".join(z["module"] for z in report["zero_filled"][:3]))
+    if len(report["formats"]) > 1:
+        warnings.append("keys of several formats: " + ", ".join(report["formats"]))
+    report["warnings"] = warnings
     return report

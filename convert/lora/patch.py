@@ -125,15 +125,14 @@ def resolve(part: Part, shapes: Mapping[str, tuple], allow_expand: bool = True) 
             have = _shape(shapes, name)
             if have is None:
                 return f"not in this model: {mod}"
-            want = (n_rows, src[1])
+            want = (n_rows, src[1]) if src is not None else (n_rows,)
             if have != want:
-                if (allow_expand and _expandable(part, mod) and len(have) == 2 and have[0] == want[0]
-                        and want[1] > have[1]):
+                if (allow_expand and _expandable(part, mod) and len(have) == 2 and len(want) == 2
+                        and have[0] == want[0] and want[1] > have[1]):
                     patch.expand[name] = want[1]
                 else:
-                    return (f"shape mismatch: {part.module} gives [{src[0]}, {src[1]}], "
-                            f"the model's {mod} is {list(have)}" + (f" (rows {rows[0]}:{rows[0] + rows[1]} "
-                                                                      f"of the fused module)" if rows else ""))
+                    return (f"shape mismatch: {part.module} gives {list(src or want)}, "
+                            f"the model's {mod} is {list(have)}")
             patch.weight.append(Target(name, rows, swap))
         if part.has_bias:
             name = mod + ".bias"

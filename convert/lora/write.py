@@ -29,7 +29,7 @@ import torch
 
 from ...errors import BadInput
 from ..table import A, B, SWAP_HALVES, Split
-from .formats import CLIP, FLUX, T5, Lora, Part, family_module, load_lora, rule_name
+from .formats import CLIP, FLUX, T5, Lora, Part, _split_key, family_module, load_lora, rule_name
 from .layers import F32, bias_delta, fuse_lora, split_lora, swap_halves, weight_delta
 
 TARGETS = ("diffusers", "bfl", "kohya", "comfy")
@@ -113,12 +113,13 @@ def render_lora(lora: Lora, to: str) -> tuple[dict[str, torch.Tensor], dict[str,
                 continue
             los.append(lo)
             name = _text_name(family, lo.module, to)
-            if to == "diffusers":
-                _peft_pair(out, prefix + name, lo, fold=False)
-            elif to == "bfl":
-                _peft_pair(out, prefix + name, lo, fold=True)
+            if to == "kohya" and lo.bias is not None:
+                _not_written(report, p, "kohya has no bias delta (lora_B.bias)")
+                lo.bias = None
+            if to in ("diffusers", "bfl"):
+                _peft_pair(out, prefix + name, lo, fold=(to == "bfl"))
             else:
-                _kohya_pair(out, prefix + name, lo)
+                _emit_lo(out, prefix + name, lo, to)
         if to == "diffusers" and los:
             configs["text_encoder"] = los
     metadata = {}
@@ -142,7 +143,7 @@ def render_lora(lora: Lora, to: str) -> tuple[dict[str, torch.Tensor], dict[str,
         seen.add(v.untyped_storage().data_ptr())
         out[k] = v
     report["tensors"] = len(out)
-    report["modules"] = len({k.rsplit(".", 2)[0] for k in out})
+    report["modules"] = len({(_split_key(k) or (k,))[0] for k in out})
     return out, metadata, report
 
 
