@@ -15,6 +15,7 @@ import torch
 from ..errors import BadInput
 from .detect import Component, components, pick
 from .extents import read_extents, step_extents
+from .lora.formats import looks_like_lora
 from .families import FAMILIES
 from .table import B, materialize
 from .safetensors_io import open_weights
@@ -64,6 +65,8 @@ def load_model(path, family: str | None = None, dtype: torch.dtype | None = None
     """Load a weights file (or diffusers folder) into its diffusers/transformers model."""
     path = Path(path)
     source = logical_weights(open_weights(path), keep_fp8=keep_fp8)
+    if looks_like_lora(source.keys()):
+        raise BadInput(path, "this is a LoRA, not model weights: load it with the LoRA loader")
     found = components(source.keys())
     comp = pick(found, family)
     if comp is None:

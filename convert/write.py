@@ -14,6 +14,7 @@ import torch
 from ..errors import BadInput
 from .detect import components
 from .extents import step_extents
+from .lora.formats import looks_like_lora
 from .families import target
 from .load import diffusers_plan
 from .quant import logical_weights
@@ -42,6 +43,8 @@ def convert_file(src, dst, to: str, dtype: str = "keep", loras=()) -> dict:
     if dst.resolve() == src.resolve():
         raise BadInput(dst, "the destination is the source file")
     source = logical_weights(open_weights(src))
+    if looks_like_lora(source.keys()):
+        raise BadInput(src, "this is a LoRA, not model weights: convert it with `fluxbridge lora convert`")
     found = components(source.keys())
     if not found:
         raise BadInput(src, "no model weights FluxBridge knows in this file")
