@@ -11,7 +11,6 @@ import importlib
 import json
 import sys
 import traceback
-from pathlib import Path
 
 from . import __version__, host
 from .errors import BadInput
@@ -44,10 +43,9 @@ def _library(command, module, function):
 # ---------------------------------------------------------------------------------------------- output
 
 def _jsonable(value):
+    """JSON for what reports may hold besides plain data: sets (sorted lists), paths, dtypes (strings)."""
     if isinstance(value, (set, frozenset)):
         return sorted(value, key=str)
-    if isinstance(value, Path):
-        return str(value)
     return str(value)
 
 
