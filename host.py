@@ -137,8 +137,22 @@ _resident = weakref.WeakSet()  # standalone: handles whose module sits on its lo
 def wrap(module):
     """A handle for `module` that `load_to_device` understands (a `ModelPatcher` inside ComfyUI)."""
     if IN_COMFY:
-        return _patcher.ModelPatcher(module, load_device=torch_device(), offload_device=offload_device())
+        return _patcher.ModelPatcher(_holder(module), load_device=torch_device(),
+                                     offload_device=offload_device())
     return Handle(module, torch_device(), offload_device())
+
+
+def _holder(module):
+    """ComfyUI's ModelPatcher sets attributes such as `device` on the module it manages, and diffusers /
+    transformers models have a read-only `device` property: give it a plain module holding ours."""
+    import torch
+
+    class FluxBridgeModel(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+    return FluxBridgeModel(module)
 
 
 def load_to_device(handles):

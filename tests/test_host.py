@@ -193,10 +193,15 @@ def test_a_comfyui_folder_on_sys_path_alone_is_not_a_host(monkeypatch):
 def test_inside_comfy_the_model_manager_loads_fully(comfy_stubs):
     host, mm = comfy_stubs.host, comfy_stubs.mm
     from comfy.model_patcher import ModelPatcher
-    module = torch.nn.Linear(3, 3)
+    class WithDeviceProperty(torch.nn.Linear):  # as diffusers / transformers models: read-only `device`
+        @property
+        def device(self):
+            return self.weight.device
+
+    module = WithDeviceProperty(3, 3)
     handle = host.wrap(module)
     assert isinstance(handle, ModelPatcher)
-    assert handle.model is module and handle.load_device == mm.get_torch_device()
+    assert handle.model.inner is module and handle.load_device == mm.get_torch_device()
     assert handle.offload_device == mm.unet_offload_device()
     assert host.load_to_device([handle]) == [handle]
     name, (models,), kwargs = mm._calls[-1]

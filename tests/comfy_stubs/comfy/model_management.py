@@ -33,6 +33,7 @@ def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimu
         "minimum_memory_required": minimum_memory_required, "force_full_load": force_full_load}))
     for patcher in models:
         patcher.model.to(patcher.load_device)
+        patcher.model.device = patcher.load_device  # as ModelPatcher.load does: the module must allow it
         if patcher not in current_loaded_models:
             current_loaded_models.append(patcher)
 

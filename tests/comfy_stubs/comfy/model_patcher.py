@@ -5,6 +5,8 @@ from . import model_management
 class ModelPatcher:
     def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
         self.model = model
+        if getattr(model, "device", None) is None:  # as the real one: it records the device on the module
+            model.device = offload_device
         self.load_device = load_device
         self.offload_device = offload_device
         self.size = size
