@@ -112,7 +112,7 @@ def _cmd_lora_convert(args):
 
 def _cmd_run(args):
     run_workflow = _library("run", "runner", "run_workflow")
-    _print_json(run_workflow(args.workflow, models_dir=args.models, output_dir=args.output))
+    _print_json(run_workflow(args.workflow, models_dir=args.models, output_dir=args.output, input_dir=args.input))
 
 
 def _cmd_demo(args):
@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workflow", metavar="WORKFLOW.json", help="the API-format workflow file")
     p.add_argument("--models", metavar="DIR", help="the models folder (default: $FLUXBRIDGE_MODELS)")
     p.add_argument("--output", metavar="DIR", default="output", help="where files go (default: ./output)")
+    p.add_argument("--input", metavar="DIR", help="where LoadImage finds images (default: $FLUXBRIDGE_INPUT "
+                                                 "or ./input)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser(

@@ -96,8 +96,8 @@ def test_arguments_reach_the_library(monkeypatch, capsys):
         seen["convert"] = (src, dst, to, dtype, loras)
         return {"renamed": 3, "written": {dst}}
 
-    def run_workflow(path, models_dir=None, output_dir=None):
-        seen["run"] = (path, models_dir, output_dir)
+    def run_workflow(path, models_dir=None, output_dir=None, input_dir=None):
+        seen["run"] = (path, models_dir, output_dir, input_dir)
         return {"outputs": []}
 
     fake_library(monkeypatch, "convert.write", convert_file=convert_file)
@@ -112,8 +112,8 @@ def test_arguments_reach_the_library(monkeypatch, capsys):
                                [("s.safetensors", 0.5), ("t.safetensors", 1.0), ("C:\\l.safetensors", 1.0)])
     assert json.loads(capsys.readouterr().out) == {"renamed": 3, "written": ["b.safetensors"]}
 
-    assert cli.main(["run", "w.json", "--models", "m", "--output", "o"]) == 0
-    assert seen["run"] == ("w.json", "m", "o")
+    assert cli.main(["run", "w.json", "--models", "m", "--output", "o", "--input", "i"]) == 0
+    assert seen["run"] == ("w.json", "m", "o", "i")
     assert cli.main(["demo", "--output", "out"]) == 0 and seen["demo"] == "out"
     assert cli.main(["lora", "convert", "x", "y", "--to", "kohya"]) == 0 and seen["lora"] == ("x", "y", "kohya")
     capsys.readouterr()
