@@ -39,7 +39,6 @@ MODEL_FILES = {
     "clip": "text_encoders/clip_l.safetensors",
     "t5": "text_encoders/t5xxl_fp16.safetensors",
 }
-_ALIASES = ("encoder.embed_tokens.weight",)  # tied to T5's `shared.weight`
 LORA_FILES = ("loras/flux_lora_style.safetensors", "loras/flux_lora_detail.safetensors")
 
 
@@ -95,44 +94,29 @@ def build_models(root, variants=("dev",), loras: bool = False, seed: int = 0) ->
     from safetensors.torch import save_file
 
     from . import factory
-    from .convert.write import convert_file
 
     root = Path(root)
     tok = factory.small_tokenizers(root)
     written = {"tokenizer_clip_l": tok["clip_l"], "tokenizer_t5xxl": tok["t5xxl"]}
-    with tempfile.TemporaryDirectory(prefix="fluxbridge-demo-") as tmp:
-        tmp = Path(tmp)
 
-        def write(model, part: str, layout: str):
-            src = tmp / f"{part}.safetensors"
-            state, seen = {}, set()
-            items = sorted(model.state_dict().items(), key=lambda kv: kv[0] in _ALIASES)  # aliases last
-            for k, v in items:
-                key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-                if key not in seen:  # a tied weight (T5's embed_tokens) is stored once, as files do
-                    seen.add(key)
-                    state[k] = v.detach().contiguous()
-            save_file(state, str(src))
-            dst = root / MODEL_FILES[part]
-            convert_file(src, dst, to=layout)
-            written[part] = dst
-            src.unlink()
+    def write(model, part: str, layout: str):
+        written[part] = factory.save_layout(model, root / MODEL_FILES[part], layout)
 
-        parts = None
-        for variant in variants:
-            parts = factory.tiny_pipeline_components(variant, tokenizers=root, seed=seed)
-            write(parts["transformer"], variant, "bfl")
-            if variant == "dev" and loras:
-                for k, (path, fmt) in enumerate(zip(LORA_FILES, ("kohya", "peft"))):
-                    dst = root / path
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    save_file(tiny_lora(parts["transformer"], fmt, seed=seed + 10 + k), str(dst))
-                    written[Path(path).stem] = dst
-        if parts is None:
-            parts = factory.tiny_pipeline_components("dev", tokenizers=root, seed=seed)
-        write(parts["vae"], "vae", "bfl")
-        write(parts["text_encoder"], "clip", "comfy")
-        write(parts["text_encoder_2"], "t5", "comfy")
+    parts = None
+    for variant in variants:
+        parts = factory.tiny_pipeline_components(variant, tokenizers=root, seed=seed)
+        write(parts["transformer"], variant, "bfl")
+        if variant == "dev" and loras:
+            for k, (path, fmt) in enumerate(zip(LORA_FILES, ("kohya", "peft"))):
+                dst = root / path
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                save_file(tiny_lora(parts["transformer"], fmt, seed=seed + 10 + k), str(dst))
+                written[Path(path).stem] = dst
+    if parts is None:
+        parts = factory.tiny_pipeline_components("dev", tokenizers=root, seed=seed)
+    write(parts["vae"], "vae", "bfl")
+    write(parts["text_encoder"], "clip", "comfy")
+    write(parts["text_encoder_2"], "t5", "comfy")
     return written
 
 

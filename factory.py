@@ -259,6 +259,35 @@ def _resolve_tokenizers(tokenizers):
     raise FileNotFoundError(f"{root}: no clip-l/ + t5-xxl/ or tokenizers/clip_l/ + tokenizers/t5xxl/ found")
 
 
+def save_layout(model, path, layout: str = "bfl") -> Path:
+    """Write a tiny model's weights the way the real ones are published: `layout` "bfl" (the original
+    names: BFL / LDM / HF), "comfy" (ComfyUI's prefixed names) or "diffusers" — a single file when `path`
+    ends in .safetensors, else a diffusers folder (`save_pretrained`). Tied weights are stored once."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from .convert.write import convert_file
+
+    path = Path(path)
+    if layout == "diffusers" and path.suffix != ".safetensors":
+        model.save_pretrained(str(path))
+        return path
+    state, seen = {}, set()
+    tied = getattr(model, "_tied_weights_keys", None) or ()
+    for k, v in sorted(model.state_dict().items(), key=lambda kv: kv[0] in tied):  # aliases last
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key not in seen:
+            seen.add(key)
+            state[k] = v.detach().contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fluxbridge-factory-") as tmp:
+        src = Path(tmp) / "diffusers.safetensors"
+        save_file(state, str(src))
+        convert_file(src, path, to=layout)
+    return path
+
+
 def save_diffusers(component, directory) -> Path:
     """Save one model (`save_pretrained`) or a components dict (as a diffusers FluxPipeline folder)."""
     directory = Path(directory)

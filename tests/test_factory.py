@@ -152,3 +152,46 @@ def test_components_with_the_real_tokenizers():
     assert comps["scheduler"].config.use_dynamic_shifting
     with pytest.raises(ValueError):
         factory.tiny_pipeline_components("kontext-pro")
+
+
+# ------------------------------------------------------------------------------ files in each layout
+
+LAYOUT_CASES = {  # family -> (builder, the names one key has in bfl / comfy / diffusers)
+    "flux-transformer": (lambda: factory.tiny_flux_transformer(width=48, heads=3, double=2, single=1),
+                         ("double_blocks.1.img_attn.qkv.weight", "model.diffusion_model.double_blocks.1.img_attn.qkv.weight",
+                          "transformer_blocks.1.attn.to_q.weight")),
+    "flux-vae": (lambda: factory.tiny_flux_vae(),
+                 ("decoder.up.0.block.0.conv1.weight", "decoder.up.0.block.0.conv1.weight",
+                  "decoder.up_blocks.3.resnets.0.conv1.weight")),
+    "clip-l": (lambda: factory.tiny_clip_l(),
+               ("text_model.encoder.layers.1.mlp.fc1.weight", "text_model.encoder.layers.1.mlp.fc1.weight", None)),
+    "t5-xxl": (lambda: factory.tiny_t5(), ("shared.weight", "shared.weight", "shared.weight")),
+    "sd15-unet": (lambda: factory.tiny_sd15_unet(),
+                  ("input_blocks.1.0.in_layers.0.weight", "model.diffusion_model.input_blocks.1.0.in_layers.0.weight",
+                   "down_blocks.0.resnets.0.norm1.weight")),
+}
+
+
+@pytest.mark.parametrize("family", sorted(LAYOUT_CASES))
+def test_factory_files_load_back_in_every_layout(tmp_path, family):
+    """Each tiny model written as BFL/original, ComfyUI, diffusers single file and diffusers folder is
+    detected as what it is, holds the expected names and shapes, and loads back to the same weights."""
+    from fluxbridge.convert.detect import components
+    from fluxbridge.convert.load import load_model
+    from fluxbridge.convert.safetensors_io import open_weights
+
+    build, names = LAYOUT_CASES[family]
+    model = build()
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for layout, path, key in (("bfl", "bfl.safetensors", names[0]), ("comfy", "comfy.safetensors", names[1]),
+                              ("diffusers", "diffusers.safetensors", names[2]), ("diffusers", "folder", None)):
+        written = factory.save_layout(model, tmp_path / path, layout)
+        found = components(open_weights(written).keys())
+        assert [c.family for c in found] == [family], (layout, found)
+        if key is not None:
+            assert key in open_weights(written), (layout, key)
+        loaded = load_model(written, family=family, dtype=torch.float32)
+        state = loaded.model.state_dict()
+        assert {k: tuple(v.shape) for k, v in state.items()} == expected, layout
+        for k, v in model.state_dict().items():
+            assert torch.equal(state[k], v), (layout, k)
