@@ -200,14 +200,23 @@ def assert_rel(obs, ref, what, tol=1e-6):
 
 def check_applied(fmt, entries, shape="small", strength=1.0, sd_meta=None, model=None):
     model = model or tiny(shape)
-    cfg = SHAPES[shape]
-    bmap = bfl_map(cfg["double"], cfg["single"])
     sd, meta = sd_meta or write_keys(entries, fmt)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     lora = load_lora(sd, meta, name=f"{fmt}.safetensors")
     assert not lora.not_placed, lora.not_placed
     handle = apply_loras(model, FLUX, [(lora, strength)])
     after = {k: v.clone() for k, v in model.state_dict().items()}
+    check_deltas(fmt, entries, before, after, shape, strength)
+    handle.remove()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{fmt}: {k} not restored bitwise"
+    return lora, handle
+
+
+def check_deltas(fmt, entries, before, after, shape="small", strength=1.0):
+    """`after - before` is the reference delta of every entry on its targets; nothing else changed."""
+    cfg = SHAPES[shape]
+    bmap = bfl_map(cfg["double"], cfg["single"])
     touched = set()
     for e in entries:
         dw, db = ref_delta(e, fmt)
@@ -222,10 +231,6 @@ def check_applied(fmt, entries, shape="small", strength=1.0, sd_meta=None, model
     for k in before:
         if k not in touched:
             assert torch.equal(before[k], after[k]), f"{fmt}: untargeted {k} changed"
-    handle.remove()
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), f"{fmt}: {k} not restored bitwise"
-    return lora, handle
 
 
 # ------------------------------------------------------------------------------------ every format
@@ -239,6 +244,26 @@ def test_format_applies_its_own_delta(fmt):
     from fluxbridge.convert.lora import looks_like_lora
     assert looks_like_lora(write_keys(entries, fmt)[0])
     assert not looks_like_lora(tiny().state_dict())
+
+
+@pytest.mark.parametrize("fmt", LOWRANK_FORMATS)
+def test_baking_with_convert_changes_exactly_the_targets(fmt, tmp_path):
+    """`fluxbridge convert BASE OUT --to diffusers --lora FILE:0.8`: the written tensors differ from the
+    base by the reference delta exactly where the LoRA targets, and are bitwise the base elsewhere."""
+    from safetensors.torch import load_file, save_file
+
+    from fluxbridge.convert.write import convert_file
+    from fluxbridge.factory import save_layout
+
+    gen = torch.Generator().manual_seed(hash(fmt) % 1000)
+    entries = make_entries(fmt, gen, bias=fmt in ("bfl-peft", "bfl-control", "fal-kontext", "diffusers", "peft"))
+    sd, meta = write_keys(entries, fmt)
+    base = save_layout(tiny(), tmp_path / "base.safetensors", "bfl")
+    lora_file = tmp_path / "lora.safetensors"
+    save_file(sd, str(lora_file), metadata=meta)
+    convert_file(base, tmp_path / "baked.safetensors", "diffusers", loras=[(str(lora_file), 0.8)])
+    before = {k: v.clone() for k, v in tiny().state_dict().items()}
+    check_deltas(fmt, entries, before, load_file(tmp_path / "baked.safetensors"), strength=0.8)
 
 
 def test_wider_model_two_blocks_each():
