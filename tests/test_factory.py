@@ -195,3 +195,22 @@ def test_factory_files_load_back_in_every_layout(tmp_path, family):
         assert {k: tuple(v.shape) for k, v in state.items()} == expected, layout
         for k, v in model.state_dict().items():
             assert torch.equal(state[k], v), (layout, k)
+
+
+@pytest.mark.parametrize("family", sorted(LAYOUT_CASES))
+def test_every_family_round_trips_through_diffusers_bitwise(tmp_path, family):
+    """BFL/original -> diffusers -> BFL and ComfyUI -> diffusers -> ComfyUI give identical bytes per tensor."""
+    from safetensors.torch import load_file
+
+    from fluxbridge.convert.write import convert_file
+
+    model = LAYOUT_CASES[family][0]()
+    for layout in ("bfl", "comfy"):
+        start = factory.save_layout(model, tmp_path / f"{layout}.safetensors", layout)
+        convert_file(start, tmp_path / f"{layout}-d.safetensors", "diffusers")
+        convert_file(tmp_path / f"{layout}-d.safetensors", tmp_path / f"{layout}-back.safetensors", layout)
+        a, b = load_file(start), load_file(tmp_path / f"{layout}-back.safetensors")
+        assert a.keys() == b.keys(), (layout, sorted(set(a) ^ set(b))[:5])
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(-1).view(torch.uint8),
+                                                             b[k].view(-1).view(torch.uint8)), (layout, k)
