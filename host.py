@@ -337,10 +337,14 @@ def _inside(path, root) -> bool:
         return False
 
 
-def _check_name(name, where):
+def check_name(name, where):
     """Refuse names that leave their folder by their spelling: absolute, drive letters, '..' parts."""
     if not isinstance(name, str) or not name.strip() or "\0" in name:
         raise BadInput(repr(name), f"not a usable file name in the {where} folder")
+    try:
+        os.fsencode(name)
+    except UnicodeError:  # e.g. a lone surrogate from a JSON escape
+        raise BadInput(ascii(name), f"not a usable file name in the {where} folder") from None
     if os.path.isabs(name) or ntpath.isabs(name) or ntpath.splitdrive(name)[0]:
         raise BadInput(name, f"an absolute path leads outside the {where} folder; give a name inside it")
     if ".." in re.split(r"[\\/]", name):
@@ -381,7 +385,7 @@ def list_models(kind) -> list:
 def model_path(kind, name) -> str:
     """The full path of a model file or folder named by a workflow; never one outside the kind's folders."""
     kind = _kind(kind)
-    _check_name(name, kind)
+    check_name(name, kind)
     roots = folders(kind)
     for root in roots:
         candidate = os.path.join(root, name)
@@ -408,7 +412,7 @@ def safe_output_path(filename_prefix, ext) -> str:
     The prefix may name sub-folders (created here); one that would leave the output directory is refused.
     `ext` is like ".safetensors" (or "" for a folder).
     """
-    _check_name(filename_prefix, "output")
+    check_name(filename_prefix, "output")
     base = output_directory()
     subfolder, stem = os.path.split(os.path.normpath(filename_prefix))
     if not stem or stem in (".", ".."):
@@ -416,10 +420,16 @@ def safe_output_path(filename_prefix, ext) -> str:
     folder = os.path.join(base, subfolder)
     if not _inside(folder, base):
         raise BadInput(filename_prefix, f"resolves (through a link) outside the output folder {base}")
-    os.makedirs(folder, exist_ok=True)
     ext = ext if not ext or ext.startswith(".") else "." + ext
+    if any(len(os.fsencode(part)) > 200 for part in re.split(r"[\\/]", filename_prefix)):
+        raise BadInput(filename_prefix[:60] + "...", "a file or folder name in the prefix is over 200 bytes long")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        names = os.listdir(folder)
+    except OSError as exc:  # e.g. a part of the prefix names an existing file
+        raise BadInput(filename_prefix, f"cannot make the folder {folder}: {exc.strerror or exc}") from None
     taken = re.compile(re.escape(stem) + r"_(\d+)_")
-    counters = [int(m.group(1)) for m in map(taken.match, os.listdir(folder)) if m]
+    counters = [int(m.group(1)) for m in map(taken.match, names) if m]
     counter = max(counters, default=0) + 1
     path = os.path.join(folder, f"{stem}_{counter:05}_{ext}")
     while os.path.lexists(path):  # one the count missed (e.g. other case on a case-insensitive disk)

@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
+from . import host
+from .errors import BadInput
+
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 SEED_NAMES = ("seed", "noise_seed")  # the frontend gives these INT inputs a control widget by default
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
@@ -146,9 +149,8 @@ def check_widget_value(inp: InputSpec, value) -> str | None:
             return f"{inp.name}: {_fmt(value)} is not true or false"
     elif t == "COMBO":
         options = inp.options or []
-        if value not in options and _leaves_folder(value):
-            return (f"{inp.name}: {_fmt(value)} points outside its folder (absolute paths and '..' are "
-                    f"refused; give a name listed in the folder)")
+        if value not in options and (why := name_problem(value, "model")):
+            return f"{inp.name}: {_fmt(value)}: {why}"
         if value not in options:
             shown = ", ".join(_fmt(o) for o in options[:8]) + (", …" if len(options) > 8 else "")
             return f"{inp.name}: {_fmt(value)} is not one of the choices ({shown or 'none available'})"
@@ -161,32 +163,18 @@ def check_widget_value(inp: InputSpec, value) -> str | None:
     return None
 
 
-def _leaves_folder(name) -> bool:
-    """A file name that is absolute or has a '..' part (refused whatever the folder holds)."""
-    if not isinstance(name, str):
-        return False
-    parts = name.replace("\\", "/").split("/")
-    return name.startswith(("/", "\\", "~")) or os.path.isabs(name) or ".." in parts or \
-        (len(name) > 1 and name[1] == ":")
-
-
-def output_prefix_problem(prefix: str) -> str | None:
-    """Why a `filename_prefix` would not stay inside the output folder (None when it does)."""
-    if not isinstance(prefix, str):
-        return "is not a string"
-    if "\x00" in prefix:
-        return "contains a NUL character"
-    if prefix.startswith(("/", "\\", "~")) or os.path.isabs(prefix) or (len(prefix) > 1 and prefix[1] == ":"):
-        return f"{_fmt(prefix)} is an absolute path; it must stay inside the output folder"
-    parts = PurePosixPath(prefix.replace("\\", "/")).parts
-    depth = 0
-    for part in parts:
-        depth += -1 if part == ".." else (0 if part == "." else 1)
-        if depth < 0:
-            return f"{_fmt(prefix)} leaves the output folder"
-    if not parts or prefix.endswith(("/", "\\")):
-        return f"{_fmt(prefix)} has no file name part"
+def name_problem(name, where: str) -> str | None:
+    """Why `name` cannot name a file inside the `where` folder (None when it can): the host's rule."""
+    try:
+        host.check_name(name, where)
+    except BadInput as exc:
+        return exc.cause
     return None
+
+
+def output_prefix_problem(prefix) -> str | None:
+    """Why a `filename_prefix` would not stay inside the output folder (None when it does)."""
+    return name_problem(prefix, "output")
 
 
 def unknown_inputs(api, specs: dict[str, NodeSpec]) -> list[tuple[str, str, str]]:

@@ -1,7 +1,10 @@
 """What every node module shares: the V3 `io` namespace (through host), our socket types, UI payloads."""
 from __future__ import annotations
 
+import numbers
+
 from .. import host
+from ..errors import BadInput
 
 io = host.comfy_io()
 
@@ -58,3 +61,49 @@ def files(kind: str) -> list:
         return host.list_models(kind)
     except Exception:  # noqa: BLE001 - a schema must build even when a folder cannot be listed
         return []
+
+
+def name_errors(*names: tuple[str, object]) -> bool | str:
+    """For `validate_inputs`: True, or why a name would be refused, so that ComfyUI rejects the prompt
+    when it is submitted (0.3.x does not check a V3 combo's value against its options there). `names` are
+    (folder kind, name) pairs, kind "output" for a filename_prefix; None (a linked input) is skipped."""
+    for kind, name in names:
+        if name is None:
+            continue
+        try:
+            if kind == "output":
+                host.check_name(name, "output")
+            else:
+                host.model_path(kind, name)
+        except BadInput as exc:
+            return str(exc)
+    return True
+
+
+_SPECS: dict = {}
+
+
+def checked(cls, **values):
+    """The numeric inputs `values`, re-checked against the node's own schema (integer, finite, min, max) and
+    returned in order as int / float. ComfyUI and the runner validate before `execute`, but that can be
+    bypassed (a direct call; ComfyUI skips its own checks for the inputs a `validate_inputs` takes), and a
+    node must never size memory or loops from an unchecked number.
+    Raises `BadInput("<node id>", "<input>: <value> is above the maximum ...")`."""
+    from ..workflows import check_widget_value, spec_from_schema
+
+    key = getattr(cls.define_schema, "__func__", cls.define_schema)  # the runner's subclasses share it
+    if key not in _SPECS:
+        _SPECS[key] = spec_from_schema(cls)
+    spec = _SPECS[key]
+    out = []
+    for name, value in values.items():
+        inp = spec.input(name)
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            value = int(value)  # numpy / torch integers as well
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            value = float(value)
+        why = check_widget_value(inp, value)
+        if why:
+            raise BadInput(spec.node_id, why)
+        out.append(int(value) if inp.type == "INT" else float(value))
+    return out[0] if len(out) == 1 else out

@@ -11,7 +11,7 @@ from .. import host
 from ..convert.lora.write import TARGETS as LORA_TARGETS
 from ..convert.lora.write import convert_lora
 from ..convert.write import DTYPES, convert_file
-from ._common import CATEGORY, TRANSFORMER, VAE, files, io, ui
+from ._common import CATEGORY, TRANSFORMER, VAE, files, io, name_errors, ui
 
 CONVERT = CATEGORY + "/convert"
 TRANSFORMER_LAYOUTS = ("bfl", "comfy", "diffusers")
@@ -63,6 +63,10 @@ class SaveTransformer(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename_prefix=None):
+        return name_errors(("output", filename_prefix))
+
+    @classmethod
     def execute(cls, transformer, layout="bfl", dtype="keep", filename_prefix="fluxbridge/transformer"):
         dst = _destination(filename_prefix, layout)
         loras = [(e.lora.path, e.strength) for e in transformer.loras if e.strength != 0]
@@ -90,6 +94,10 @@ class SaveVAE(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename_prefix=None):
+        return name_errors(("output", filename_prefix))
+
+    @classmethod
     def execute(cls, vae, layout="bfl", filename_prefix="fluxbridge/vae"):
         dst = _destination(filename_prefix, layout)
         report = convert_file(vae.path, dst, to=layout, dtype="keep")
@@ -115,6 +123,10 @@ class ConvertLoRA(io.ComfyNode):
             outputs=[],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, lora_name=None, filename_prefix=None):
+        return name_errors(("loras", lora_name), ("output", filename_prefix))
 
     @classmethod
     def execute(cls, lora_name, to="diffusers", filename_prefix="fluxbridge/lora"):

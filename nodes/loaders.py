@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .. import host, models
 from ..errors import BadInput
-from ._common import CATEGORY, TEXT_ENCODERS, TRANSFORMER, VAE, files, io, ui
+from ._common import CATEGORY, TEXT_ENCODERS, TRANSFORMER, VAE, checked, files, io, name_errors, ui
 
 LOADERS = CATEGORY + "/loaders"
 
@@ -48,6 +48,10 @@ class LoadTransformer(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, model_name=None):
+        return name_errors(("diffusion_models", model_name))
+
+    @classmethod
     def execute(cls, model_name, weight_dtype="default", quantize="none"):
         path = host.model_path("diffusion_models", model_name)
         model, hit = models.load_transformer(path, weight_dtype, quantize, name=model_name)
@@ -79,6 +83,10 @@ class LoadTextEncoders(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, clip_name=None, t5_name=None):
+        return name_errors(("text_encoders", clip_name), ("text_encoders", t5_name))
+
+    @classmethod
     def execute(cls, clip_name, t5_name, weight_dtype="default"):
         clip_path = host.model_path("text_encoders", clip_name)
         t5_path = host.model_path("text_encoders", t5_name)
@@ -108,6 +116,10 @@ class LoadVAE(io.ComfyNode):
                                    tooltip="A VAE file or diffusers folder in models/vae.")],
             outputs=[VAE.Output(display_name="vae")],
         )
+
+    @classmethod
+    def validate_inputs(cls, vae_name=None):
+        return name_errors(("vae", vae_name))
 
     @classmethod
     def execute(cls, vae_name):
@@ -143,7 +155,12 @@ class LoadLoRA(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, lora_name=None):
+        return name_errors(("loras", lora_name))
+
+    @classmethod
     def execute(cls, transformer, lora_name, strength_model=1.0, strength_text=1.0, text_encoders=None):
+        strength_model, strength_text = checked(cls, strength_model=strength_model, strength_text=strength_text)
         path = host.model_path("loras", lora_name)
         lora = models.open_lora(path)
         lines, notes = [], []

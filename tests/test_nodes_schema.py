@@ -156,3 +156,21 @@ def test_only_host_imports_comfyui():
     pattern = re.compile(r"^\s*(from|import)\s+(comfy|comfy_api|folder_paths)\b", re.M)
     for path in [ROOT / "models.py", *sorted((ROOT / "nodes").glob("*.py"))]:
         assert not pattern.search(path.read_text()), path
+
+
+def test_names_are_refused_when_the_prompt_is_validated(standalone_host):
+    """ComfyUI 0.3.x does not check a V3 combo value against its options at /prompt, so the nodes that
+    take file names or a filename_prefix check them in `validate_inputs` (a refused prompt runs nothing)."""
+    from fluxbridge.nodes import NODE_LIST
+    nodes = {n.define_schema().node_id: n for n in NODE_LIST}
+    load, save, lora = nodes["FluxBridgeLoadTransformer"], nodes["FluxBridgeSaveTransformer"], nodes["FluxBridgeConvertLoRA"]
+    assert "outside the diffusion_models folder" in load.validate_inputs(model_name="../../etc/passwd")
+    assert "outside the diffusion_models folder" in load.validate_inputs(model_name="/etc/passwd")
+    assert "not found" in load.validate_inputs(model_name="missing.safetensors")
+    assert load.validate_inputs() is True  # a linked input is not passed at validation time
+    assert "outside the output folder" in save.validate_inputs(filename_prefix="../escape")
+    assert save.validate_inputs(filename_prefix="fluxbridge/ok") is True
+    assert "outside the loras folder" in lora.validate_inputs(lora_name="../x", filename_prefix="ok")
+    assert nodes["FluxBridgeLoadTextEncoders"].validate_inputs(clip_name=None, t5_name=None) is True
+    assert "outside the text_encoders folder" in nodes["FluxBridgeLoadTextEncoders"].validate_inputs(
+        clip_name="../c", t5_name=None)

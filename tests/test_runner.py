@@ -239,7 +239,7 @@ def test_model_outside_the_models_folder_is_refused(work):
 def test_filename_prefix_escaping_the_output_folder_is_refused(work):
     api = _t2i()
     api["8"]["inputs"]["filename_prefix"] = "../escaped"
-    _bad(work, api, "8 (SaveImage): filename_prefix", "leaves the output folder")
+    _bad(work, api, "8 (SaveImage): filename_prefix", "leads outside the output folder")
     api["8"]["inputs"]["filename_prefix"] = str(work["dir"] / "abs" / "img")
     _bad(work, api, "8 (SaveImage): filename_prefix", "absolute path")
     convert = json.loads(API["flux_convert_and_save"].read_text())

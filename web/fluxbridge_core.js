@@ -245,7 +245,8 @@ export function applyOutput(node, kind, output, doc) {
     sections = s.sections;
   } else if (kind === "scheduler") {
     node.__fluxbridgeSigmas = payload.sigmas || null;
-    if (node.__fluxbridgeSigmas && Array.isArray(node.size)) {
+    // the frontend keeps node.size in a Float32Array, not an Array
+    if (node.__fluxbridgeSigmas && node.size && node.size.length >= 2) {
       const base = typeof node.computeSize === "function" ? node.computeSize()[1] : node.size[1];
       const need = base + CURVE_HEIGHT + 8;
       if (node.size[1] < need) {

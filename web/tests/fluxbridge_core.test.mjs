@@ -202,6 +202,15 @@ test("scheduler node grows to fit the curve and draws it in onDrawForeground", a
   assert.equal(collapsed.calls.length, 0);
 });
 
+test("scheduler node grows when its size is a Float32Array, as in the real frontend", async () => {
+  const { node } = await registered("FluxBridgeScheduler");
+  node.size = new Float32Array([360, 182]);
+  node.setSize = undefined;
+  node.computeSize = () => [360, 154];
+  node.onExecuted({ sigmas: [1, 0.5, 0] });
+  assert.ok(node.size[1] >= 154 + core.CURVE_HEIGHT, `size ${node.size[1]}`);
+});
+
 test("nodes without addDOMWidget draw their lines on the canvas instead", async () => {
   const ext = core.createExtension({ app: {}, api: {}, doc: fakeDocument });
   function Legacy() {
