@@ -3,10 +3,10 @@
 Checkpoint: real BFL key names and shapes at D = 3072 with 2 double + 4 single blocks, bf16 (~2.6 GB).
 Each measurement runs in a fresh process (peak RSS is per process), warm page cache, median of N runs:
 
-  load   ours: `load_model` to a ready model (every parameter page read)      vs
+  load   ours: `load_model` to a ready model (then every parameter page read)  vs
          diffusers: `FluxTransformer2DModel.from_single_file(config=local)` (+ the same page read)
          plain read: the file read into memory
-  convert ours: `convert_file` BFL -> diffusers                                vs  plain copy (shutil)
+  convert ours: `convert_file` BFL -> diffusers                                vs  plain copy (shutil + fsync)
 
 Targets: load <= 0.5x diffusers and <= 1.3x plain read; load peak RSS <= 1.15x file;
 convert <= 1.3x copy with peak RSS < 25 % of the file.
@@ -118,8 +118,12 @@ def child(task: str, ckpt: str, work: str) -> dict:
         model = FluxTransformer2DModel.from_single_file(ckpt, config=str(Path(work) / "config"),
                                                         torch_dtype=torch.bfloat16)
         touch(model)
-    elif task == "copy":
-        shutil.copyfile(ckpt, Path(work) / "copy.safetensors")
+    elif task == "copy":  # durable, as `convert` is (it fsyncs before renaming into place)
+        dst = Path(work) / "copy.safetensors"
+        shutil.copyfile(ckpt, dst)
+        fd = os.open(dst, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
     elif task == "convert":
         convert_file(ckpt, Path(work) / "converted.safetensors", "diffusers")
     else:

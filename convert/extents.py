@@ -2,8 +2,8 @@
 
 Every layout change between Flux layouts moves whole rows (renames, row splits, fusing, the half swap,
 the 1x1 reshape), so without a cast the bytes of each destination tensor are a few contiguous ranges
-of the source file. Loading reads those ranges straight into aligned memory (one copy, like a plain
-read); converting copies them file to file inside the kernel (`copy_file_range`), so memory stays flat.
+of the source file. Converting copies those ranges file to file inside the kernel (`copy_file_range`), so
+memory stays flat whatever the model's size.
 """
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-
-import torch
 
 from .table import Step
 
@@ -58,24 +56,6 @@ def step_extents(step: Step, locate: Callable[[str], Extents | None]) -> Extents
         return Extents(second.ranges + first.ranges, rb)
     _, start, length = kind
     return src.narrow(start * rb, length * rb)
-
-
-def read_extents(ext: Extents, shape, dtype: torch.dtype) -> torch.Tensor:
-    """A new (aligned) tensor holding the bytes of `ext`."""
-    out = torch.empty(shape, dtype=dtype)
-    view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
-    pos = 0
-    for path, off, n in ext.ranges:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            while n:
-                got = os.preadv(fd, [view[pos:pos + n]], off)
-                if got <= 0:
-                    raise OSError(f"{path}: file ended early (truncated while reading?)")
-                pos, off, n = pos + got, off + got, n - got
-        finally:
-            os.close(fd)
-    return out
 
 
 def copy_extents(ext: Extents, out_fd: int) -> None:

@@ -14,7 +14,6 @@ import torch
 
 from ..errors import BadInput
 from .detect import Component, components, pick
-from .extents import read_extents, step_extents
 from .lora.formats import looks_like_lora
 from .families import FAMILIES
 from .table import B, materialize
@@ -48,6 +47,8 @@ def diffusers_plan(source, comp: Component, config_hint: Mapping | None = None):
     """(plan to the diffusers side, config, report) for one component of an opened file."""
     family = comp.module
     shapes = {n: tuple(source.shape(k)) for n, k in comp.names.items()}
+    if config_hint:
+        _check_config_hint(source, comp, shapes, config_hint)
     if comp.side == B:
         config = dict(config_hint) if config_hint else family.infer_config(shapes, B)
         plan, report = family.TABLE.convert(shapes, B, B, config)
@@ -58,6 +59,42 @@ def diffusers_plan(source, comp: Component, config_hint: Mapping | None = None):
         plan, report = family.TABLE.convert(shapes, comp.side, B, config)
     report["unplaced"] = list(comp.unplaced) + [comp.names[n] for n in report["unplaced"]]
     return plan, config, report
+
+
+def _check_config_hint(source, comp: Component, shapes, hint: Mapping) -> None:
+    """A folder's config.json is read, not trusted: where it gives a hyper-parameter that the shapes also
+    tell, it must be of the same kind and not absurdly larger (a layer count of a million would make the
+    model build for hours before the missing tensors are noticed). Values the shapes cannot tell are left
+    to the model's own checks."""
+    try:
+        seen = comp.module.infer_config(shapes, comp.side)
+    except (ValueError, KeyError, TypeError, IndexError):
+        return  # the tensors say too little: the plan and the build say what is wrong
+    for key, told in hint.items():
+        if key in seen and _absurd(told, seen[key]):
+            where = getattr(getattr(source, "source", source), "path", "<weights>")
+            raise BadInput(where, f"{comp.family}: config.json says {key} is {str(told)[:60]}, "
+                                  f"the tensors say {seen[key]}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _absurd(told, seen) -> bool:
+    if told is None:  # "the default"
+        return False
+    if _is_int(seen):
+        if isinstance(told, (list, tuple)):  # one value per block where the tensors tell one
+            return len(told) > 4 * 64 or any(_absurd(t, seen) for t in told)
+        return not _is_int(told) or told < 0 or told > 4 * seen + 64
+    if isinstance(seen, (list, tuple)):
+        if _is_int(told):
+            return _absurd(told, max((s for s in seen if _is_int(s)), default=0))
+        if not isinstance(told, (list, tuple)) or len(told) != len(seen):  # one entry per block / axis
+            return True
+        return any(_absurd(t, s) for t, s in zip(told, seen))
+    return False
 
 
 def load_model(path, family: str | None = None, dtype: torch.dtype | None = None,
@@ -81,7 +118,10 @@ def load_model(path, family: str | None = None, dtype: torch.dtype | None = None
     if dtype is None:
         dtype = storage_dtype(source, comp.names.values())
 
-    model = module.build(config)
+    try:
+        model = module.build(config)
+    except (TypeError, ValueError) as exc:  # a config.json the model class does not take
+        raise BadInput(path, f"{comp.family}: the configuration does not make a model: {exc}") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied = getattr(module, "TIED", {})
     missing = sorted(k for k in expected if k not in plan and k not in tied)
@@ -96,25 +136,19 @@ def load_model(path, family: str | None = None, dtype: torch.dtype | None = None
     unexpected = sorted(k for k in plan if k not in expected)
 
     get = lambda name: source[comp.names[name]]
-    locate = lambda name: source.extent(comp.names[name]) if hasattr(source, "extent") else None
     state = {}
     for k, step in plan.items():
         if k not in expected:
             continue
-        stored = source.dtype(comp.names[step.sources[0]])
-        ext = step_extents(step, locate) if stored == dtype or not stored.is_floating_point else None
-        if ext is not None:  # bytes straight from the file into aligned memory: one copy, no cast
-            state[k] = read_extents(ext, step.shape, stored)
-            continue
+        # Views of the memory-mapped file wherever no cast is needed (row splits included): loading
+        # costs no copy, pages come in as the model first uses them (or as it moves to the GPU), and
+        # the page cache holds one copy of the weights. CPU kernels may round differently on such
+        # views than on a copy (safetensors offsets are only 8-byte aligned); the values are the file's.
         t = materialize(step, get)
         if not isinstance(t, torch.Tensor):  # a GGUF quantized tensor (rows already split)
             t = t.dequantize(dtype)
         if t.is_floating_point() and t.dtype != dtype and not (keep_fp8 and t.dtype.itemsize == 1):
             t = t.to(dtype)
-        elif t.data_ptr() % 64:
-            # safetensors offsets are only 8-byte aligned; CPU kernels take other paths on unaligned data
-            # and round differently, so give every weight aligned memory of its own
-            t = t.clone()
         state[k] = t
     model.load_state_dict(state, strict=False, assign=True)
     for alias, owner in tied.items():  # tied parameters share the owner's tensor

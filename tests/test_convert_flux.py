@@ -121,7 +121,7 @@ def test_loaded_model_matches_diffusers_from_pretrained(tmp_path, shape):
     model.save_pretrained(tmp_path / "folder")
     theirs = FluxTransformer2DModel.from_pretrained(tmp_path / "folder").eval()
     # diffusers leaves its weights as views of the file at safetensors' 8-byte-aligned offsets, where CPU
-    # kernels round differently; home them in aligned memory (ours does that on load) before comparing.
+    # kernels may round differently than on aligned memory; home every model's weights alike first.
     with torch.no_grad():
         for p in theirs.parameters():
             p.data = p.data.clone()
@@ -129,6 +129,13 @@ def test_loaded_model_matches_diffusers_from_pretrained(tmp_path, shape):
     save_file(to_bfl(model.state_dict()), tmp_path / "flux1-dev.safetensors")
     ours_bfl = load_model(tmp_path / "flux1-dev.safetensors", dtype=torch.float32)
     assert ours_bfl.layout == "bfl" and ours_folder.layout == "diffusers"
+    for ours in (ours_folder, ours_bfl):  # ours are views of the files too: same treatment
+        assert ours.model.state_dict().keys() == model.state_dict().keys()
+        for k, v in ours.model.state_dict().items():
+            assert torch.equal(v, model.state_dict()[k]), k
+        with torch.no_grad():
+            for p in ours.model.parameters():
+                p.data = p.data.clone()
     reference = forward(theirs)
     assert torch.equal(forward(model), reference)
     assert torch.equal(forward(ours_folder.model), reference)
