@@ -22,6 +22,9 @@ from .errors import BadInput
 from .workflows import InputSpec, NodeSpec, output_prefix_problem
 
 MAX_RESOLUTION = 16384
+# LoadImage decodes at most this many pixels (all frames together) and frames up to MAX_RESOLUTION a side:
+# an image file is refused before decoding when its header says more (a decompression bomb).
+MAX_IMAGE_PIXELS = 1 << 27
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
 TEMP_SUBFOLDER = "temp"
@@ -85,7 +88,13 @@ def _images_to_png(ctx: RunContext, images, prefix: str, kind: str):
         target = Path(host.safe_output_path(prefix, ".png"))
         if not inside(ctx.output_dir, target):  # the host's output folder must be the run's
             raise BadInput(prefix, f"{target} is outside the output folder {ctx.output_dir}")
-        pil.save(target, pnginfo=meta, compress_level=4)
+        partial = target.with_name(target.name + ".partial")  # renamed into place only when complete
+        try:
+            pil.save(partial, format="PNG", pnginfo=meta, compress_level=4)
+            os.replace(partial, target)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
         ctx.written.append(str(target))
         subfolder = Path(os.path.relpath(target.parent, host.output_directory())).as_posix()
         subfolder = "" if subfolder == "." else subfolder
@@ -105,12 +114,14 @@ def preview_image(ctx: RunContext, images):
 
 
 def load_image(ctx: RunContext, image):
-    import numpy as np
-    import torch
-    from PIL import Image, ImageOps, ImageSequence
+    from PIL import Image
 
     if ctx.input_dir is None:
         raise BadInput(image, "no input folder to load images from")
+    try:
+        host.check_name(image, "input")  # absolute, '..', NUL, unencodable
+    except BadInput as exc:
+        raise BadInput(exc.path, f"image names must stay inside the input folder ({exc.cause})") from None
     root = Path(ctx.input_dir)
     path = root / image
     if Path(image).is_absolute() or not inside(root, path):
@@ -119,10 +130,28 @@ def load_image(ctx: RunContext, image):
         raise BadInput(path, "no such image in the input folder")
     try:
         pil = Image.open(path)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise BadInput(path, f"cannot read the image: {exc}") from None
-    images, masks, size = [], [], None
+    try:
+        return _decode_frames(path, pil)
+    except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise BadInput(path, f"cannot read the image: {exc}") from None  # truncated or corrupt data
+    finally:
+        pil.close()
+
+
+def _decode_frames(path, pil):
+    import numpy as np
+    import torch
+    from PIL import ImageOps, ImageSequence
+
+    images, masks, size, pixels = [], [], None, 0
     for frame in ImageSequence.Iterator(pil):
+        w, h = frame.size
+        pixels += w * h
+        if w > MAX_RESOLUTION or h > MAX_RESOLUTION or pixels > MAX_IMAGE_PIXELS:
+            raise BadInput(path, f"the image is too large: {w}x{h} pixels per frame (the limits are "
+                                 f"{MAX_RESOLUTION} a side and {MAX_IMAGE_PIXELS} pixels in all frames)")
         frame = ImageOps.exif_transpose(frame)
         if frame.mode == "I":
             frame = frame.point(lambda v: v * (1 / 255))
@@ -158,6 +187,9 @@ def image_scale_by(ctx: RunContext, image, upscale_method="nearest-exact", scale
     width = round(image.shape[2] * scale_by)
     height = round(image.shape[1] * scale_by)
     width, height = max(width, 1), max(height, 1)
+    if width > MAX_RESOLUTION or height > MAX_RESOLUTION:  # chained upscales grow without bound otherwise
+        raise BadInput("scale_by", f"{image.shape[2]}x{image.shape[1]} scaled by {scale_by} is {width}x{height}, "
+                                   f"over {MAX_RESOLUTION} pixels a side")
     x = image.movedim(-1, 1).float()
     if upscale_method == "lanczos":
         import numpy as np

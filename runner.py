@@ -31,6 +31,7 @@ from .workflows import (_id_key, _is_link, execution_order, find_cycle, our_spec
                         validate_api)
 
 MODELS_ENV = "FLUXBRIDGE_MODELS"
+MAX_WORKFLOW_BYTES = 64 * 2 ** 20  # a workflow file larger than this is refused unread (real ones: kB to a few MB)
 INPUT_ENV = "FLUXBRIDGE_INPUT"
 
 
@@ -55,8 +56,8 @@ def run_workflow(path, models_dir=None, output_dir=None, progress=True, input_di
         twin = path.parent.parent / path.name
         if path.parent.name == "api" and twin.is_file():
             try:
-                ui_workflow = json.loads(twin.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+                ui_workflow = _read_json(twin)
+            except BadInput:  # only embedded in saved PNGs: a bad twin is left out
                 ui_workflow = None
     elif isinstance(ui_workflow, (str, Path)):
         ui_workflow = _read_json(Path(ui_workflow))
@@ -83,7 +84,10 @@ def _run(path, prompt, ui_workflow, models, out_dir, in_dir, overrides, progress
     specs = native_specs(in_dir if in_dir.is_dir() else None)
     specs.update(our_specs())  # read now: their combo choices list the models folder as it is
     if prompt is ui_workflow:
-        prompt, problems = ui_to_api(ui_workflow, specs)
+        try:
+            prompt, problems = ui_to_api(ui_workflow, specs)
+        except (TypeError, KeyError, AttributeError, ValueError, IndexError) as exc:  # its parts are not shaped
+            raise BadInput(path, f"not a valid UI-format workflow ({type(exc).__name__}: {exc})") from None
         if problems:
             raise BadInput(path, _problem_line(problems))
         for node in prompt.values():
@@ -172,13 +176,21 @@ def _run(path, prompt, ui_workflow, models, out_dir, in_dir, overrides, progress
 
 def _read_json(path: Path):
     try:
+        size = path.stat().st_size
+        if size > MAX_WORKFLOW_BYTES:
+            raise BadInput(path, f"the workflow file is {size} bytes, over the limit of "
+                                 f"{MAX_WORKFLOW_BYTES // 2 ** 20} MB")
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise BadInput(path, f"cannot read the workflow: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise BadInput(path, "not valid JSON: the file is not UTF-8 text") from None
     try:
         return json.loads(text)
     except ValueError as exc:
         raise BadInput(path, f"not valid JSON: {exc}") from None
+    except RecursionError:  # nesting deeper than Python's parser goes
+        raise BadInput(path, "not valid JSON: nested too deeply") from None
 
 
 def _models_dir(path: Path, models_dir):

@@ -443,6 +443,8 @@ class GGUFTensor:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The values as a plain tensor of `dtype` (exactly gguf-py's float32 values before the cast)."""
         name, _, type_size, decode = _qinfo(self.qtype)
+        if self.raw.numel() == 0:  # no elements: no bytes to view (a zero-row view cannot be reinterpreted)
+            return torch.zeros(self.shape, dtype=dtype)
         if self.qtype == BF16_ID:
             raw = self.raw
             try:

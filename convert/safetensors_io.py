@@ -35,6 +35,7 @@ from .extents import Extents, copy_extents
 MAX_HEADER = 100 * 1024 * 1024  # bytes of JSON header we accept (real FLUX headers are ~100 kB)
 MAX_TENSORS = 1_000_000
 MAX_NDIM = 64
+MAX_NUMEL = 2 ** 50  # elements of one tensor, zero-sized dimensions skipped (torch's sizes are int64)
 
 # safetensors dtype name -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -170,9 +171,13 @@ def _check_entry(path, name: str, entry, data_len: int) -> TensorInfo:
         raise BadInput(path, f"corrupt header: tensor {name!r} has data_offsets {_short(offsets)}, "
                              "not [begin, end] with 0 <= begin <= end")
     begin, end = offsets
-    numel = 1
+    numel, extent = 1, 1
     for d in shape:
         numel *= d
+        extent *= max(d, 1)
+    if extent > MAX_NUMEL:  # an empty tensor with absurd sizes: no bytes to check, but torch cannot hold it
+        raise BadInput(path, f"corrupt header: tensor {name!r} has shape {_short(shape)}, "
+                             f"over the limit of {MAX_NUMEL} elements")
     itemsize = DTYPES[dtype][1]
     if end > data_len:
         raise BadInput(path, f"truncated: tensor {name!r} ends at byte {end} of the data section, "

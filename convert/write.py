@@ -90,16 +90,42 @@ def convert_file(src, dst, to: str, dtype: str = "keep", loras=()) -> dict:
     metadata = {k: v for k, v in (source.metadata or {}).items()
                 if isinstance(v, str) and k not in _STALE_METADATA and not k.startswith(_GGUF_METADATA)}
     if as_folder:
-        for family, (comp_entries, config) in folders.items():
-            folder, filename = DIFFUSERS_FOLDERS[family]
-            out_dir = dst / folder if len(folders) > 1 else dst
-            out_dir.mkdir(parents=True, exist_ok=True)
-            write_safetensors(out_dir / filename, comp_entries, metadata)
-            (out_dir / "config.json").write_text(json.dumps(_jsonable(config), indent=2))
+        made: list[Path] = []  # what this call creates: removed again if it fails part-way
+        try:
+            for family, (comp_entries, config) in folders.items():
+                folder, filename = DIFFUSERS_FOLDERS[family]
+                out_dir = dst / folder if len(folders) > 1 else dst
+                made += _make_dirs(out_dir)
+                made += [p for p in (out_dir / filename, out_dir / "config.json") if not p.exists()]
+                write_safetensors(out_dir / filename, comp_entries, metadata)
+                (out_dir / "config.json").write_text(json.dumps(_jsonable(config), indent=2))
+        except BaseException:
+            _remove(made)
+            raise
     else:
         dst.parent.mkdir(parents=True, exist_ok=True)
         write_safetensors(dst, entries, metadata)
     return report
+
+
+def _make_dirs(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; returns the ones created, outermost first."""
+    missing = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]
+
+
+def _remove(made: list[Path]) -> None:
+    """Undo a failed folder write: the files this call wrote, then the folders it made (if left empty)."""
+    for p in reversed(made):
+        try:
+            p.rmdir() if p.is_dir() else p.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def finish(t, dtype: torch.dtype) -> torch.Tensor:

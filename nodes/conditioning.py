@@ -7,7 +7,7 @@ from .. import host
 from ..errors import BadInput
 from ..pipeline import text as text_lib
 from ..pipeline import vae as vae_lib
-from ._common import CATEGORY, TEXT_ENCODERS, VAE, io, ui
+from ._common import CATEGORY, TEXT_ENCODERS, VAE, checked, io, ui
 
 CONDITIONING = CATEGORY + "/conditioning"
 
@@ -35,6 +35,7 @@ class TextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, text_encoders, clip_text, t5_text="", guidance=3.5, max_sequence_length=512):
+        guidance, max_sequence_length = checked(cls, guidance=guidance, max_sequence_length=max_sequence_length)
         enc, notes = text_encoders, []
         host.load_to_device(enc.handles)
         with enc.patched():

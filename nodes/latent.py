@@ -5,7 +5,7 @@ from .. import host, models
 from ..errors import BadInput
 from ..pipeline import latents as latents_lib
 from ..pipeline import vae as vae_lib
-from ._common import CATEGORY, MAX_RESOLUTION, VAE, io, ui
+from ._common import CATEGORY, MAX_RESOLUTION, VAE, checked, io, ui
 
 LATENT = CATEGORY + "/latent"
 TILED = {"auto": None, "off": False, "on": True}
@@ -30,6 +30,7 @@ class EmptyLatent(io.ComfyNode):
 
     @classmethod
     def execute(cls, width=1024, height=1024, batch_size=1):
+        width, height, batch_size = checked(cls, width=width, height=height, batch_size=batch_size)
         notes = []
         latent = latents_lib.empty_latent(int(width), int(height), int(batch_size), notes=notes)
         latent["samples"] = latent["samples"].to(host.intermediate_device())

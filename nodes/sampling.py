@@ -12,7 +12,7 @@ from ..errors import BadInput
 from ..pipeline import latents as latents_lib
 from ..pipeline import schedule as schedule_lib
 from ..pipeline.sample import sample
-from ._common import CATEGORY, MAX_RESOLUTION, MAX_SEED, TRANSFORMER, io, node_id, ui
+from ._common import CATEGORY, MAX_RESOLUTION, MAX_SEED, TRANSFORMER, checked, io, node_id, ui
 
 SAMPLING = CATEGORY + "/sampling"
 SHIFTS = ("auto", "dynamic", "fixed")
@@ -102,6 +102,7 @@ class Scheduler(io.ComfyNode):
 
     @classmethod
     def execute(cls, steps=28, width=1024, height=1024, denoise=1.0, shift="auto", transformer=None):
+        steps, width, height, denoise = checked(cls, steps=steps, width=width, height=height, denoise=denoise)
         notes = []
         w, h, _ = latents_lib.snap_size(int(width), int(height), notes=notes)
         dynamic = uses_dynamic_shift(shift, transformer)
@@ -132,6 +133,7 @@ class AddNoise(io.ComfyNode):
 
     @classmethod
     def execute(cls, latent, sigmas, seed=0):
+        seed = checked(cls, seed=seed)
         notes = []
         fmt = latents_lib.LatentFormat()
         raw = _flux_raw(_latent(latent), fmt, notes).to(torch.float32)
@@ -167,6 +169,7 @@ class SchedulerStep(io.ComfyNode):
 
     @classmethod
     def execute(cls, transformer, positive, latent, sigmas, step=0, negative=None, true_cfg=1.0):
+        step, true_cfg = checked(cls, step=step, true_cfg=true_cfg)
         notes = []
         sig = _sigmas(sigmas)
         step = int(step)
@@ -223,6 +226,7 @@ class Sampler(io.ComfyNode):
     @classmethod
     def execute(cls, transformer, positive, latent, seed=0, steps=28, denoise=1.0, true_cfg=1.0, negative=None,
                 sigmas=None):
+        seed, steps, denoise, true_cfg = checked(cls, seed=seed, steps=steps, denoise=denoise, true_cfg=true_cfg)
         notes = []
         samples = _latent(latent)
         models.check_latent_fits(samples, transformer)

@@ -39,6 +39,10 @@ from ..table import A, B, Split
 FLUX, CLIP, T5 = "flux-transformer", "clip-l", "t5-xxl"
 TEXT_FAMILIES = (CLIP, T5)
 KINDS = ("lora", "loha", "lokr", "full", "set", "reshape")
+# Elements of one module's weight delta: FLUX.1's largest layer has 66M, T5-XXL's embedding 132M. LoRA, LoHa
+# and LoKr factors are small, their product is not: a larger delta is refused before anything multiplies.
+MAX_DELTA = 2 ** 28
+MAX_PATTERN = 256  # characters of one PEFT alpha_pattern key (a regular expression)
 
 
 def family_module(name: str):
@@ -312,6 +316,9 @@ def _underscored_patterns(family: str, side: str):
 _UNDERSCORED: dict = {}
 
 
+_FULL_WEIGHT = "a full model weight, not a LoRA tensor"
+
+
 def _resolve(stem: str, is_tensor: bool) -> _Loc | str:
     """Where a key's stem points, or the reason it points nowhere."""
     reason = "unknown module"
@@ -349,7 +356,7 @@ def _resolve(stem: str, is_tensor: bool) -> _Loc | str:
                     and int(m.rest) < len(m.rule.b) and not is_tensor):
                 return _Loc(pre.family, A, name, (int(m.rest),), "omi", pre.prefix)
             if m.rest and is_tensor and m.rest in ("weight", "bias"):
-                reason = "a full model weight, not a LoRA tensor"
+                reason = _FULL_WEIGHT
             elif m.rest:
                 reason = f"unknown sub-module {m.rest!r} of {name}"
     for rx, arch in _OTHER_ARCH:
@@ -406,6 +413,7 @@ def load_lora(source, metadata: Mapping[str, str] | None = None, name: str | Non
 def parse(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: str) -> Lora:
     _check_values(tensors, path)
     peft_configs = _peft_configs(metadata)
+    _check_peft_configs(peft_configs, path)
     software = _software(metadata)
 
     groups: dict[_Loc, dict[str, tuple[str, torch.Tensor]]] = {}
@@ -454,12 +462,17 @@ def parse(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path
         if made and loc.family == FLUX:
             labels[label] += sum(len(p.keys) for p in made)
 
+    weights = [d["key"] for d in not_placed if d["reason"] == _FULL_WEIGHT]
+    if weights and not looks_like_lora(tensors):  # a model file given as a LoRA (its norms would read as `set`)
+        raise BadInput(path, f"not a LoRA but model weights ({', '.join(weights[:2])}, ...): load it with "
+                             "a model loader")
     flux_parts = [p for p in parts if p.family == FLUX]
     if not flux_parts:
         foreign = [d["key"] for d in not_placed if d["reason"].startswith("wrong architecture")]
         if foreign or not parts:
             sample = foreign[:3] or sorted(tensors)[:3]
-            raise BadInput(path, f"not a Flux LoRA: {', '.join(sample)}")
+            why = f" ({not_placed[0]['reason']})" if not foreign and not_placed else ""
+            raise BadInput(path, f"not a Flux LoRA: {', '.join(sample)}{why}")
     fmt = labels.most_common(1)[0][0] if labels else _text_label(parts)
     dtypes = Counter(str(t.dtype).replace("torch.", "") for t in tensors.values())
     conventions = {p.convention for p in parts if p.kind in ("lora", "loha", "lokr")}
@@ -562,6 +575,72 @@ def _peft_config_for(loc_or_part, configs: dict) -> dict | None:
     return configs.get("")
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _pattern_problem(key) -> str | None:
+    """Why a PEFT pattern key may not be matched (None when it may). PEFT matches the keys with `re`, whose
+    backtracking takes exponential time on a repeated group (`(a|aa)+`, `(.*)*`) and high polynomial time on
+    many repetitions: at most one repetition (`*`, `+`, `{}`), never of a group, and two `?` or `|`."""
+    if not isinstance(key, str):
+        return "not a string"
+    if len(key) > MAX_PATTERN:
+        return f"longer than {MAX_PATTERN} characters"
+    reps = opts = 0
+    prev, i, in_class = "", 0, False
+    while i < len(key):
+        c = key[i]
+        if c == "\\":
+            prev, i = "x", i + 2
+            continue
+        if in_class:
+            if c == "]":
+                in_class = False
+            prev, i = "]", i + 1
+            continue
+        if c == "[":
+            in_class = True
+        elif c in "*+{":
+            if prev == ")":
+                return "a repeated group (matching it can take exponential time)"
+            reps += 1
+        elif c == "?" and prev not in ("(", "*", "+", "}", "?"):
+            opts += 1
+        elif c == "|":
+            opts += 1
+        prev, i = c, i + 1
+    if reps > 1 or opts > 2:
+        return "too many repetitions or alternatives (matching it can take a very long time)"
+    return None
+
+
+def _check_peft_configs(configs: dict, path: str) -> None:
+    """The PEFT metadata a scale is read from: alphas are numbers, patterns safe to match (see above)."""
+    for comp, cfg in configs.items():
+        where = f"{comp}." if comp else ""
+        alpha = cfg.get("lora_alpha")
+        if alpha is not None and not _is_number(alpha):
+            raise BadInput(path, f"PEFT metadata: {where}lora_alpha is {_short_repr(alpha)}, not a number")
+        patterns = cfg.get("alpha_pattern")
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise BadInput(path, f"PEFT metadata: {where}alpha_pattern is not an object")
+        for key, value in patterns.items():
+            if not _is_number(value):
+                raise BadInput(path, f"PEFT metadata: {where}alpha_pattern value of {_short_repr(key)} is "
+                                     f"{_short_repr(value)}, not a number")
+            problem = _pattern_problem(key)
+            if problem:
+                raise BadInput(path, f"PEFT metadata: {where}alpha_pattern key {_short_repr(key)}: {problem}")
+
+
+def _short_repr(x, limit: int = 60) -> str:
+    s = repr(x)
+    return s if len(s) <= limit else s[:limit] + "..."
+
+
 def _pattern_value(patterns: Mapping, module: str):
     """PEFT's rank/alpha pattern lookup: a key matches a module name ending in it."""
     for key, value in (patterns or {}).items():
@@ -652,7 +731,9 @@ def _make_parts(loc: _Loc, group: dict, configs: dict, label: str) -> tuple[list
         for r in dora:
             refused.append({"key": keys[r], "reason": "DoRA magnitude without LoRA weights"})
     full = take("diff", "diff_b")
-    if full and any(x.dim() > (2 if r == "diff" else 1) for r, x in full.items()):
+    if full and any(x.dim() == 0 for x in full.values()):
+        refused.append({"key": keys[next(iter(full))], "reason": "a single number where a weight difference belongs"})
+    elif full and any(x.dim() > (2 if r == "diff" else 1) for r, x in full.items()):
         refused.append({"key": keys[next(iter(full))], "reason": "convolution-only tensor: Flux, CLIP and T5 layers are Linear"})
     elif full:
         parts.append(Part(loc.family, loc.side, loc.module, "full", full, None, None, 1.0,
@@ -700,6 +781,9 @@ def _adapter_shape_problem(p: Part) -> str | None:
         for i in "12":
             if f"lokr_w{i}" not in t and t[f"lokr_w{i}_a"].shape[1] != t[f"lokr_w{i}_b"].shape[0]:
                 return f"shape mismatch: LoKr w{i}_a {list(t[f'lokr_w{i}_a'].shape)}, w{i}_b {list(t[f'lokr_w{i}_b'].shape)}"
+    if p.shape is not None and p.shape[0] * p.shape[1] > MAX_DELTA:
+        return (f"too large: its weight delta would be {list(p.shape)}, over {MAX_DELTA} elements "
+                "(no Flux, CLIP or T5 layer is that large)")
     dora = p.dora
     if dora is not None and p.shape is not None:
         out, inp = p.shape

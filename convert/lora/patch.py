@@ -23,6 +23,9 @@ from .layers import bias_delta, dora_weight, swap_halves, weight_delta
 F32 = torch.float32
 # The module whose input width a control LoRA may widen (BFL name; diffusers zero-pads it the same way).
 EXPANDABLE = {"flux-transformer": "img_in"}
+# How much wider a control LoRA may make that input (FLUX.1 Fill: 64 -> 384, Depth/Canny: 64 -> 128). A reshape
+# is a few integers in the file, so a hostile one could otherwise ask for terabytes of zero padding.
+MAX_EXPAND = 16
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ def resolve(part: Part, shapes: Mapping[str, tuple], allow_expand: bool = True) 
         if want == have:
             return patch  # nothing to do
         if not (allow_expand and _expandable(part, mods[0][0]) and len(want) == 2 and want[0] == have[0]
-                and want[1] > have[1]):
+                and have[1] < want[1] <= MAX_EXPAND * have[1]):
             return f"cannot reshape {mods[0][0]} from {list(have)} to {list(want)}"
         patch.expand[name] = want[1]
         return patch
@@ -128,7 +131,7 @@ def resolve(part: Part, shapes: Mapping[str, tuple], allow_expand: bool = True) 
             want = (n_rows, src[1]) if src is not None else (n_rows,)
             if have != want:
                 if (allow_expand and _expandable(part, mod) and len(have) == 2 and len(want) == 2
-                        and have[0] == want[0] and want[1] > have[1]):
+                        and have[0] == want[0] and have[1] < want[1] <= MAX_EXPAND * have[1]):
                     patch.expand[name] = want[1]
                 else:
                     return (f"shape mismatch: {part.module} gives {list(src or want)}, "

@@ -277,7 +277,8 @@ def _flux_side_a(lora: Lora, report, to: str) -> list:
         else:
             items.append(_renamed(p, name_a))
     for g in groups.values():
-        items += _fuse_group(g, lora, report, to)
+        if g["parts"]:  # (a group of set / reshape parts only has none)
+            items += _fuse_group(g, lora, report, to)
     return items
 
 
@@ -301,6 +302,10 @@ def _swapped(p: Part, module_a: str, report) -> Part:
         return replace(p, side=A, module=module_a, tensors=t)
     if p.kind == "full":
         t = {k: swap_halves(v) for k, v in t.items()}
+        return replace(p, side=A, module=module_a, tensors=t)
+    if p.kind in ("set", "reshape"):  # a value (rows in diffusers order) or a shape: nothing to materialize
+        if p.kind == "set" and t["value"].dim():
+            t["value"] = swap_halves(t["value"])
         return replace(p, side=A, module=module_a, tensors=t)
     # LoHa / LoKr rows cannot be swapped in factor space: materialize
     d = swap_halves(weight_delta(p))
