@@ -14,6 +14,7 @@ import traceback
 
 from . import __version__, host
 from .errors import BadInput
+from .jsonable import jsonable
 
 PROG = "fluxbridge"
 WEIGHT_LAYOUTS = ("bfl", "comfy", "diffusers")
@@ -42,15 +43,8 @@ def _library(command, module, function):
 
 # ---------------------------------------------------------------------------------------------- output
 
-def _jsonable(value):
-    """JSON for what reports may hold besides plain data: sets (sorted lists), paths, dtypes (strings)."""
-    if isinstance(value, (set, frozenset)):
-        return sorted(value, key=str)
-    return str(value)
-
-
 def _print_json(data):
-    print(json.dumps(data, indent=2, default=_jsonable))
+    print(json.dumps(jsonable(data), indent=2))
 
 
 def _short(value) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from . import host
 from .errors import BadInput
+from .jsonable import jsonable
 from .native_nodes import RunContext, native_specs
 from .workflows import (_id_key, _is_link, execution_order, find_cycle, our_specs, ui_to_api, unknown_inputs,
                         validate_api)
@@ -154,7 +155,7 @@ def _run(path, prompt, ui_workflow, models, out_dir, in_dir, overrides, progress
             report["executed"].append(nid)
             report["nodes"][nid] = {"class_type": cls, "seconds": round(seconds, 4),
                                     "outputs": [_describe(v, t) for v, (_, t) in zip(result, spec.outputs)],
-                                    "ui": _jsonable(ui) if ui else {}}
+                                    "ui": jsonable(ui) if ui else {}}
             for value in node.get("inputs", {}).values():
                 if _is_link(value):
                     src = str(value[0])
@@ -309,26 +310,6 @@ def _describe(value, io_type: str):
     elif io_type == "CONDITIONING" and isinstance(value, list) and value and hasattr(value[0][0], "shape"):
         desc.update(shape=list(value[0][0].shape))
     return desc
-
-
-def _jsonable(obj, depth=0):
-    if depth > 20:
-        return repr(obj)
-    if obj is None or isinstance(obj, (bool, int, str)):
-        return obj
-    if isinstance(obj, float):
-        return obj if obj == obj and abs(obj) != float("inf") else str(obj)
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v, depth + 1) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [_jsonable(v, depth + 1) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "tolist"):
-        return _jsonable(obj.tolist(), depth + 1)
-    if hasattr(obj, "value") and isinstance(getattr(obj, "value"), (str, int)):
-        return obj.value
-    return repr(obj)
 
 
 def _files(root: Path) -> dict[str, tuple]:

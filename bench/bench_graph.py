@@ -35,17 +35,7 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # run as a script from a checkout: import the pack as `fluxbridge`
-    try:
-        import fluxbridge  # noqa: F401
-    except ImportError:
-        import importlib.util
-        root = Path(__file__).resolve().parents[1]
-        spec = importlib.util.spec_from_file_location("fluxbridge", root / "__init__.py",
-                                                      submodule_search_locations=[str(root)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["fluxbridge"] = module
-        spec.loader.exec_module(module)
+import checkout  # noqa: E402,F401  (the pack as `fluxbridge`, installed or not)
 
 from fluxbridge import factory, host, models  # noqa: E402
 from fluxbridge.convert.write import convert_file  # noqa: E402

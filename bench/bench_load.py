@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+import checkout  # noqa: F401  (the pack as `fluxbridge`, installed or not)
+
 D, DOUBLE, SINGLE = 3072, 2, 4
 
 

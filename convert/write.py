@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInput
+from ..jsonable import jsonable
 from .detect import components
 from .extents import step_extents
 from .lora.formats import looks_like_lora
@@ -98,7 +99,7 @@ def convert_file(src, dst, to: str, dtype: str = "keep", loras=()) -> dict:
                 made += _make_dirs(out_dir)
                 made += [p for p in (out_dir / filename, out_dir / "config.json") if not p.exists()]
                 write_safetensors(out_dir / filename, comp_entries, metadata)
-                (out_dir / "config.json").write_text(json.dumps(_jsonable(config), indent=2))
+                (out_dir / "config.json").write_text(json.dumps(jsonable(config), indent=2))
         except BaseException:
             _remove(made)
             raise
@@ -152,5 +153,3 @@ def _open_loras(loras):
     return LoraSet.open(loras)
 
 
-def _jsonable(config: dict) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}

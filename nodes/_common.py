@@ -5,6 +5,7 @@ import numbers
 
 from .. import host
 from ..errors import BadInput
+from ..jsonable import jsonable
 
 io = host.comfy_io()
 
@@ -31,28 +32,11 @@ def ui(lines=(), payload: dict | None = None, **extra) -> dict | None:
     if lines:
         out["text"] = ["\n".join(lines)]
     if payload:
-        out["fluxbridge"] = [_jsonable(payload)]
+        out["fluxbridge"] = [jsonable(payload)]
     for key, value in extra.items():
         if value is not None:
-            out[key] = _jsonable(value)
+            out[key] = jsonable(value)
     return out or None
-
-
-def _jsonable(obj, depth: int = 0):
-    """Plain JSON values (tuples to lists, tensors to lists, dtypes and paths to strings)."""
-    if depth > 12:
-        return repr(obj)
-    if obj is None or isinstance(obj, (bool, int, str)):
-        return obj
-    if isinstance(obj, float):
-        return obj if obj == obj and abs(obj) != float("inf") else str(obj)
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v, depth + 1) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [_jsonable(v, depth + 1) for v in obj]
-    if hasattr(obj, "tolist"):
-        return _jsonable(obj.tolist(), depth + 1)
-    return str(obj)
 
 
 def files(kind: str) -> list:

@@ -91,3 +91,13 @@ def comfy_stubs(tmp_path):
         sys.modules.update(saved)
         from fluxbridge import host
         host.detect_host()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one intra-op thread is fastest, and immune to a busy machine's thread contention."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

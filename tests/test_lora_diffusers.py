@@ -18,12 +18,7 @@ from fluxbridge.factory import tiny_clip_l, tiny_flux_transformer, tiny_schedule
 FLUX, CLIP = "flux-transformer", "clip-l"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pipe(double=1, single=1):

@@ -18,13 +18,7 @@ from fluxbridge.factory import tiny_flux_transformer
 FLUX = "flux-transformer"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one intra-op thread is fastest (and immune to a busy machine's thread contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHAPES = {"small": dict(width=32, heads=2, double=1, single=1), "wide": dict(width=48, heads=3, double=2, single=2)}
 _MODELS = {}
