@@ -72,9 +72,10 @@ def convert_file(src, dst, to: str, dtype: str = "keep", loras=()) -> dict:
             plan_b[name], lambda n: source.extent(comp.names[n]) if hasattr(source, "extent") else None))
         comp_entries = []
         for name, step in plan_out.items():
-            out_dtype = _out_dtype(step, plan_b, source, comp, dtype)
-            ext = None if lora_set else step_extents(step, locate)
-            if ext is not None and _out_dtype(step, plan_b, source, comp, "keep") == out_dtype:
+            stored = _stored_dtype(step, plan_b, source, comp)
+            out_dtype = DTYPES[dtype] or stored
+            ext = None if lora_set or out_dtype != stored else step_extents(step, locate)
+            if ext is not None:
                 make = lambda ext=ext: ext  # unchanged bytes: copied file to file
             else:
                 make = lambda step=step, get_b=get_b, out_dtype=out_dtype: finish(materialize(step, get_b), out_dtype)
@@ -136,9 +137,8 @@ def finish(t, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _out_dtype(step, plan_b, source, comp, dtype: str) -> torch.dtype:
-    if DTYPES[dtype] is not None:
-        return DTYPES[dtype]
+def _stored_dtype(step, plan_b, source, comp) -> torch.dtype:
+    """The dtype a destination tensor has when kept as stored (`--dtype keep`)."""
     first = step.sources[0]
     origin = comp.names[plan_b[first].sources[0] if first in plan_b else first]
     if source.dtype_name(origin).startswith(("Q", "IQ")):
