@@ -168,11 +168,13 @@ def load_to_device(handles):
         return handles
     for h in list(_resident):
         if not any(h is x for x in handles):
-            h.model.to(h.offload_device)
+            if h.offload_device != h.load_device:  # `.to()` walks every parameter: only when it moves
+                h.model.to(h.offload_device)
             _resident.discard(h)
     for h in handles:
-        h.model.to(h.load_device)
-        _resident.add(h)
+        if h not in _resident:
+            h.model.to(h.load_device)
+            _resident.add(h)
     return handles
 
 
