@@ -159,8 +159,9 @@ def main():
     tasks = ("read", "ours", "diffusers", "copy", "convert")
     results = {t: [] for t in tasks}
     run_child("read", ckpt, work)  # warm the page cache
-    for _ in range(args.runs):
-        for t in tasks:  # interleaved, so drift hits every task alike
+    for r in range(args.runs):
+        order = tasks[r % len(tasks):] + tasks[:r % len(tasks)]  # rotated each round: no task always follows another
+        for t in order:  # interleaved, so drift hits every task alike
             results[t].append(run_child(t, ckpt, work))
     med = {t: statistics.median(r["seconds"] for r in results[t]) for t in tasks}
     rss = {t: max(r["peak_rss"] for r in results[t]) for t in tasks}  # growth over the imports
