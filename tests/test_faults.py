@@ -58,17 +58,15 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def on_host(model_dir, tmp_path, monkeypatch):
-    for var in ("FLUXBRIDGE_MODELS", "FLUXBRIDGE_OUTPUT", "FLUXBRIDGE_DEVICE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(host, "_models_dir", None)
-    monkeypatch.setattr(host, "_output_dir", None)
-    assert not host.detect_host()
-    host.set_models_dir(model_dir)
-    host.set_output_dir(tmp_path / "output")
-    host.clear_interrupt()
-    yield model_dir
-    host.clear_interrupt()
+def models_dir(model_dir):
+    """The standalone host fixture (conftest `standalone_host`) points at this module's models."""
+    return model_dir
+
+
+@pytest.fixture
+def on_host(standalone_host, models_dir):
+    """Standalone host on this module's models folder and a fresh output folder."""
+    yield models_dir
 
 
 @pytest.fixture

@@ -71,18 +71,15 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture
-def on_host(tiny_models, tmp_path, monkeypatch):
-    """Standalone host pointed at the tiny models folder and a fresh output folder."""
-    for var in ("FLUXBRIDGE_MODELS", "FLUXBRIDGE_OUTPUT", "FLUXBRIDGE_DEVICE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(host, "_models_dir", None)
-    monkeypatch.setattr(host, "_output_dir", None)
-    assert not host.detect_host()
-    host.set_models_dir(tiny_models)
-    host.set_output_dir(tmp_path / "output")
-    host.clear_interrupt()
-    yield tiny_models
-    host.clear_interrupt()
+def models_dir(tiny_models):
+    """The standalone host fixture (conftest `standalone_host`) points at this module's models."""
+    return tiny_models
+
+
+@pytest.fixture
+def on_host(standalone_host, models_dir):
+    """Standalone host on this module's models folder and a fresh output folder."""
+    yield models_dir
 
 
 def run(cls, **inputs):
