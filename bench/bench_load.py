@@ -1,7 +1,8 @@
 """Loading and converting a full-width Flux checkpoint, as ratios against references in the same run.
 
 Checkpoint: real BFL key names and shapes at D = 3072 with 2 double + 4 single blocks, bf16 (~2.6 GB).
-Each measurement runs in a fresh process (peak RSS is per process), warm page cache, median of N runs:
+Each measurement runs in a fresh process (peak RSS is per process), warm page cache; N rounds, the task order
+rotated every round; ratios are taken pair by pair within a round and the median is printed:
 
   load   ours: `load_model` to a ready model (then every parameter page read)  vs
          diffusers: `FluxTransformer2DModel.from_single_file(config=local)` (+ the same page read)
@@ -10,7 +11,7 @@ Each measurement runs in a fresh process (peak RSS is per process), warm page ca
 
 Targets: load <= 0.5x diffusers and <= 1.3x plain read; load peak RSS <= 1.15x file;
 convert <= 1.3x copy with peak RSS < 25 % of the file.
-Run: python bench/bench_load.py [--runs 3] [--dir /tmp/fluxbridge-bench]
+Run: python bench/bench_load.py [--runs 5] [--dir /tmp/fluxbridge-bench]
 """
 from __future__ import annotations
 
@@ -142,7 +143,7 @@ def run_child(task, ckpt, work) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--dir", default="/tmp/fluxbridge-bench")
     ap.add_argument("--child")
     ap.add_argument("--ckpt")
@@ -157,24 +158,37 @@ def main():
     make_config(work / "config")
     size = ckpt.stat().st_size
     tasks = ("read", "ours", "diffusers", "copy", "convert")
+    outputs = {"copy": work / "copy.safetensors", "convert": work / "converted.safetensors"}
     results = {t: [] for t in tasks}
     run_child("read", ckpt, work)  # warm the page cache
     for r in range(args.runs):
         order = tasks[r % len(tasks):] + tasks[:r % len(tasks)]  # rotated each round: no task always follows another
         for t in order:  # interleaved, so drift hits every task alike
+            if t in outputs:  # both write a new file: neither pays for freeing the last run's 2.6 GB
+                outputs[t].unlink(missing_ok=True)
+                os.sync()
             results[t].append(run_child(t, ckpt, work))
+    for out in outputs.values():
+        out.unlink(missing_ok=True)
     med = {t: statistics.median(r["seconds"] for r in results[t]) for t in tasks}
     rss = {t: max(r["peak_rss"] for r in results[t]) for t in tasks}  # growth over the imports
     print(f"checkpoint: {size / 1e9:.2f} GB, D={D}, {DOUBLE} double + {SINGLE} single blocks, bf16; "
-          f"median of {args.runs} runs, warm page cache")
+          f"{args.runs} rounds, warm page cache")
     for t in tasks:
-        print(f"  {t:10s} {med[t]:7.3f} s   peak RSS growth {rss[t] / 1e9:6.2f} GB")
-    print("ratios:")
-    print(f"  load vs diffusers from_single_file : {med['ours'] / med['diffusers']:.2f}x   (target <= 0.5)")
-    print(f"  load vs plain read                 : {med['ours'] / med['read']:.2f}x   (target <= 1.3)")
-    print(f"  load peak RSS vs file size         : {rss['ours'] / size:.2f}x   (target <= 1.15)")
-    print(f"  convert vs plain copy              : {med['convert'] / med['copy']:.2f}x   (target <= 1.3)")
-    print(f"  convert peak RSS vs file size      : {rss['convert'] / size:.2f}x   (target < 0.25)")
+        print(f"  {t:10s} median {med[t]:7.3f} s  (min {min(r['seconds'] for r in results[t]):.3f}, max "
+              f"{max(r['seconds'] for r in results[t]):.3f})   peak RSS growth {rss[t] / 1e9:6.2f} GB")
+
+    def ratio(a, b, label, target):  # pair by pair within a round, so drift between rounds cancels
+        rs = sorted(x["seconds"] / y["seconds"] for x, y in zip(results[a], results[b]))
+        print(f"  {label:35s}: {statistics.median(rs):.2f}x   (min {rs[0]:.2f}, max {rs[-1]:.2f}; "
+              f"target <= {target})")
+
+    print("ratios, per round, median:")
+    ratio("ours", "diffusers", "load vs diffusers from_single_file", 0.5)
+    ratio("ours", "read", "load vs plain read", 1.3)
+    ratio("convert", "copy", "convert vs plain copy", 1.3)
+    print(f"  {'load peak RSS vs file size':35s}: {rss['ours'] / size:.2f}x   (target <= 1.15)")
+    print(f"  {'convert peak RSS vs file size':35s}: {rss['convert'] / size:.2f}x   (target < 0.25)")
 
 
 if __name__ == "__main__":

