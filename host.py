@@ -119,6 +119,30 @@ def compute_dtype(device=None):
 
 # ------------------------------------------------------------------------------------ memory management
 
+LORA_HEADROOM = 2 << 30  # bytes left free beside kept originals, for the sampler's activations
+
+
+def lora_originals_device(device, nbytes: int):
+    """Where the original weights wait while LoRAs are applied to a model on `device` (`nbytes` of them):
+    None (where they are) on the CPU, on unified memory, or where the device has room for them and some
+    headroom; else the offload device, where ComfyUI keeps its own LoRA backups."""
+    import torch
+    device = torch.device(device)
+    if device.type in ("cpu", "mps"):
+        return None
+    free = _mm.get_free_memory(device) if IN_COMFY else _free_memory(device)
+    return None if free >= nbytes + LORA_HEADROOM else offload_device()
+
+
+def _free_memory(device) -> int:
+    """Standalone: bytes free on a CUDA device, counting what torch holds cached but unused."""
+    import torch
+    if device.type != "cuda":
+        return 0
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 class Handle:
     """Standalone stand-in for ComfyUI's `ModelPatcher`: the module and the two devices it moves between."""
 

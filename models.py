@@ -24,7 +24,8 @@ Caching and LoRAs (the design, in short):
   different LoRAs on one base each patch it for their own node's run only (ComfyUI and the runner execute
   one node at a time), and the cached base stays clean between nodes and between runs. Removal is exact:
   `convert.lora.apply_loras` puts the original tensor objects back (dense weights) or drops its forward
-  hooks (fp8 / quantized weights, which stay as they are).
+  hooks (fp8 / quantized weights, which stay as they are). While applied, the originals stay on the model's
+  device when it has room for them (`host.lora_originals_device`), else they wait on the offload device.
 """
 from __future__ import annotations
 
@@ -77,7 +78,9 @@ def _apply_stack(module, family: str, loras, strength_of: Callable[[LoraEntry], 
     if not pairs:
         return None
     from .convert.lora.apply import apply_loras
-    return apply_loras(module, family, pairs)
+    device = next(module.parameters()).device
+    return apply_loras(module, family, pairs,
+                       originals_device=lambda nbytes: host.lora_originals_device(device, nbytes))
 
 
 @contextlib.contextmanager

@@ -54,6 +54,15 @@ def test_standalone_handles_keep_only_the_working_set_on_the_device(standalone_h
     host.soft_empty_cache()
 
 
+def test_lora_originals_stay_unless_the_device_is_short(standalone_host, monkeypatch):
+    host = standalone_host
+    assert host.lora_originals_device("cpu", 10 ** 15) is None  # nothing to gain by moving on the CPU
+    assert host.lora_originals_device("mps", 10 ** 15) is None  # unified memory: same RAM either way
+    monkeypatch.setattr(host, "_free_memory", lambda device: 5 << 30)
+    assert host.lora_originals_device("cuda:0", 2 << 30) is None  # room for them and the headroom
+    assert host.lora_originals_device("cuda:0", 4 << 30) == torch.device("cpu")  # short: wait offloaded
+
+
 def test_progress_outside_the_host_is_tqdm(standalone_host):
     bar = standalone_host.progress(4)
     assert isinstance(bar._tqdm, tqdm)
@@ -218,6 +227,16 @@ def test_inside_comfy_devices_and_dtype_come_from_the_host(comfy_stubs, monkeypa
     assert host.compute_dtype() == torch.bfloat16
     monkeypatch.setattr(mm, "intermediate_device", lambda: torch.device("meta"))
     assert host.intermediate_device() == torch.device("meta")
+
+
+def test_inside_comfy_free_memory_comes_from_the_host(comfy_stubs, monkeypatch):
+    host, mm = comfy_stubs.host, comfy_stubs.mm
+    asked = []
+    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: asked.append(dev) or 3 << 30)
+    monkeypatch.setattr(mm, "unet_offload_device", lambda: torch.device("meta"))  # the host's choice, whatever it is
+    assert host.lora_originals_device("cuda:1", 512 << 20) is None
+    assert host.lora_originals_device("cuda:1", 2 << 30) == torch.device("meta")
+    assert asked == [torch.device("cuda:1")] * 2
 
 
 def test_inside_comfy_progress_and_interrupt(comfy_stubs):

@@ -114,6 +114,57 @@ def test_bf16_weights_fp32_arithmetic_cast_back():
     assert_bitwise(m, snap)
 
 
+def test_patched_tensors_go_in_one_closure_at_a_time(monkeypatch):
+    """Each closure is swapped in before the next is computed, so an offloaded original leaves the model's
+    device before the next new tensor is made there; a callable `originals_device` is asked once, with the
+    bytes of the originals to keep, and its answer is used for every tensor."""
+    gen = torch.Generator().manual_seed(4)
+    m = model()
+    snap = snapshot(m)
+    k, _ = lora_of("kohya", KOHYA, gen, name="k")
+    events, asked = [], []
+    real_compute, real_assign = patch_mod.Plan.compute, apply_mod._assign
+
+    def compute(self, params, *a, **kw):
+        out = real_compute(self, params, *a, **kw)
+        events.append(("compute", sorted(out)))
+        return out
+
+    def assign(handle, param, tensor, keep_on=None):
+        events.append(("assign", keep_on))
+        return real_assign(handle, param, tensor, keep_on)
+
+    def where(nbytes):
+        asked.append(nbytes)
+        return "cpu"
+
+    monkeypatch.setattr(patch_mod.Plan, "compute", compute)
+    monkeypatch.setattr(apply_mod, "_assign", assign)
+    params = dict(m.named_parameters())
+    with apply_loras(m, FLUX, [(k, 1.0)], originals_device=where) as h:
+        patched = {n for n, p in m.named_parameters() if not torch.equal(p, snap[n])}
+        kinds = [e[0] for e in events]
+        assert kinds == ["compute", "assign"] * (len(kinds) // 2)  # one tensor per closure here
+        assert {e[1] for e in events if e[0] == "assign"} == {"cpu"}
+        assert asked == [sum(snap[n].nbytes for n in patched)]
+        assert len(h._originals) == len(patched) and all(params[n] is p for n, p in m.named_parameters())
+    assert_bitwise(m, snap)
+
+
+def test_node_models_ask_the_host_where_originals_wait(monkeypatch):
+    from fluxbridge import host, models
+    gen = torch.Generator().manual_seed(6)
+    m = model()
+    snap = snapshot(m)
+    k, _ = lora_of("kohya", KOHYA, gen, name="k")
+    asked = []
+    monkeypatch.setattr(host, "lora_originals_device", lambda device, nbytes: asked.append((device, nbytes)))
+    with models._patched(m, FLUX, (models.LoraEntry("k", k, 1.0),), lambda e: e.strength):
+        patched = [n for n, p in m.named_parameters() if not torch.equal(p, snap[n])]
+    assert patched and asked == [(torch.device("cpu"), sum(snap[n].nbytes for n in patched))]
+    assert_bitwise(m, snap)
+
+
 @pytest.mark.parametrize("where", ["compute", "swap"])
 def test_injected_failure_leaves_model_bitwise_unchanged(monkeypatch, where):
     gen = torch.Generator().manual_seed(2)

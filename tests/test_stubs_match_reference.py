@@ -26,6 +26,7 @@ EXPECTED = [
      "(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None, force_full_load=False)",
      "reference 3.1"),
     ("comfy.model_management", "soft_empty_cache", "(force=False)", "reference 3.1"),
+    ("comfy.model_management", "get_free_memory", "(dev=None, torch_free_too=False)", "reference 3.1"),
     ("comfy.model_management", "processing_interrupted", "()", "reference 3.1"),
     ("comfy.model_management", "throw_exception_if_processing_interrupted", "()", "reference 3.1"),
     ("comfy.model_management", "interrupt_current_processing", "(value=True)", "reference 3.1 + source"),

@@ -4,9 +4,11 @@
 `FluxTransformer2DModel` or a transformers CLIP-L / T5 encoder and returns a `LoraHandle`; `.remove()`
 puts the original tensors back (the very tensor objects, so the result is bitwise the original).
 
-Dense weights (fp32 / bf16 / fp16): every patched tensor is computed first (`Plan.compute`, float32, cast
-back to the weight's dtype) into a new tensor; only when all are ready are they swapped in (`param.data`),
-so a failure anywhere leaves the model untouched. Memory: the new tensors while the originals are kept.
+Dense weights (fp32 / bf16 / fp16): each patched tensor is computed (`Plan.compute`, float32, cast back to the
+weight's dtype) into a new tensor and swapped in (`param.data`), one closure at a time; a failure anywhere
+puts back what was already swapped, so the model is as before. Memory: the new tensors while the originals
+are kept, where they are or, with `originals_device`, elsewhere (a GPU then holds about one extra tensor at
+a time, not a second copy of every patched weight).
 
 Quantized weights (float8 storage with upcast compute, or a GGUF-like tensor with `.dequantize`): the
 weight stays quantized; a forward hook adds the patch to the layer's output on the fly in the compute
@@ -141,9 +143,10 @@ def apply_loras(model: torch.nn.Module, family: str | None = None, loras=(),
     """Patch `model` with LoRAs in order; the parts for other families are ignored.
 
     On a text encoder the strength of an item is its own text strength (3-tuples), else `text_strength`,
-    else the item's strength. `originals_device` (e.g. "cpu" for a big model on a GPU) is where the
-    original tensors wait for `remove()`; by default they stay where they are. Raises `BadInput` when a
-    LoRA has parts for this family and none fits it.
+    else the item's strength. `originals_device` is where the original tensors wait for `remove()`: None
+    (where they are), a device (e.g. "cpu" for a big model on a GPU), or a callable given the bytes of the
+    originals to keep and returning one of those. Raises `BadInput` when a LoRA has parts for this family
+    and none fits it.
     """
     family = family or guess_family(model)
     items = normalize(loras)
@@ -180,26 +183,26 @@ def apply_loras(model: torch.nn.Module, family: str | None = None, loras=(),
     for patch in hooked:
         plan.reports[patch.lora]["mode"]["hook"] += 1
 
-    # 1. compute everything (the model is not touched)
     dense_plan = plan.subset(dense)
-    new: dict[str, torch.Tensor] = {}
-    for group in dense_plan.closures():
-        new.update(dense_plan.compute(group, lambda n: params[n].data))
-    sidecars: dict[str, _Sidecar] = {}
-    for patch in hooked:
-        for mod, terms in _sidecar_terms(patch).items():
-            sidecars.setdefault(mod, _Sidecar()).terms.extend(terms)
-
-    # 2. swap in (rolled back on any failure)
+    if callable(originals_device):
+        originals_device = originals_device(sum(params[n].nbytes for n in dense_plan.params))
     handle = LoraHandle(model, family, [
         dict(lora.report, applied=report, not_placed=lora.not_placed + report["not_placed"])
         for (lora, _), report in zip(weighted, plan.reports)])
-    try:
-        for name, tensor in new.items():
-            _assign(handle, params[name], tensor, originals_device)
+    try:  # any failure puts back what was swapped in so far
+        # Closures are disjoint and a closure's result depends only on its own parameters' current values
+        # (a fused patch also works out its other targets, but those values are dropped), so the tensors
+        # already swapped in never feed another closure's result.
+        for group in dense_plan.closures():
+            for name, tensor in dense_plan.compute(group, lambda n: params[n].data).items():
+                _assign(handle, params[name], tensor, originals_device)
         for name, width in plan.expand.items():
-            if name in new:
+            if name in dense_plan.params:
                 _expand_module(handle, model, modules, name, width)
+        sidecars: dict[str, _Sidecar] = {}
+        for patch in hooked:
+            for mod, terms in _sidecar_terms(patch).items():
+                sidecars.setdefault(mod, _Sidecar()).terms.extend(terms)
         for mod, sidecar in sidecars.items():
             handle._hooks.append(modules[mod].register_forward_hook(sidecar, with_kwargs=True))
     except BaseException:

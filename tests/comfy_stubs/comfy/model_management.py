@@ -22,6 +22,12 @@ def intermediate_device():
     return torch.device("cpu")
 
 
+def get_free_memory(dev=None, torch_free_too=False):
+    import psutil
+    free = psutil.virtual_memory().available  # what ComfyUI reports for the CPU
+    return (free, free) if torch_free_too else free
+
+
 def should_use_bf16(device=None, model_params=0, prioritize_performance=True, manual_cast=False):
     return False
 
