@@ -124,8 +124,9 @@ LORA_HEADROOM = 2 << 30  # bytes left free beside kept originals, for the sample
 
 def lora_originals_device(device, nbytes: int):
     """Where the original weights wait while LoRAs are applied to a model on `device` (`nbytes` of them):
-    None (where they are) on the CPU, on unified memory, or where the device has room for them and some
-    headroom; else the offload device, where ComfyUI keeps its own LoRA backups."""
+    None (where they are) on the CPU, on unified memory, or where the device has room for the patched
+    copies (as many bytes again) and some headroom; else the offload device, where ComfyUI keeps its own
+    LoRA backups."""
     import torch
     device = torch.device(device)
     if device.type in ("cpu", "mps"):
