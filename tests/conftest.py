@@ -1,4 +1,5 @@
-"""Shared fixtures. Also makes `import fluxbridge` mean *this* checkout, installed or not.
+"""Shared fixtures. Also makes `import fluxbridge` mean *this* checkout, installed or not, and puts
+`tests/helpers` (plain modules the test files share, e.g. `gguf_bytes`) on `sys.path`.
 
 Never put a conftest.py at the repository root: the root is the package (it has an `__init__.py`).
 """
@@ -30,6 +31,7 @@ def _bind_checkout():
 
 
 _bind_checkout()
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))  # importlib mode: no test dir on the path
 
 
 def _is_stub_module(name):
@@ -59,6 +61,13 @@ def standalone_host(models_dir, tmp_path, monkeypatch):
     host.clear_interrupt()
     yield host
     host.clear_interrupt()
+
+
+@pytest.fixture
+def on_host(standalone_host, models_dir):
+    """The standalone host on `models_dir` (a module with its own models overrides `models_dir`); gives
+    that folder."""
+    return models_dir
 
 
 @pytest.fixture

@@ -64,12 +64,6 @@ def models_dir(model_dir):
 
 
 @pytest.fixture
-def on_host(standalone_host, models_dir):
-    """Standalone host on this module's models folder and a fresh output folder."""
-    yield models_dir
-
-
-@pytest.fixture
 def fault():
     """A monkeypatch of its own for the injected faults: undoing it leaves the host fixture alone."""
     mp = pytest.MonkeyPatch()

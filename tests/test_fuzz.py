@@ -37,6 +37,7 @@ from fluxbridge.convert.lora.patch import Plan
 from fluxbridge.convert.lora.write import TARGETS, render_lora
 from fluxbridge.convert.safetensors_io import DTYPES, open_weights
 from fluxbridge.errors import BadInput
+from gguf_bytes import ARCH, gguf_bytes, gguf_string  # tests/helpers
 
 # FLUXBRIDGE_FUZZ_EXAMPLES=20000 runs a longer campaign locally
 FUZZ = settings(max_examples=int(os.environ.get("FLUXBRIDGE_FUZZ_EXAMPLES", "150")), deadline=None, database=None,
@@ -134,10 +135,6 @@ def test_fuzz_safetensors_headers(blob):
 
 # ------------------------------------------------------------------------------------------------ GGUF
 
-def _gstr(b: bytes) -> bytes:
-    return struct.pack("<Q", len(b)) + b
-
-
 VALUE_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 
 
@@ -159,7 +156,7 @@ def st_gguf_value(draw, depth=0) -> bytes:
             if itype in VALUE_SIZES:
                 items += draw(st.binary(min_size=VALUE_SIZES[itype], max_size=VALUE_SIZES[itype]))
             elif itype == 8:
-                items += _gstr(draw(st.binary(max_size=6)))
+                items += gguf_string(draw(st.binary(max_size=6)))
             elif itype == 9 and depth == 0:
                 items += draw(st_gguf_value(depth=1))[4:]
         return blob + struct.pack("<IQ", itype, count % 2 ** 64) + items
@@ -180,26 +177,12 @@ def st_gguf(draw) -> bytes:
         tensors.append((draw(NAMES).encode(), dims, draw(GGML_TYPES), draw(st.integers(0, 128) | HUGE)))
     n_tensors = len(tensors) if draw(st.integers(0, 5)) else draw(HUGE)
     n_kv = len(kv) if draw(st.integers(0, 5)) else draw(HUGE)
-    head = b"GGUF" + struct.pack("<IQQ", version, n_tensors % 2 ** 64, n_kv % 2 ** 64)
-    for key, value in kv:
-        head += _gstr(key.encode()) + value
-    for name, dims, qtype, offset in tensors:
-        head += _gstr(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *(d % 2 ** 64 for d in dims))
-        head += struct.pack("<IQ", qtype % 2 ** 32, offset % 2 ** 64)
-    head += b"\0" * (-len(head) % 32)
-    return head + draw(st.binary(max_size=600))
+    tensors = [(name, [d % 2 ** 64 for d in dims], qtype % 2 ** 32, offset % 2 ** 64)
+               for name, dims, qtype, offset in tensors]
+    return gguf_bytes(kv, tensors, draw(st.binary(max_size=600)), version, n_tensors % 2 ** 64, n_kv % 2 ** 64)
 
 
-def _valid_gguf() -> bytes:
-    head = b"GGUF" + struct.pack("<IQQ", 3, 2, 1) + _gstr(b"general.architecture") + struct.pack("<I", 8)
-    head += _gstr(b"flux")
-    head += _gstr(b"img_in.weight") + struct.pack("<I", 2) + struct.pack("<2Q", 32, 2) + struct.pack("<IQ", 8, 0)
-    head += _gstr(b"img_in.bias") + struct.pack("<I", 1) + struct.pack("<Q", 2) + struct.pack("<IQ", 0, 96)
-    head += b"\0" * (-len(head) % 32)
-    return head + b"\0" * 104
-
-
-VALID_GGUF = _valid_gguf()
+VALID_GGUF = gguf_bytes([ARCH], [("img_in.weight", (32, 2), 8, 0), ("img_in.bias", (2,), 0, 96)], b"\0" * 104)
 
 
 def _check_gguf(blob: bytes) -> None:

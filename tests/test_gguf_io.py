@@ -18,6 +18,7 @@ from fluxbridge.convert.gguf_io import GGUF_MISSING, QTYPES, GGUFFile, GGUFTenso
 from fluxbridge.convert.safetensors_io import open_weights  # noqa: E402
 from fluxbridge.convert.table import cat_rows, narrow_rows, swap_halves  # noqa: E402
 from fluxbridge.errors import BadInput  # noqa: E402
+from gguf_bytes import ARCH, gguf_bytes, gguf_string  # noqa: E402  (tests/helpers)
 
 QUANTIZABLE = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.BF16]  # gguf-py 0.19 can quantize these
 K_QUANTS = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]  # it cannot quantize these: random valid blocks
@@ -245,55 +246,37 @@ def test_missing_gguf_package_is_bad_input(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------ hostile files
 
-def _s(x: str) -> bytes:
-    b = x.encode()
-    return struct.pack("<Q", len(b)) + b
-
-
-def hand_gguf(kv=(), tensors=(), data=b"", version=3, n_tensors=None, n_kv=None, magic=b"GGUF") -> bytes:
-    head = magic + struct.pack("<I", version)
-    head += struct.pack("<QQ", len(tensors) if n_tensors is None else n_tensors, len(kv) if n_kv is None else n_kv)
-    for key, blob in kv:
-        head += _s(key) + blob
-    for name, dims, qtype, offset in tensors:
-        head += _s(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
-        head += struct.pack("<IQ", qtype, offset)
-    head += b"\0" * (-len(head) % 32)
-    return head + data
-
-
-ARCH = ("general.architecture", struct.pack("<I", 8) + _s("flux"))
 
 
 def test_hand_built_gguf_is_readable(tmp_path):
     data = np.arange(8, dtype=np.float32).tobytes()
     p = tmp_path / "ok.gguf"
-    p.write_bytes(hand_gguf([ARCH], [("w", (4, 2), 0, 0)], data))
+    p.write_bytes(gguf_bytes([ARCH], [("w", (4, 2), 0, 0)], data))
     g = open_weights(p)
     assert g.shape("w") == (2, 4) and torch.equal(g["w"], torch.arange(8.0).reshape(2, 4))
 
 
 @pytest.mark.parametrize("blob, match", [
-    (hand_gguf([ARCH], n_tensors=2 ** 40), "corrupt header: 1099511627776 tensors"),
-    (hand_gguf([ARCH], n_kv=2 ** 50), "metadata entries"),
-    (hand_gguf([("a", struct.pack("<I", 9) + struct.pack("<IQ", 4, 2 ** 40))]), "truncated: array 'a'"),
-    (hand_gguf([("a", struct.pack("<I", 9) + struct.pack("<IQ", 8, 2 ** 40))]), "truncated: array 'a'"),
-    (hand_gguf([("a", struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) + struct.pack("<IQ", 4, 1))]), "nested array"),
-    (hand_gguf([("a", struct.pack("<I", 77))]), "unknown value type 77"),
-    (hand_gguf([("a", struct.pack("<I", 8) + struct.pack("<Q", 2 ** 60))]), "truncated"),
-    (hand_gguf([ARCH, ARCH]), "duplicate metadata key"),
-    (hand_gguf([("general.alignment", struct.pack("<I", 4) + struct.pack("<I", 24))]), "power of two"),
-    (hand_gguf([], [("w", (64,), 99, 0)], b"\0" * 256), "unknown GGML type 99"),
-    (hand_gguf([], [("w", (64,), 9, 0)], b"\0" * 256), "tensor 'w' has GGML type Q8_1, which cannot be dequantized"),
-    (hand_gguf([], [("w", (64,), 0, 0)], b"\0" * 16), "truncated: tensor 'w' ends at byte"),
-    (hand_gguf([], [("w", (2 ** 40, 2 ** 40), 0, 0)], b"\0" * 16), "corrupt header: tensor 'w' has shape"),
-    (hand_gguf([], [("w", (31,), 8, 0)], b"\0" * 64), "not whole blocks of 32"),
-    (hand_gguf([], [("a", (8,), 0, 0), ("b", (8,), 0, 16)], b"\0" * 64), "overlap"),
-    (hand_gguf([], [("a", (8,), 0, 0), ("a", (8,), 0, 32)], b"\0" * 64), "appears twice"),
-    (hand_gguf([], [("w", (1,) * 9, 0, 0)], b"\0" * 64), "9 dimensions"),
-    (hand_gguf([], [], version=1), "version 1 is not supported"),
-    (hand_gguf([], [], version=3 << 24), "big-endian"),
-    (hand_gguf([("\xff", b"")]).replace(_s("\xff"), struct.pack("<Q", 1) + b"\xff"), "not UTF-8"),
+    (gguf_bytes([ARCH], n_tensors=2 ** 40), "corrupt header: 1099511627776 tensors"),
+    (gguf_bytes([ARCH], n_kv=2 ** 50), "metadata entries"),
+    (gguf_bytes([("a", struct.pack("<I", 9) + struct.pack("<IQ", 4, 2 ** 40))]), "truncated: array 'a'"),
+    (gguf_bytes([("a", struct.pack("<I", 9) + struct.pack("<IQ", 8, 2 ** 40))]), "truncated: array 'a'"),
+    (gguf_bytes([("a", struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) + struct.pack("<IQ", 4, 1))]), "nested array"),
+    (gguf_bytes([("a", struct.pack("<I", 77))]), "unknown value type 77"),
+    (gguf_bytes([("a", struct.pack("<I", 8) + struct.pack("<Q", 2 ** 60))]), "truncated"),
+    (gguf_bytes([ARCH, ARCH]), "duplicate metadata key"),
+    (gguf_bytes([("general.alignment", struct.pack("<I", 4) + struct.pack("<I", 24))]), "power of two"),
+    (gguf_bytes([], [("w", (64,), 99, 0)], b"\0" * 256), "unknown GGML type 99"),
+    (gguf_bytes([], [("w", (64,), 9, 0)], b"\0" * 256), "tensor 'w' has GGML type Q8_1, which cannot be dequantized"),
+    (gguf_bytes([], [("w", (64,), 0, 0)], b"\0" * 16), "truncated: tensor 'w' ends at byte"),
+    (gguf_bytes([], [("w", (2 ** 40, 2 ** 40), 0, 0)], b"\0" * 16), "corrupt header: tensor 'w' has shape"),
+    (gguf_bytes([], [("w", (31,), 8, 0)], b"\0" * 64), "not whole blocks of 32"),
+    (gguf_bytes([], [("a", (8,), 0, 0), ("b", (8,), 0, 16)], b"\0" * 64), "overlap"),
+    (gguf_bytes([], [("a", (8,), 0, 0), ("a", (8,), 0, 32)], b"\0" * 64), "appears twice"),
+    (gguf_bytes([], [("w", (1,) * 9, 0, 0)], b"\0" * 64), "9 dimensions"),
+    (gguf_bytes([], [], version=1), "version 1 is not supported"),
+    (gguf_bytes([], [], version=3 << 24), "big-endian"),
+    (gguf_bytes([("\xff", b"")]).replace(gguf_string("\xff"), struct.pack("<Q", 1) + b"\xff"), "not UTF-8"),
     (b"GGML" + b"\0" * 60, "not a GGUF file"),
     (b"", "empty"),
 ], ids=lambda x: None if isinstance(x, bytes) else x[:30])

@@ -76,12 +76,6 @@ def models_dir(tiny_models):
     return tiny_models
 
 
-@pytest.fixture
-def on_host(standalone_host, models_dir):
-    """Standalone host on this module's models folder and a fresh output folder."""
-    yield models_dir
-
-
 def run(cls, **inputs):
     """Execute one node; returns (outputs tuple, ui dict)."""
     out = cls.execute(**inputs)

@@ -34,6 +34,7 @@ import fluxbridge
 from fluxbridge import cli, demo, factory, host, models, native_nodes, runner
 from fluxbridge.errors import BadInput
 from fluxbridge.nodes import conditioning, convert, latent, loaders, sampling
+from gguf_bytes import ARCH, gguf_bytes  # tests/helpers
 
 GOOD = "flux-good.safetensors"  # the tiny transformer every "good request" uses
 GOOD_LORA = "good-lora.safetensors"
@@ -88,27 +89,7 @@ def _overlap(header, data):
     return header, data
 
 
-def gguf_string(s: str) -> bytes:
-    b = s.encode()
-    return struct.pack("<Q", len(b)) + b
-
-
-def gguf_file(kv=(), tensors=(), data=b"", version=3, n_tensors=None) -> bytes:
-    """A GGUF file written by hand: kv = [(key, value type + value bytes)], tensors = [(name, ggml dims
-    (innermost first), ggml type, offset)]."""
-    head = b"GGUF" + struct.pack("<I", version)
-    head += struct.pack("<QQ", len(tensors) if n_tensors is None else n_tensors, len(kv))
-    for key, blob in kv:
-        head += gguf_string(key) + blob
-    for name, dims, qtype, offset in tensors:
-        head += gguf_string(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
-        head += struct.pack("<IQ", qtype, offset)
-    head += b"\0" * (-len(head) % 32)
-    return head + data
-
-
-ARCH = ("general.architecture", struct.pack("<I", 8) + gguf_string("flux"))
-GOOD_GGUF = gguf_file([ARCH], [("img_in.weight", (64, 32), 0, 0), ("img_in.bias", (32,), 0, 64 * 32 * 4)],
+GOOD_GGUF = gguf_bytes([ARCH], [("img_in.weight", (64, 32), 0, 0), ("img_in.bias", (32,), 0, 64 * 32 * 4)],
                       b"\0" * (64 * 32 * 4 + 32 * 4))
 
 
@@ -214,9 +195,9 @@ def world(tmp_path_factory) -> World:
         "text.safetensors": b"hello, I am not a weights file\n" * 4,
         "truncated.gguf": GOOD_GGUF[: len(GOOD_GGUF) - 100],
         "bitflip-version.gguf": flip_bit(GOOD_GGUF, 4, 3),
-        "tensor-count.gguf": gguf_file([ARCH], n_tensors=2 ** 40),
-        "terabyte-tensor.gguf": gguf_file([ARCH], [("img_in.weight", (2 ** 20, 2 ** 20), 0, 0)], b"\0" * 64),
-        "string-length.gguf": gguf_file([("general.name", struct.pack("<I", 8) + struct.pack("<Q", 2 ** 60))]),
+        "tensor-count.gguf": gguf_bytes([ARCH], n_tensors=2 ** 40),
+        "terabyte-tensor.gguf": gguf_bytes([ARCH], [("img_in.weight", (2 ** 20, 2 ** 20), 0, 0)], b"\0" * 64),
+        "string-length.gguf": gguf_bytes([("general.name", struct.pack("<I", 8) + struct.pack("<Q", 2 ** 60))]),
     }
     for name, blob in hostile.items():
         (dm / name).write_bytes(blob)
