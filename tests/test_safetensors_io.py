@@ -471,7 +471,7 @@ def test_writer_starts_writeback_of_finished_ranges(tmp_path, monkeypatch):
     import fluxbridge.convert.safetensors_io as sio
     sd = sample_tensors()
     ranges, results = [], []
-    real = sio._SYNC_FILE_RANGE
+    real = sio._sync_file_range()
 
     def spy(fd, offset, nbytes):
         assert os.fstat(fd).st_size >= offset + nbytes  # only bytes already in the file
