@@ -12,7 +12,7 @@ WEB_DIRECTORY = "./web"  # the frontend extension; registered here only, not in 
 
 async def comfy_entrypoint():
     """ComfyUI (>= 0.3.47) calls this and registers the nodes of the extension it returns."""
-    from .host import extension_class
+    from .runtime.host import extension_class
     from .nodes import NODE_LIST
 
     class FluxBridgeExtension(extension_class()):

@@ -1,6 +1,6 @@
 """`python -m fluxbridge ...`: the same as the `fluxbridge` command."""
 import sys
 
-from .cli import main
+from .headless.cli import main
 
 sys.exit(main())

@@ -42,7 +42,7 @@ import torch
 
 import checkout  # noqa: E402,F401  (the pack as `fluxbridge`, installed or not)
 
-from fluxbridge import host  # noqa: E402
+from fluxbridge.runtime import host  # noqa: E402
 from fluxbridge import pipeline as P  # noqa: E402
 from fluxbridge.pipeline import vae as vae_lib  # noqa: E402
 from fluxbridge.pipeline.sample import sample  # noqa: E402

@@ -37,13 +37,14 @@ import torch
 
 import checkout  # noqa: E402,F401  (the pack as `fluxbridge`, installed or not)
 
-from fluxbridge import factory, host, models  # noqa: E402
+from fluxbridge.headless import factory
+from fluxbridge.runtime import host, models  # noqa: E402
 from fluxbridge.convert.write import convert_file  # noqa: E402
 from fluxbridge.nodes.conditioning import TextEncode  # noqa: E402
 from fluxbridge.nodes.latent import EmptyLatent, VAEDecode  # noqa: E402
 from fluxbridge.nodes.sampling import Sampler  # noqa: E402
-from fluxbridge.runner import run_workflow  # noqa: E402
-from fluxbridge.workflows import examples_dir  # noqa: E402
+from fluxbridge.headless.runner import run_workflow  # noqa: E402
+from fluxbridge.headless.workflows import examples_dir  # noqa: E402
 
 PROMPT = "a red fox in the snow, winter forest, morning mist, soft light, highly detailed"
 GUIDANCE = 3.5

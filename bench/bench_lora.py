@@ -154,7 +154,7 @@ def child(side: str, model_path: Path, lora_path: Path, fused_path: Path, double
     else:
         from diffusers import FluxPipeline
         from diffusers.utils import logging as dlog
-        from fluxbridge.factory import tiny_clip_l, tiny_scheduler
+        from fluxbridge.headless.factory import tiny_clip_l, tiny_scheduler
         dlog.set_verbosity_error()
         pipe = FluxPipeline(scheduler=tiny_scheduler(), vae=None, text_encoder=tiny_clip_l(), tokenizer=None,
                             text_encoder_2=None, tokenizer_2=None, transformer=model)

@@ -31,7 +31,8 @@ import torch
 
 import checkout  # noqa: E402,F401  (the pack as `fluxbridge`, installed or not)
 
-from fluxbridge import factory, host  # noqa: E402
+from fluxbridge.headless import factory
+from fluxbridge.runtime import host  # noqa: E402
 from fluxbridge import pipeline as P  # noqa: E402
 from fluxbridge.pipeline.sample import sample  # noqa: E402
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BadInput
+from ..common.errors import BadInput
 
 GGUF_MISSING = "GGUF support needs the 'gguf' package: pip install fluxbridge[gguf]"
 MAX_TENSORS = 1_000_000

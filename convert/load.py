@@ -12,7 +12,7 @@ from typing import Mapping
 
 import torch
 
-from ..errors import BadInput
+from ..common.errors import BadInput
 from .detect import Component, components, pick
 from .lora.formats import looks_like_lora
 from .families import FAMILIES

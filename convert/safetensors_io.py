@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..errors import BadInput
+from ..common.errors import BadInput
 from .extents import Extents, copy_extents
 
 MAX_HEADER = 100 * 1024 * 1024  # bytes of JSON header we accept (real FLUX headers are ~100 kB)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BadInput
-from ..jsonable import jsonable
+from ..common.errors import BadInput
+from ..common.jsonable import jsonable
 from .detect import components
 from .extents import step_extents
 from .lora.formats import looks_like_lora

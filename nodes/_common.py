@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import numbers
 
-from .. import host
-from ..errors import BadInput
-from ..jsonable import jsonable
+from ..runtime import host
+from ..common.errors import BadInput
+from ..common.jsonable import jsonable
+from ..runtime.node_specs import check_widget_value, spec_from_schema
 
 io = host.comfy_io()
 
@@ -73,8 +74,6 @@ def checked(cls, **values):
     bypassed (a direct call; ComfyUI skips its own checks for the inputs a `validate_inputs` takes), and a
     node must never size memory or loops from an unchecked number.
     Raises `BadInput("<node id>", "<input>: <value> is above the maximum ...")`."""
-    from ..workflows import check_widget_value, spec_from_schema
-
     key = getattr(cls.define_schema, "__func__", cls.define_schema)  # the runner's subclasses share it
     if key not in _SPECS:
         _SPECS[key] = spec_from_schema(cls)

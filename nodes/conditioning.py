@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import host
-from ..errors import BadInput
+from ..runtime import host
+from ..common.errors import BadInput
 from ..pipeline import text as text_lib
 from ..pipeline import vae as vae_lib
 from ._common import CATEGORY, TEXT_ENCODERS, VAE, checked, io, ui

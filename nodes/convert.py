@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from .. import host
+from ..runtime import host
 from ..convert.lora.write import TARGETS as LORA_TARGETS
 from ..convert.lora.write import convert_lora
 from ..convert.write import DTYPES, convert_file

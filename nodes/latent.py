@@ -1,8 +1,8 @@
 """Latents: empty latent, VAE decode and encode (native LATENT and IMAGE conventions)."""
 from __future__ import annotations
 
-from .. import host, models
-from ..errors import BadInput
+from ..runtime import host, models
+from ..common.errors import BadInput
 from ..pipeline import latents as latents_lib
 from ..pipeline import vae as vae_lib
 from ._common import CATEGORY, MAX_RESOLUTION, VAE, checked, io, ui

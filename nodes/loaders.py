@@ -1,8 +1,8 @@
 """Loaders: transformer, text encoders, VAE, LoRA. They show what they detected as UI text."""
 from __future__ import annotations
 
-from .. import host, models
-from ..errors import BadInput
+from ..runtime import host, models
+from ..common.errors import BadInput
 from ._common import CATEGORY, TEXT_ENCODERS, TRANSFORMER, VAE, checked, files, io, name_errors, ui
 
 LOADERS = CATEGORY + "/loaders"

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import host, models
-from ..errors import BadInput
+from ..runtime import host, models
+from ..common.errors import BadInput
 from ..pipeline import latents as latents_lib
 from ..pipeline import schedule as schedule_lib
 from ..pipeline.sample import sample

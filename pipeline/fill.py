@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import BadInput
+from ..common.errors import BadInput
 from .latents import LatentFormat, pack
 from .vae import _pixels, encode, encode_pixels
 

@@ -100,7 +100,7 @@ def snap_size(width: int, height: int, multiple: int = SIZE_MULTIPLE, notes: lis
     the note is also logged and appended to `notes`."""
     w, h = int(width) // multiple * multiple, int(height) // multiple * multiple
     if w < multiple or h < multiple:
-        from ..errors import BadInput
+        from ..common.errors import BadInput
         raise BadInput("size", f"{width}x{height} is smaller than {multiple}x{multiple} pixels")
     msg = None
     if (w, h) != (int(width), int(height)):

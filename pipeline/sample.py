@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import BadInput
+from ..common.errors import BadInput
 from ._notes import note
 from .fill import _batch, from_native_conditioning
 from .latents import LatentFormat, image_ids, noise as make_noise, pack, text_ids, unpack

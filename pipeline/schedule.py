@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from ..errors import BadInput
+from ..common.errors import BadInput
 
 DEV = dict(dynamic_shift=True, base_shift=0.5, max_shift=1.15, base_seq_len=256, max_seq_len=4096, shift=3.0)
 SCHNELL = dict(dynamic_shift=False, shift=1.0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import BadInput
+from ..common.errors import BadInput
 from ._notes import note
 
 

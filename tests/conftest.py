@@ -49,8 +49,8 @@ def models_dir(tmp_path):
 
 @pytest.fixture
 def standalone_host(models_dir, tmp_path, monkeypatch):
-    """`fluxbridge.host` outside ComfyUI, using `models_dir` and `tmp_path/output`; restored afterwards."""
-    from fluxbridge import host
+    """`fluxbridge.runtime.host` outside ComfyUI, using `models_dir` and `tmp_path/output`; restored afterwards."""
+    from fluxbridge.runtime import host
     for var in ("FLUXBRIDGE_MODELS", "FLUXBRIDGE_OUTPUT", "FLUXBRIDGE_DEVICE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(host, "_models_dir", None)
@@ -73,7 +73,7 @@ def on_host(standalone_host, models_dir):
 @pytest.fixture
 def comfy_stubs(tmp_path):
     """The ComfyUI stubs (`tests/comfy_stubs`) importable as `comfy`, `comfy_api`, `folder_paths`, laid out
-    under `tmp_path/comfyui`; `fluxbridge.host` re-detects them. Undone afterwards (sys.path, sys.modules,
+    under `tmp_path/comfyui`; `fluxbridge.runtime.host` re-detects them. Undone afterwards (sys.path, sys.modules,
     host detection)."""
     saved = {name: mod for name, mod in sys.modules.items() if _is_stub_module(name)}
     for name in saved:
@@ -85,7 +85,7 @@ def comfy_stubs(tmp_path):
         import comfy.utils
         import comfy_api.latest
         import folder_paths
-        from fluxbridge import host
+        from fluxbridge.runtime import host
 
         folder_paths._configure(tmp_path / "comfyui")
         comfy.model_management._calls.clear()
@@ -98,7 +98,7 @@ def comfy_stubs(tmp_path):
         for name in [n for n in sys.modules if _is_stub_module(n)]:
             del sys.modules[name]
         sys.modules.update(saved)
-        from fluxbridge import host
+        from fluxbridge.runtime import host
         host.detect_host()
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fluxbridge import cli
-from fluxbridge.errors import BadInput
+from fluxbridge.headless import cli
+from fluxbridge.common.errors import BadInput
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,23 +59,8 @@ def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys):
     assert captured.err == "fluxbridge: broken.safetensors: the header says 900 bytes, the file has 12\n"
 
 
-def test_missing_library_module_is_not_yet_available(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "fluxbridge.convert.lora.write", None)  # import fails for that module
-    assert cli.main(["lora", "convert", "a.safetensors", "b.safetensors", "--to", "kohya"]) == 2
-    assert capsys.readouterr().err == "fluxbridge: 'lora convert' is not yet available\n"
-    fake_library(monkeypatch, "demo")  # the module exists, its function does not yet
-    assert cli.main(["demo"]) == 2
-    assert capsys.readouterr().err == "fluxbridge: 'demo' is not yet available\n"
-
-
 def test_a_missing_dependency_is_an_internal_error(monkeypatch, capsys):
-    real_import = cli.importlib.import_module
-
-    def import_module(name, package=None):
-        if name == "fluxbridge.runner":
-            raise ModuleNotFoundError("No module named 'gguf'", name="gguf")
-        return real_import(name, package)
-    monkeypatch.setattr(cli.importlib, "import_module", import_module)
+    monkeypatch.setitem(sys.modules, "fluxbridge.headless.runner", None)  # its import fails
     assert cli.main(["run", "w.json"]) == 1
     assert "fluxbridge: internal error: ModuleNotFoundError" in capsys.readouterr().err
 
@@ -101,8 +86,8 @@ def test_arguments_reach_the_library(monkeypatch, capsys):
         return {"outputs": []}
 
     fake_library(monkeypatch, "convert.write", convert_file=convert_file)
-    fake_library(monkeypatch, "runner", run_workflow=run_workflow)
-    fake_library(monkeypatch, "demo", run_demo=lambda output_dir: seen.setdefault("demo", output_dir) and {})
+    fake_library(monkeypatch, "headless.runner", run_workflow=run_workflow)
+    fake_library(monkeypatch, "headless.demo", run_demo=lambda output_dir: seen.setdefault("demo", output_dir) and {})
     fake_library(monkeypatch, "convert.lora.write",
                  convert_lora=lambda src, dst, to: seen.setdefault("lora", (src, dst, to)) and {"format": to})
 

@@ -36,7 +36,7 @@ ours = [n.GET_SCHEMA().node_id for n in sys.modules[module.__name__ + ".nodes"].
 print("RESULT " + json.dumps({
     "loaded": bool(loaded), "ours": ours,
     "registered": [i for i in ours if i in nodes.NODE_CLASS_MAPPINGS],
-    "in_comfy": sys.modules[module.__name__ + ".host"].IN_COMFY,
+    "in_comfy": sys.modules[module.__name__ + ".runtime.host"].IN_COMFY,
     "web": nodes.EXTENSION_WEB_DIRS.get(module.__name__) or nodes.EXTENSION_WEB_DIRS.get(pack.split("/")[-1]),
 }))
 """

@@ -9,7 +9,7 @@ from fluxbridge.convert.families import flux
 from fluxbridge.convert.load import load_model
 from fluxbridge.convert.table import A, B, materialize
 from fluxbridge.convert.write import convert_file
-from fluxbridge.errors import BadInput
+from fluxbridge.common.errors import BadInput
 
 SHAPES = [  # (width, head_dim, double, single, in_channels, guidance)
     (32, 16, 1, 2, 64, True),

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 import fluxbridge
-from fluxbridge import demo
-from fluxbridge.demo import REPORT_NAME, models_key, run_demo
+from fluxbridge.headless import demo
+from fluxbridge.headless.demo import REPORT_NAME, models_key, run_demo
 
 
 @pytest.fixture(scope="module")

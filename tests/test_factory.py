@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fluxbridge import factory
+from fluxbridge.headless import factory
 
 TOKENIZERS = Path(__file__).resolve().parents[1] / ".." / "shared" / "tokenizers"
 

@@ -21,7 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fluxbridge import demo, factory, host, models, native_nodes
+from fluxbridge.headless import demo, factory, native_nodes
+from fluxbridge.runtime import host, models
 from fluxbridge.convert import load as load_mod
 from fluxbridge.convert import safetensors_io
 from fluxbridge.convert.load import load_model

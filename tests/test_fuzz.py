@@ -30,13 +30,13 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from fluxbridge import cli, factory, runner
+from fluxbridge.headless import cli, factory, runner
 from fluxbridge.convert.families import FAMILIES
 from fluxbridge.convert.lora import apply_loras, load_lora
 from fluxbridge.convert.lora.patch import Plan
 from fluxbridge.convert.lora.write import TARGETS, render_lora
 from fluxbridge.convert.safetensors_io import DTYPES, open_weights
-from fluxbridge.errors import BadInput
+from fluxbridge.common.errors import BadInput
 from gguf_bytes import ARCH, gguf_bytes, gguf_string  # tests/helpers
 
 # FLUXBRIDGE_FUZZ_EXAMPLES=20000 runs a longer campaign locally
@@ -326,8 +326,8 @@ def folders(tmp_path_factory):
 
 
 def _specs():
-    from fluxbridge.workflows import all_specs
-    return all_specs()
+    from fluxbridge.headless.runner import registry
+    return registry()
 
 
 SPECS = None

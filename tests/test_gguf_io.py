@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 from fluxbridge.convert.gguf_io import GGUF_MISSING, QTYPES, GGUFFile, GGUFTensor, open_gguf  # noqa: E402
 from fluxbridge.convert.safetensors_io import open_weights  # noqa: E402
 from fluxbridge.convert.table import cat_rows, narrow_rows, swap_halves  # noqa: E402
-from fluxbridge.errors import BadInput  # noqa: E402
+from fluxbridge.common.errors import BadInput  # noqa: E402
 from gguf_bytes import ARCH, gguf_bytes, gguf_string  # noqa: E402  (tests/helpers)
 
 QUANTIZABLE = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.BF16]  # gguf-py 0.19 can quantize these

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tqdm import tqdm
 
-from fluxbridge.errors import BadInput
+from fluxbridge.common.errors import BadInput
 
 
 def touch(path: Path, data=b"x") -> Path:
@@ -182,7 +182,7 @@ def test_safe_output_path(standalone_host, tmp_path):
 
 
 def test_standalone_node_api(standalone_host):
-    from fluxbridge import io_standalone
+    from fluxbridge.runtime import io_standalone
     assert standalone_host.comfy_io() is io_standalone.io
     assert standalone_host.comfy_ui() is io_standalone.ui
     assert standalone_host.extension_class() is io_standalone.ComfyExtension
@@ -192,7 +192,7 @@ def test_standalone_node_api(standalone_host):
 
 def test_a_comfyui_folder_on_sys_path_alone_is_not_a_host(monkeypatch):
     """Only a running ComfyUI (its core modules already imported) is a host; we never initialise one."""
-    from fluxbridge import host
+    from fluxbridge.runtime import host
     monkeypatch.syspath_prepend(str(Path(__file__).parent / "comfy_stubs"))
     assert not host.detect_host()
     assert "comfy.model_management" not in sys.modules and "folder_paths" not in sys.modules

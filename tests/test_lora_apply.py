@@ -10,7 +10,7 @@ from fluxbridge.convert.lora import LoraSet, apply_loras, apply_to_models, load_
 from fluxbridge.convert.lora import apply as apply_mod
 from fluxbridge.convert.lora import patch as patch_mod
 from fluxbridge.convert.lora.synth import Entry, write_keys
-from fluxbridge.factory import tiny_clip_l, tiny_flux_transformer, tiny_t5
+from fluxbridge.headless.factory import tiny_clip_l, tiny_flux_transformer, tiny_t5
 
 FLUX = "flux-transformer"
 
@@ -152,7 +152,7 @@ def test_patched_tensors_go_in_one_closure_at_a_time(monkeypatch):
 
 
 def test_node_models_ask_the_host_where_originals_wait(monkeypatch):
-    from fluxbridge import host, models
+    from fluxbridge.runtime import host, models
     gen = torch.Generator().manual_seed(6)
     m = model()
     snap = snapshot(m)

@@ -5,8 +5,8 @@ from safetensors.torch import save_file
 
 from fluxbridge.convert.lora import apply_loras, convert_lora, inspect_lora, load_lora
 from fluxbridge.convert.lora.synth import Entry, write_keys
-from fluxbridge.errors import BadInput
-from fluxbridge.factory import tiny_flux_transformer
+from fluxbridge.common.errors import BadInput
+from fluxbridge.headless.factory import tiny_flux_transformer
 
 
 def lora_pair(prefix, r=2, o=8, i=8):

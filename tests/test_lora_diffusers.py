@@ -13,7 +13,7 @@ import torch
 from fluxbridge.convert.lora import apply_loras, convert_lora, load_lora
 from fluxbridge.convert.lora.synth import Entry, merge_metadata, write_keys
 from fluxbridge.convert.lora.write import render_lora
-from fluxbridge.factory import tiny_clip_l, tiny_flux_transformer, tiny_scheduler
+from fluxbridge.headless.factory import tiny_clip_l, tiny_flux_transformer, tiny_scheduler
 
 FLUX, CLIP = "flux-transformer", "clip-l"
 

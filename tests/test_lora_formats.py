@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from fluxbridge.convert.lora import apply_loras, load_lora, patch_tensors
 from fluxbridge.convert.lora.synth import NO_ALPHA, Entry, write_keys
 from fluxbridge.convert.lora.write import render_lora
-from fluxbridge.factory import tiny_flux_transformer
+from fluxbridge.headless.factory import tiny_flux_transformer
 
 FLUX = "flux-transformer"
 
@@ -247,7 +247,7 @@ def test_baking_with_convert_changes_exactly_the_targets(fmt, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from fluxbridge.convert.write import convert_file
-    from fluxbridge.factory import save_layout
+    from fluxbridge.headless.factory import save_layout
 
     gen = torch.Generator().manual_seed(hash(fmt) % 1000)
     entries = make_entries(fmt, gen, bias=fmt in ("bfl-peft", "bfl-control", "fal-kontext", "diffusers", "peft"))

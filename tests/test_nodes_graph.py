@@ -15,9 +15,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fluxbridge import factory, host, models
+from fluxbridge.headless import factory
+from fluxbridge.runtime import host, models
 from fluxbridge.convert.write import convert_file
-from fluxbridge.errors import BadInput
+from fluxbridge.common.errors import BadInput
 from fluxbridge.nodes import conditioning, convert, latent, loaders, sampling
 
 TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
@@ -47,7 +48,7 @@ def _write(model, dst: Path, layout: str, tmp: Path) -> None:
 def tiny_models(tmp_path_factory):
     """A models folder: dev and fill transformers (BFL layout), FLUX VAE and a 4-channel VAE (BFL), CLIP-L and
     T5 (ComfyUI files), a kohya LoRA, and the real tokenizers under tokenizers/."""
-    from fluxbridge.demo import tiny_lora
+    from fluxbridge.headless.demo import tiny_lora
 
     root = tmp_path_factory.mktemp("nodes-models")
     tmp = tmp_path_factory.mktemp("nodes-src")

@@ -54,7 +54,7 @@ def package_folders():
 def test_importing_the_pack_is_light(tmp_path):
     """Importing the pack (and its command-line and host modules) loads no torch, diffusers or ComfyUI."""
     (tmp_path / "fluxbridge").symlink_to(ROOT, target_is_directory=True)
-    code = ("import sys, fluxbridge, fluxbridge.host, fluxbridge.cli, fluxbridge.errors;"
+    code = ("import sys, fluxbridge, fluxbridge.runtime.host, fluxbridge.headless.cli, fluxbridge.common.errors;"
             f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                           env=dict(os.environ, PYTHONPATH=str(tmp_path)), timeout=60)
@@ -98,7 +98,7 @@ def test_comfyui_loads_the_folder_under_any_name(tmp_path, comfy_stubs):
         assert isinstance(extension, comfy_stubs.api.ComfyExtension)
         nodes = asyncio.run(extension.get_node_list())
         assert isinstance(nodes, list)
-        pack_host = sys.modules[module.__name__ + ".host"]
+        pack_host = sys.modules[module.__name__ + ".runtime.host"]
         assert pack_host.IN_COMFY and pack_host.comfy_io() is comfy_stubs.api.io
         ids = []
         for node in nodes:

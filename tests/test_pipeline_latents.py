@@ -6,9 +6,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from fluxbridge import factory
+from fluxbridge.headless import factory
 from fluxbridge import pipeline as P
-from fluxbridge.errors import BadInput
+from fluxbridge.common.errors import BadInput
 from fluxbridge.pipeline.latents import FLUX_SCALE, FLUX_SHIFT, LatentFormat
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fluxbridge import factory
+from fluxbridge.headless import factory
 from fluxbridge import pipeline as P
 
 TOKENIZERS = Path(__file__).resolve().parents[1] / ".." / "shared" / "tokenizers"

@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fluxbridge import factory
+from fluxbridge.headless import factory
 from fluxbridge import pipeline as P
-from fluxbridge.errors import BadInput
+from fluxbridge.common.errors import BadInput
 
 TOKENIZERS = Path(__file__).resolve().parents[1] / ".." / "shared" / "tokenizers"
 LONG = " ".join(["a very detailed photo of a small cat sitting on a red chair in the garden"] * 12)

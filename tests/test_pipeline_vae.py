@@ -4,9 +4,9 @@ from unittest import mock
 import pytest
 import torch
 
-from fluxbridge import factory
+from fluxbridge.headless import factory
 from fluxbridge import pipeline as P
-from fluxbridge.errors import BadInput
+from fluxbridge.common.errors import BadInput
 from fluxbridge.pipeline import vae as V
 
 

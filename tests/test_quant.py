@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from fluxbridge.convert.quant import INPUT_SCALES_NOTE, QuantView, logical_weights, quantize_fp8
 from fluxbridge.convert.safetensors_io import open_weights
-from fluxbridge.errors import BadInput
+from fluxbridge.common.errors import BadInput
 
 D = 32
 LINEARS = {  # a tiny Flux-like transformer: the Linear layers that scaled fp8 files quantize

@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 import fluxbridge
-from fluxbridge import demo
-from fluxbridge.errors import BadInput
-from fluxbridge.native_nodes import RunContext, empty_sd3_latent, image_scale_by, load_image, native_specs
-from fluxbridge.runner import run_workflow
-from fluxbridge.workflows import example_pairs, examples_dir
+from fluxbridge.headless import demo
+from fluxbridge.common.errors import BadInput
+from fluxbridge.headless.native_nodes import RunContext, empty_sd3_latent, image_scale_by, load_image, native_specs
+from fluxbridge.headless.runner import run_workflow
+from fluxbridge.headless.workflows import example_pairs, examples_dir
 
 SIZE = 64  # every example runs at 64x64 here (the files say 1024x1024)
 API = {ui.stem: api for ui, api in example_pairs()}

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from fluxbridge.convert.safetensors_io import (
     MAX_HEADER, PICKLE_REFUSED, ShardedWeights, WeightFile, open_weights, write_safetensors)
-from fluxbridge.errors import BadInput
+from fluxbridge.common.errors import BadInput
 
 MB = 2 ** 20
 

@@ -31,8 +31,9 @@ import torch
 from safetensors.torch import save_file
 
 import fluxbridge
-from fluxbridge import cli, demo, factory, host, models, native_nodes, runner
-from fluxbridge.errors import BadInput
+from fluxbridge.headless import cli, demo, factory, native_nodes, runner
+from fluxbridge.runtime import host, models
+from fluxbridge.common.errors import BadInput
 from fluxbridge.nodes import conditioning, convert, latent, loaders, sampling
 from gguf_bytes import ARCH, gguf_bytes  # tests/helpers
 
@@ -710,9 +711,9 @@ MEMORY_PROBE = textwrap.dedent("""
                 return int(line.split()[1]) * 1024
         raise RuntimeError("no VmHWM")
 
-    from fluxbridge import host
+    from fluxbridge.runtime import host
     from fluxbridge.convert.safetensors_io import open_weights
-    from fluxbridge.errors import BadInput
+    from fluxbridge.common.errors import BadInput
     from fluxbridge.nodes import loaders
 
     dm, loras = Path(sys.argv[1]), Path(sys.argv[2])

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from fluxbridge import host
-from fluxbridge.native_nodes import NATIVE_NODES
-from fluxbridge.workflows import (all_specs, example_pairs, examples_dir, output_prefix_problem, ui_to_api,
+from fluxbridge.runtime import host
+from fluxbridge.headless.native_nodes import NATIVE_NODES
+from fluxbridge.headless.runner import registry
+from fluxbridge.runtime.node_specs import output_prefix_problem
+from fluxbridge.headless.workflows import (example_pairs, examples_dir, ui_to_api,
                                   ui_widget_values, validate_api, workflow_check)
 
 PACK = Path(__file__).resolve().parent.parent
@@ -43,7 +45,7 @@ def specs(tmp_path_factory):
     previous = host.models_dir()
     host.set_models_dir(root / "models")
     try:
-        yield all_specs(root / "input")
+        yield registry(root / "input")
     finally:
         host.set_models_dir(previous)
 

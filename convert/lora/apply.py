@@ -22,7 +22,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from ...errors import BadInput
+from ...common.errors import BadInput
 from .formats import CLIP, FLUX, T5, TEXT_FAMILIES, Lora, load_lora
 from .layers import bias_delta, swap_halves, weight_delta
 from .patch import Patch, Plan

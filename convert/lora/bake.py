@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from ...errors import BadInput
+from ...common.errors import BadInput
 from .formats import Lora, load_lora
 from .patch import Plan
 

@@ -33,7 +33,7 @@ from typing import Mapping
 
 import torch
 
-from ...errors import BadInput
+from ...common.errors import BadInput
 from ..table import A, B, Split
 
 FLUX, CLIP, T5 = "flux-transformer", "clip-l", "t5-xxl"

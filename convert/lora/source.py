@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ...errors import BadInput
+from ...common.errors import BadInput
 
 
 def _open(path: Path):

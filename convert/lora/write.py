@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ...errors import BadInput
+from ...common.errors import BadInput
 from ..table import A, B, SWAP_HALVES, Split
 from .formats import CLIP, FLUX, T5, Lora, Part, _split_key, family_module, load_lora, rule_name
 from .layers import F32, bias_delta, fuse_lora, split_lora, swap_halves, weight_delta

@@ -8,7 +8,7 @@ import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-_path = Path(__file__).resolve().parents[4] / "io_standalone.py"
+_path = Path(__file__).resolve().parents[4] / "runtime" / "io_standalone.py"
 _spec = importlib.util.spec_from_file_location(__name__ + "._io", _path)
 _io = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = _io

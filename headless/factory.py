@@ -57,7 +57,7 @@ def _not_full_size(width: int, what: str) -> None:
 def rope_axes(head_dim: int) -> tuple[int, int, int]:
     """RoPE axes for a head size (FLUX.1: 128 -> (16, 56, 56)): the loader's rule, since checkpoints
     do not store them."""
-    from .convert.families.flux import default_axes
+    from ..convert.families.flux import default_axes
     return default_axes(head_dim)
 
 
@@ -104,7 +104,7 @@ def tiny_flux_vae(block_out_channels: tuple[int, ...] = (16, 32, 32, 32), layers
     downscale (the real one is (128, 256, 512, 512), 2 layers per block, 32 groups). GroupNorm groups
     default to the loader's rule (they are not stored in a checkpoint)."""
     from diffusers import AutoencoderKL
-    from .convert.families.vae import norm_groups
+    from ..convert.families.vae import norm_groups
 
     norm_num_groups = norm_num_groups or norm_groups(block_out_channels)
     for ch in block_out_channels:
@@ -136,7 +136,7 @@ def tiny_clip_l(hidden_size: int = 32, layers: int = 2, heads: int | None = None
     CLIP-L config: the pooled output is taken at the highest token id (the first EOS). Heads default to
     the loader's rule (they are not stored in a checkpoint)."""
     from transformers import CLIPTextConfig, CLIPTextModel
-    from .convert.families.clip import default_heads
+    from ..convert.families.clip import default_heads
 
     heads = heads or default_heads(hidden_size)
     _not_full_size(hidden_size, "tiny_clip_l")
@@ -177,7 +177,7 @@ def tiny_sd15_unet(block_out_channels: tuple[int, ...] = (32, 32, 64, 64), layer
     plain, mirrored up blocks, 2 layers per block, 4 latent channels). `time_cond_proj_dim` (LCM: 256)
     adds `time_embedding.cond_proj`."""
     from diffusers import UNet2DConditionModel
-    from .convert.families.vae import norm_groups
+    from ..convert.families.vae import norm_groups
 
     norm_num_groups = norm_num_groups or norm_groups(block_out_channels)
     for ch in block_out_channels:
@@ -267,7 +267,7 @@ def save_layout(model, path, layout: str = "bfl") -> Path:
 
     from safetensors.torch import save_file
 
-    from .convert.write import convert_file
+    from ..convert.write import convert_file
 
     path = Path(path)
     if layout == "diffusers" and path.suffix != ".safetensors":

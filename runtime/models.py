@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import host
-from .errors import BadInput
+from ..common.errors import BadInput
 
 # weight_dtype choices ("default": the host's compute dtype for its device) and their torch names
 WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
@@ -77,7 +77,7 @@ def _apply_stack(module, family: str, loras, strength_of: Callable[[LoraEntry], 
     pairs = [(e.lora, strength_of(e)) for e in loras if strength_of(e) != 0]
     if not pairs:
         return None
-    from .convert.lora.apply import apply_loras
+    from ..convert.lora.apply import apply_loras
     device = next(module.parameters()).device
     return apply_loras(module, family, pairs,
                        originals_device=lambda nbytes: host.lora_originals_device(device, nbytes))
@@ -203,7 +203,7 @@ class VAEModel:
 
     @property
     def latent_format(self):
-        from .pipeline.latents import LatentFormat
+        from ..pipeline.latents import LatentFormat
         return LatentFormat(scale=self.scaling_factor, shift=self.shift_factor,
                             channels=self.latent_channels, downscale=self.downscale)
 
@@ -401,7 +401,7 @@ def load_transformer(path, weight_dtype: str = "default", quantize: str = "none"
     (diffusers layerwise casting). quantize: int8 / fp8 weight-only quantization of the Linear layers
     through torchao (the optional `fluxbridge[quant]` dependency).
     """
-    from .convert.load import load_model
+    from ..convert.load import load_model
 
     if weight_dtype not in WEIGHT_DTYPES:
         raise BadInput(path, f"weight_dtype {weight_dtype!r}: expected one of {', '.join(WEIGHT_DTYPES)}")
@@ -437,7 +437,7 @@ def load_transformer(path, weight_dtype: str = "default", quantize: str = "none"
 
 
 def _load_encoder(path, family: str, dtype, name: str) -> tuple[Encoder, bool]:
-    from .convert.load import load_model
+    from ..convert.load import load_model
 
     def build():
         loaded = load_model(path, family=family, dtype=dtype)
@@ -465,7 +465,7 @@ def load_text_encoders(clip_path, t5_path, weight_dtype: str = "default", clip_n
 
 def load_vae(path, name: str | None = None) -> tuple[VAEModel, bool]:
     """(VAEModel, was_cached) for a VAE file (BFL `ae.safetensors`, LDM) or diffusers folder."""
-    from .convert.load import load_model
+    from ..convert.load import load_model
 
     source = component_path(path, VAE_DIR)
     dtype = host.compute_dtype(host.torch_device())
@@ -485,15 +485,15 @@ def load_vae(path, name: str | None = None) -> tuple[VAEModel, bool]:
 
 def open_lora(path):
     """The opened LoRA (read, detected, mapped to canonical parts), cached by file."""
-    from .convert.lora.formats import load_lora
+    from ..convert.lora.formats import load_lora
     return cached(cache_key("lora", path), lambda: load_lora(path))[0]
 
 
 def lora_report(module, family: str, lora, strength: float) -> dict:
     """What applying `lora` to `module` would do (format, patched modules, zero-filled, not placed), worked
     out from the parameter shapes without touching the weights."""
-    from .convert.lora.apply import logical_shapes
-    from .convert.lora.patch import Plan
+    from ..convert.lora.apply import logical_shapes
+    from ..convert.lora.patch import Plan
     report = Plan(family, [(lora, float(strength))], logical_shapes(module)).reports[0]
     return dict(report, not_placed=list(lora.not_placed) + list(report["not_placed"]))
 

@@ -1,123 +1,25 @@
-"""Workflow files: node specs, API-format validation, and the UI ⇄ API consistency check.
+"""Workflow files: API-format validation, the UI ⇄ API conversion, and the examples' consistency check.
 
-A *node spec* says what a node type takes and gives: its inputs in the frontend's order (name, type,
-widget range / choices), its outputs (name, type) and whether it is an output node. Our node types get
-theirs from the V3 schemas of `nodes.NODE_LIST`; the native ComfyUI types the examples use get theirs from
-`native_nodes.py`. One set of specs drives three things:
+Every check reads *node specs* (`runtime.node_specs`): the caller hands in the registry of node types a
+workflow may use (our nodes' specs and the headless stand-ins of native ones: `runner.registry()`), so this
+module knows no node list of its own. One registry drives three things:
 
 * `validate_api(api, specs)`: everything ComfyUI's `/prompt` validation checks (node types, links, link
   types, required inputs, numbers within range, combo choices), and a little more (unknown inputs,
   cycles, file name prefixes that would leave the output folder). Problems are `(node id, class, cause)`.
 * `ui_to_api(ui, specs)`: what the frontend's `graphToPrompt()` makes of a UI-format workflow.
-* `workflow_check(ui, api)`: a UI workflow and its API twin are valid and describe the same graph.
+* `workflow_check(ui, api, specs)`: a UI workflow and its API twin are valid and describe the same graph.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from pathlib import Path
 
-from . import host
-from .errors import BadInput
+from ..common.errors import BadInput
+from ..runtime.node_specs import NodeSpec, fmt_value, check_widget_value, output_prefix_problem
 
-WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
-SEED_NAMES = ("seed", "noise_seed")  # the frontend gives these INT inputs a control widget by default
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
-
-
-@dataclass
-class InputSpec:
-    name: str
-    type: str  # INT, FLOAT, STRING, BOOLEAN, COMBO, or a socket type (IMAGE, LATENT, FLUXBRIDGE_VAE, ...)
-    optional: bool = False
-    default: Any = None
-    min: float | None = None
-    max: float | None = None
-    step: float | None = None
-    options: list | None = None  # COMBO choices
-    control: bool = False  # the frontend adds a control_after_generate widget right after this one
-    upload: bool = False  # the frontend adds an upload widget right after this one (LoadImage)
-    force_input: bool = False
-    multiline: bool = False
-
-    @property
-    def is_widget(self) -> bool:
-        return self.type in WIDGET_TYPES and not self.force_input
-
-
-@dataclass
-class NodeSpec:
-    node_id: str
-    inputs: list[InputSpec]
-    outputs: list[tuple[str, str]]  # (name shown in the UI, type)
-    output_node: bool = False
-    display_name: str | None = None
-    native: bool = False
-    run: Callable | None = None  # native nodes: run(ctx, **inputs) -> (outputs tuple, ui dict)
-    node_class: type | None = None  # our nodes: the V3 class
-
-    def input(self, name: str) -> InputSpec | None:
-        return next((i for i in self.inputs if i.name == name), None)
-
-    def ordered(self) -> list[InputSpec]:
-        """Inputs in the frontend's order: required ones in schema order, then optional ones."""
-        return [i for i in self.inputs if not i.optional] + [i for i in self.inputs if i.optional]
-
-    def widgets(self) -> list[InputSpec]:
-        return [i for i in self.ordered() if i.is_widget]
-
-    def sockets(self) -> list[InputSpec]:
-        return [i for i in self.ordered() if not i.is_widget]
-
-
-# ------------------------------------------------------------------------------------------------- specs
-
-def spec_from_schema(node_class) -> NodeSpec:
-    """The spec of a V3 node class (works with the real `comfy_api` objects and with `io_standalone`)."""
-    schema = node_class.define_schema()
-    inputs = []
-    for inp in schema.inputs:
-        io_type = inp.get_io_type() if hasattr(inp, "get_io_type") else inp.io_type
-        io_type = str(getattr(io_type, "value", io_type))
-        control = getattr(inp, "control_after_generate", None)
-        if control is None:
-            control = io_type == "INT" and inp.id in SEED_NAMES
-        options = getattr(inp, "options", None)
-        inputs.append(InputSpec(
-            name=inp.id, type=io_type, optional=bool(getattr(inp, "optional", False)),
-            default=getattr(inp, "default", None), min=getattr(inp, "min", None), max=getattr(inp, "max", None),
-            step=getattr(inp, "step", None), options=list(options) if options is not None else None,
-            control=bool(control) and io_type in ("INT", "COMBO"),
-            upload=getattr(inp, "upload", None) is not None, force_input=bool(getattr(inp, "force_input", False)),
-            multiline=bool(getattr(inp, "multiline", False))))
-    outputs = []
-    for out in schema.outputs:
-        io_type = out.get_io_type() if hasattr(out, "get_io_type") else out.io_type
-        outputs.append((out.display_name or io_type, io_type))
-    return NodeSpec(node_id=schema.node_id, inputs=inputs, outputs=outputs,
-                    output_node=bool(schema.is_output_node), display_name=schema.display_name,
-                    node_class=node_class)
-
-
-def our_specs() -> dict[str, NodeSpec]:
-    """Specs of every node in `nodes.NODE_LIST`, read from their schemas now (combo file lists included)."""
-    from .nodes import NODE_LIST
-    specs = {}
-    for cls in NODE_LIST:
-        spec = spec_from_schema(cls)
-        specs[spec.node_id] = spec
-    return specs
-
-
-def all_specs(input_dir=None) -> dict[str, NodeSpec]:
-    """Our specs and the native allow-list (LoadImage's choices: the images in `input_dir`)."""
-    from .native_nodes import native_specs
-    specs = native_specs(input_dir)
-    specs.update(our_specs())
-    return specs
 
 
 # -------------------------------------------------------------------------------------- API validation
@@ -125,56 +27,6 @@ def all_specs(input_dir=None) -> dict[str, NodeSpec]:
 def _is_link(value) -> bool:
     return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], (str, int))
             and not isinstance(value[0], bool) and isinstance(value[1], int) and not isinstance(value[1], bool))
-
-
-def _fmt(value) -> str:
-    return json.dumps(value) if isinstance(value, str) else repr(value)
-
-
-def check_widget_value(inp: InputSpec, value) -> str | None:
-    """Why `value` is not acceptable for the widget input `inp` (None when it is)."""
-    t = inp.type
-    if t == "INT":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                (isinstance(value, float) and not value.is_integer()):
-            return f"{inp.name}: {_fmt(value)} is not an integer"
-    elif t == "FLOAT":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return f"{inp.name}: {_fmt(value)} is not a number"
-    elif t == "STRING":
-        if not isinstance(value, str):
-            return f"{inp.name}: {_fmt(value)} is not a string"
-    elif t == "BOOLEAN":
-        if not isinstance(value, bool):
-            return f"{inp.name}: {_fmt(value)} is not true or false"
-    elif t == "COMBO":
-        options = inp.options or []
-        if value not in options and (why := name_problem(value, "model")):
-            return f"{inp.name}: {_fmt(value)}: {why}"
-        if value not in options:
-            shown = ", ".join(_fmt(o) for o in options[:8]) + (", …" if len(options) > 8 else "")
-            return f"{inp.name}: {_fmt(value)} is not one of the choices ({shown or 'none available'})"
-        return None
-    if t in ("INT", "FLOAT"):
-        if inp.min is not None and value < inp.min:
-            return f"{inp.name}: {value} is below the minimum {inp.min}"
-        if inp.max is not None and value > inp.max:
-            return f"{inp.name}: {value} is above the maximum {inp.max}"
-    return None
-
-
-def name_problem(name, where: str) -> str | None:
-    """Why `name` cannot name a file inside the `where` folder (None when it can): the host's rule."""
-    try:
-        host.check_name(name, where)
-    except BadInput as exc:
-        return exc.cause
-    return None
-
-
-def output_prefix_problem(prefix) -> str | None:
-    """Why a `filename_prefix` would not stay inside the output folder (None when it does)."""
-    return name_problem(prefix, "output")
 
 
 def unknown_inputs(api, specs: dict[str, NodeSpec]) -> list[tuple[str, str, str]]:
@@ -233,7 +85,7 @@ def validate_api(api, specs: dict[str, NodeSpec], strict: bool = True) -> tuple[
                                                     f"({src_spec.node_id}) output {index} gives {out_type}"))
             elif not inp.is_widget:
                 problems.append((str(nid), cls, f"{name}: expects a link to a {inp.type} output, "
-                                                f"got the value {_fmt(value)}"))
+                                                f"got the value {fmt_value(value)}"))
             else:
                 why = check_widget_value(inp, value)
                 if why:
@@ -399,15 +251,13 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def workflow_check(ui_json, api_json, specs: dict[str, NodeSpec] | None = None) -> list[str]:
+def workflow_check(ui_json, api_json, specs: dict[str, NodeSpec]) -> list[str]:
     """Problems with a UI-format workflow and its API-format twin (an empty list when all is well): every
     node type exists, links join matching types, widget values are in range / among the choices, the API
     twin validates, and both describe the same graph (node ids and types, links, widget values by name).
-    `ui_json` / `api_json` are dicts or paths. `specs` default to `all_specs()` (our schemas, read with the
-    models folder as it is set now, and the native nodes)."""
+    `ui_json` / `api_json` are dicts or paths; `specs` is the registry of node types (`runner.registry()`)."""
     ui = _load(ui_json)
     api = _load(api_json)
-    specs = specs if specs is not None else all_specs()
     out = []
     if ui.get("version") != 0.4:
         out.append(f"UI workflow: version is {ui.get('version')!r}, expected 0.4")
@@ -442,7 +292,7 @@ def workflow_check(ui_json, api_json, specs: dict[str, NodeSpec] | None = None) 
             if _is_link(va) and _is_link(vb):
                 va, vb = [str(va[0]), va[1]], [str(vb[0]), vb[1]]
             if not _same(va, vb):
-                out.append(f"node {nid} ({a['class_type']}): {name} is {_fmt(va)} in the UI, {_fmt(vb)} in the API twin")
+                out.append(f"node {nid} ({a['class_type']}): {name} is {fmt_value(va)} in the UI, {fmt_value(vb)} in the API twin")
     return out
 
 
@@ -451,14 +301,13 @@ def _load(obj):
         try:
             return json.loads(Path(obj).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            from .errors import BadInput
             raise BadInput(obj, f"cannot read the workflow: {exc}") from None
     return obj
 
 
 def examples_dir() -> Path:
     """`example_workflows/` of the installed pack."""
-    return Path(__file__).resolve().parent / "example_workflows"
+    return Path(__file__).resolve().parents[1] / "example_workflows"
 
 
 def example_pairs() -> list[tuple[Path, Path]]:

@@ -18,7 +18,7 @@ import sys
 import threading
 import weakref
 
-from .errors import BadInput
+from ..common.errors import BadInput
 
 IN_COMFY = False  # set by detect_host(): comfy.model_management, comfy.model_patcher, comfy.utils, folder_paths
 _mm = _patcher = _utils = _folders = _api = None  # the host's modules when IN_COMFY (_api: comfy_api.latest)

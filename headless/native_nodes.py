@@ -17,9 +17,9 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import host
-from .errors import BadInput
-from .workflows import InputSpec, NodeSpec, output_prefix_problem
+from ..runtime import host
+from ..common.errors import BadInput
+from ..runtime.node_specs import InputSpec, NodeSpec, output_prefix_problem
 
 MAX_RESOLUTION = 16384
 # LoadImage decodes at most this many pixels (all frames together) and frames up to MAX_RESOLUTION a side:

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import BadInput
+from ..common.errors import BadInput
 
 DEMO_WORKFLOW = "flux_dev_text_to_image.json"
 REPORT_NAME = "fluxbridge_demo_report.json"
@@ -29,7 +29,7 @@ CACHE_ENV = "FLUXBRIDGE_CACHE"
 # whatever its size; this keeps the demo at a few seconds on two CPU cores.
 DEMO_OVERRIDES = {"5": {"width": 256, "height": 256}, "6": {"steps": 8}}
 # Files whose code decides what the cached models look like: a change to any of them rebuilds the cache.
-_KEY_SOURCES = ("factory.py", "demo.py", "convert/write.py", "convert/table.py", "convert/families/flux.py",
+_KEY_SOURCES = ("headless/factory.py", "headless/demo.py", "convert/write.py", "convert/table.py", "convert/families/flux.py",
                 "convert/families/vae.py", "convert/families/clip.py", "convert/families/t5.py")
 MODEL_FILES = {
     "dev": "diffusion_models/flux1-dev.safetensors",
@@ -52,7 +52,7 @@ def cache_root() -> Path:
 
 def models_key(variants=("dev",), loras: bool = False) -> str:
     """A short hash of the code that builds the models and of what is asked for."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the pack
     h = hashlib.sha256(repr((sorted(variants), loras)).encode())
     for rel in _KEY_SOURCES:
         p = here / rel

@@ -24,12 +24,12 @@ import os
 import time
 from pathlib import Path
 
-from . import host
-from .errors import BadInput
-from .jsonable import jsonable
+from ..runtime import host
+from ..common.errors import BadInput
+from ..common.jsonable import jsonable
+from ..runtime.node_specs import NodeSpec, spec_from_schema
 from .native_nodes import RunContext, native_specs
-from .workflows import (_id_key, _is_link, execution_order, find_cycle, our_specs, ui_to_api, unknown_inputs,
-                        validate_api)
+from .workflows import _id_key, _is_link, execution_order, find_cycle, ui_to_api, unknown_inputs, validate_api
 
 MODELS_ENV = "FLUXBRIDGE_MODELS"
 MAX_WORKFLOW_BYTES = 64 * 2 ** 20  # a workflow file larger than this is refused unread (real ones: kB to a few MB)
@@ -82,8 +82,7 @@ def run_workflow(path, models_dir=None, output_dir=None, progress=True, input_di
 
 
 def _run(path, prompt, ui_workflow, models, out_dir, in_dir, overrides, progress) -> dict:
-    specs = native_specs(in_dir if in_dir.is_dir() else None)
-    specs.update(our_specs())  # read now: their combo choices list the models folder as it is
+    specs = registry(in_dir if in_dir.is_dir() else None)
     if prompt is ui_workflow:
         try:
             prompt, problems = ui_to_api(ui_workflow, specs)
@@ -174,6 +173,16 @@ def _run(path, prompt, ui_workflow, models, out_dir, in_dir, overrides, progress
 
 
 # ------------------------------------------------------------------------------------------------ pieces
+
+def registry(input_dir=None) -> dict[str, NodeSpec]:
+    """The node types a headless workflow may use, by id: the native stand-ins (LoadImage's choices: the
+    images in `input_dir`) and our nodes, their schemas read now (so their combos list the models folder as
+    it is set)."""
+    from ..nodes import NODE_LIST
+    specs = native_specs(input_dir)
+    specs.update((spec.node_id, spec) for spec in map(spec_from_schema, NODE_LIST))
+    return specs
+
 
 def _read_json(path: Path):
     try:

@@ -7,38 +7,20 @@ traceback); 1 a fault of our own (message and traceback on stderr).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import traceback
 
-from . import __version__, host
-from .errors import BadInput
-from .jsonable import jsonable
+from .. import __version__
+from ..common.errors import BadInput
+from ..common.jsonable import jsonable
+from ..runtime import host
 
 PROG = "fluxbridge"
 WEIGHT_LAYOUTS = ("bfl", "comfy", "diffusers")
 LORA_FORMATS = ("diffusers", "bfl", "kohya", "comfy")
 DTYPES = ("keep", "bf16", "fp16", "fp32")
 LIST_LIMIT = 20  # text output shows at most this many items of a list (--json shows all)
-
-
-class NotYetAvailable(Exception):
-    """The library part behind a command is not in this build."""
-
-
-def _library(command, module, function):
-    """`function` from the pack module `module` (relative, e.g. "convert.inspect"), imported now."""
-    full = f"{__package__}.{module}"
-    try:
-        mod = importlib.import_module(full)
-    except ModuleNotFoundError as exc:
-        if exc.name and (full == exc.name or full.startswith(exc.name + ".")):
-            raise NotYetAvailable(command) from exc
-        raise
-    if not hasattr(mod, function):
-        raise NotYetAvailable(command)
-    return getattr(mod, function)
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -78,7 +60,8 @@ def _render(data: dict, first=()) -> str:
 # -------------------------------------------------------------------------------------------- commands
 
 def _cmd_inspect(args):
-    info = _library("inspect", "convert.inspect", "inspect_path")(args.path)
+    from ..convert.inspect import inspect_path
+    info = inspect_path(args.path)
     if args.json:
         _print_json(info)
     else:
@@ -87,12 +70,13 @@ def _cmd_inspect(args):
 
 
 def _cmd_convert(args):
-    convert_file = _library("convert", "convert.write", "convert_file")
+    from ..convert.write import convert_file
     _print_json(convert_file(args.src, args.dst, args.to, args.dtype, args.lora))
 
 
 def _cmd_lora_inspect(args):
-    info = _library("lora inspect", "convert.lora.inspect", "inspect_lora")(args.path)
+    from ..convert.lora.inspect import inspect_lora
+    info = inspect_lora(args.path)
     if args.json:
         _print_json(info)
     else:
@@ -101,16 +85,18 @@ def _cmd_lora_inspect(args):
 
 
 def _cmd_lora_convert(args):
-    _print_json(_library("lora convert", "convert.lora.write", "convert_lora")(args.src, args.dst, args.to))
+    from ..convert.lora.write import convert_lora
+    _print_json(convert_lora(args.src, args.dst, args.to))
 
 
 def _cmd_run(args):
-    run_workflow = _library("run", "runner", "run_workflow")
+    from .runner import run_workflow
     _print_json(run_workflow(args.workflow, models_dir=args.models, output_dir=args.output, input_dir=args.input))
 
 
 def _cmd_demo(args):
-    _print_json(_library("demo", "demo", "run_demo")(args.output))
+    from .demo import run_demo
+    _print_json(run_demo(args.output))
 
 
 def _lora_spec(text: str):
@@ -219,9 +205,6 @@ def main(argv=None) -> int:
         return 2
     try:
         func(args)
-    except NotYetAvailable as exc:
-        print(f"{PROG}: '{exc}' is not yet available", file=sys.stderr)
-        return 2
     except BadInput as exc:
         print(f"{PROG}: " + " ".join(str(exc).splitlines()), file=sys.stderr)
         return 2
