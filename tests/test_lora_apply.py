@@ -341,7 +341,7 @@ def test_bake_equals_apply_bitwise():
         def __init__(self, shape):
             self.shape = shape
     lset = LoraSet([(k, 0.6), (d, 1.5)])
-    getter, report = lset.patched_getter(FLUX, {n: Step(tuple(t.shape)) for n, t in weights.items()},
+    getter, report, expanded = lset.patched_getter(FLUX, {n: Step(tuple(t.shape)) for n, t in weights.items()},
                                          weights.__getitem__)
     baked = {n: getter(n) for n in weights}
     direct = patch_tensors([(k, 0.6), (d, 1.5)], FLUX, weights)
@@ -351,7 +351,7 @@ def test_bake_equals_apply_bitwise():
             assert torch.equal(baked[n], applied[n]), n
             if n in direct:
                 assert torch.equal(direct[n], applied[n]), n
-    assert {r["name"] for r in report} == {"k", "dora"}
+    assert {r["name"] for r in report} == {"k", "dora"} and expanded == {}
 
 
 def test_spec_parsing():

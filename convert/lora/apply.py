@@ -26,7 +26,7 @@ from ...common.errors import BadInput
 from ..table import swap_halves
 from .formats import CLIP, FLUX, T5, TEXT_FAMILIES, Lora, load_lora
 from .layers import bias_delta, weight_delta
-from .patch import Patch, Plan
+from .patch import Patch, Plan, expanded_config
 
 DENSE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -199,7 +199,7 @@ def apply_loras(model: torch.nn.Module, family: str | None = None, loras=(),
                 _assign(handle, params[name], tensor, originals_device)
         for name, width in plan.expand.items():
             if name in dense_plan.params:
-                _expand_module(handle, model, modules, name, width)
+                _expand_module(handle, model, modules, family, name, width)
         sidecars: dict[str, _Sidecar] = {}
         for patch in hooked:
             for mod, terms in _sidecar_terms(patch).items():
@@ -230,18 +230,21 @@ class _Offloaded:
         return self.tensor.to(self.device)
 
 
-def _expand_module(handle, model, modules, name: str, width: int) -> None:
-    """A widened input layer (control LoRA): its `in_features` and the model's `in_channels` follow."""
+def _expand_module(handle, model, modules, family: str, name: str, width: int) -> None:
+    """A widened input layer (control LoRA): its `in_features` and the model's input-width config follow."""
     mod = modules[name.rpartition(".")[0]]
     if hasattr(mod, "in_features"):
         old = mod.in_features
         mod.in_features = width
         handle._undo.append(lambda: setattr(mod, "in_features", old))
     config = getattr(model, "config", None)
-    if config is not None and hasattr(model, "register_to_config") and "in_channels" in config:
-        old_in = config["in_channels"]
-        model.register_to_config(in_channels=width)
-        handle._undo.append(lambda: model.register_to_config(in_channels=old_in))
+    if config is not None and hasattr(model, "register_to_config"):
+        old_config = dict(config)
+        changed = {k: v for k, v in expanded_config(family, old_config, {name: width}).items()
+                   if old_config.get(k) != v}
+        if changed:
+            model.register_to_config(**changed)
+            handle._undo.append(lambda: model.register_to_config(**{k: old_config[k] for k in changed}))
 
 
 # ------------------------------------------------------------------------------------ quantized bases

@@ -461,6 +461,10 @@ def parse(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path
         if made and loc.family == FLUX:
             labels[label] += sum(len(p.keys) for p in made)
 
+    from .siblings import check_siblings
+    parts, mismatched = check_siblings(parts)
+    not_placed += mismatched
+
     weights = [d["key"] for d in not_placed if d["reason"] == _FULL_WEIGHT]
     if weights and not looks_like_lora(tensors):  # a model file given as a LoRA (its norms would read as `set`)
         raise BadInput(path, f"not a LoRA but model weights ({', '.join(weights[:2])}, ...): load it with "

@@ -21,8 +21,9 @@ from .formats import Lora, Part, family_module, rule_name
 from .layers import bias_delta, dora_weight, weight_delta
 
 F32 = torch.float32
-# The module whose input width a control LoRA may widen (BFL name; diffusers zero-pads it the same way).
-EXPANDABLE = {"flux-transformer": "img_in"}
+# The module whose input width a control LoRA may widen (BFL name; diffusers zero-pads it the same way), and
+# the model config key that follows that width.
+EXPANDABLE = {"flux-transformer": ("img_in", "in_channels")}
 # How much wider a control LoRA may make that input (FLUX.1 Fill: 64 -> 384, Depth/Canny: 64 -> 128). A reshape
 # is a few integers in the file, so a hostile one could otherwise ask for terabytes of zero padding.
 MAX_EXPAND = 16
@@ -124,7 +125,9 @@ def resolve(part: Part, shapes: Mapping[str, tuple], allow_expand: bool = True) 
     for mod, rows, swap in mods:
         n_rows = rows[1] if rows else (src[0] if src else part.out_features)
         if part.has_weight:
-            name = mod + ".weight"
+            # A norm's scale is a tensor of its own in the table (`...query_norm.scale` -> `...norm_q.weight`):
+            # a full difference on it (ComfyUI `.scale.diff`) targets that tensor, not `<it>.weight`.
+            name = mod if mod in shapes else mod + ".weight"
             have = _shape(shapes, name)
             if have is None:
                 return f"not in this model: {mod}"
@@ -154,11 +157,21 @@ def _render(table, name_a: str) -> str:
 
 
 def _expandable(part: Part, module_b: str) -> bool:
-    bfl = EXPANDABLE.get(part.family)
-    if bfl is None:
+    if part.family not in EXPANDABLE:
         return False
     table = family_module(part.family).TABLE
-    return module_b == _render(table, bfl)
+    return module_b == _render(table, EXPANDABLE[part.family][0])
+
+
+def expanded_config(family: str, config: Mapping, expand: Mapping[str, int]) -> dict:
+    """The model config after input expansion (`Plan.expand`): the input-width key follows the widened layer
+    (a control LoRA makes a FLUX.1 dev config one with `in_channels` 128, as BFL's Depth/Canny models have)."""
+    config = dict(config)
+    if family in EXPANDABLE and expand:
+        key = EXPANDABLE[family][1]
+        if key in config:
+            config[key] = max(expand.values())
+    return config
 
 
 # --------------------------------------------------------------------------------------------- plan
