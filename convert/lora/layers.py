@@ -50,19 +50,28 @@ def bias_delta(part: Part, rows: tuple[int, int] | None = None, device="cpu") ->
 
 
 def dora_weight(part: Part, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """The DoRA weight m·(W+ΔW)/‖W+ΔW‖ (float32, source layout).
+    """The DoRA weight (float32, source layout) of `weight` patched with `delta` (= scale·ΔW), as the tool of
+    the magnitude's format computes it:
 
-    The norm axis follows the magnitude's shape, as ComfyUI's `weight_decompose` decides it: PEFT's
-    `lora_magnitude_vector` [out] (and a `dora_scale` [out, 1]) scales rows, norms over the inputs;
-    LyCORIS/kohya/OneTrainer `dora_scale` [1, in] scales columns, norms over the outputs.
+    * PEFT `lora_magnitude_vector` [out]: m·(W+ΔW)/‖W+ΔW‖, the norm of each output row of the patched
+      weight (PEFT's `DoraLinearLayer`);
+    * `dora_scale` [1, in] (LyCORIS, kohya, OneTrainer): d·(W+ΔW)/‖W+ΔW‖ over each input column, as ComfyUI's
+      `weight_decompose` does;
+    * `dora_scale` [out, 1]: what ComfyUI's `weight_decompose` does with that axis: d·(W+ΔW)/‖W‖, the row
+      norm of the weight *before* this patch.
+
+    Every norm gets float32's epsilon added (as ComfyUI adds its weight dtype's, float32 there), so an all-zero
+    row or column gives zeros, not NaN; PEFT adds none (a zero row is NaN there), elsewhere the two agree.
     """
-    m = part.dora.to(device=weight.device, dtype=F32)
+    eps = torch.finfo(F32).eps
     merged = weight + delta
-    if m.dim() == 1 or (m.shape[0] == merged.shape[0] and m.shape[-1] == 1 and m.numel() == merged.shape[0]):
-        norm = merged.norm(p=2, dim=1, keepdim=True)
-        return merged * (m.reshape(-1, 1) / norm)
-    norm = merged.norm(p=2, dim=0, keepdim=True)
-    return merged * (m.reshape(1, -1) / norm)
+    if "magnitude" in part.tensors:
+        m = part.tensors["magnitude"].to(device=weight.device, dtype=F32).reshape(-1, 1)
+        return merged * (m / (merged.norm(p=2, dim=1, keepdim=True) + eps))
+    d = part.tensors["dora_scale"].to(device=weight.device, dtype=F32)
+    if d.shape[0] == merged.shape[0]:  # [out, 1]: ComfyUI's output axis
+        return merged * (d.reshape(-1, 1) / (weight.norm(p=2, dim=1, keepdim=True) + eps))
+    return merged * (d.reshape(1, -1) / (merged.norm(p=2, dim=0, keepdim=True) + eps))
 
 
 # ------------------------------------------------------------------------------- fusing / splitting
