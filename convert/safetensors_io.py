@@ -276,6 +276,14 @@ class WeightFile(Mapping):
     def __contains__(self, name) -> bool:
         return name in self._infos
 
+    def maps(self, t) -> bool:
+        """Whether tensor `t` lies in this file's mapping: a zero-copy view of the file's bytes (which the page
+        cache holds, and which can be read again at no cost)."""
+        if self._buffer is None or not isinstance(t, torch.Tensor) or t.device.type != "cpu" or not t.numel():
+            return False
+        base = torch.frombuffer(self._buffer, dtype=torch.uint8, count=1).data_ptr()
+        return base <= t.data_ptr() < base + len(self._buffer)
+
     # -- header facts (no data read)
     def shape(self, name: str) -> torch.Size:
         return torch.Size(self._infos[name].shape)
@@ -360,6 +368,9 @@ class ShardedWeights(Mapping):
 
     def __contains__(self, name):
         return name in self._where
+
+    def maps(self, t) -> bool:
+        return any(wf.maps(t) for wf in self.shards.values())
 
     def shape(self, name):
         return self._where[name].shape(name)

@@ -142,6 +142,7 @@ class Lora:
     metadata: dict = field(default_factory=dict)
     dtypes: dict[str, int] = field(default_factory=dict)
     scale_convention: str = "1"
+    identity: tuple | None = None  # what the file was when read (path, size, mtime), set by the loader's cache
 
     def family_parts(self, family: str) -> list[Part]:
         return [p for p in self.parts if p.family == family]

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ..table import A, B, Split
-from .formats import Part, family_module
+from ..families import FAMILIES
+from ..table import B, Split
 
 
-def check_siblings(parts: list[Part]) -> tuple[list[Part], list[dict]]:
-    """(the parts that agree with their siblings, not-placed entries for those that do not)."""
+def check_siblings(parts: list) -> tuple[list, list[dict]]:
+    """(the parts (`formats.Part`) that agree with their siblings, not-placed entries for those that do not)."""
     slots = {id(p): _slot(p) for p in parts}
     parent: dict = {}
 
@@ -71,11 +71,11 @@ def _with_shape(members, shape, other_than) -> str:
     return next(p.module for p in members if tuple(p.shape) == shape and p is not other_than)
 
 
-def _slot(p: Part):
+def _slot(p):
     """(template key, equal-rows group key or None) of a part with a 2-D ΔW; None for the others."""
     if p.shape is None or p.kind in ("set", "reshape"):
         return None
-    m = family_module(p.family).TABLE.match(p.module, p.side)
+    m = FAMILIES[p.family].TABLE.match(p.module, p.side)
     if m is None:
         return None
     template = ("template", p.family, p.side, id(m.rule), m.part, m.rest)
@@ -87,10 +87,10 @@ def _slot(p: Part):
     return template, group
 
 
-def _width_problem(p: Part) -> str | None:
+def _width_problem(p) -> str | None:
     """The table's own widths: an "in" part of a split module has as many rows as inputs; a fused part has
     rows that split the way its module does."""
-    m = family_module(p.family).TABLE.match(p.module, p.side)
+    m = FAMILIES[p.family].TABLE.match(p.module, p.side)
     op = m.rule.op
     if not isinstance(op, Split) or m.rest:
         return None
