@@ -36,7 +36,9 @@ def _hook_class():
         def new_forward(self, module, *args, **kwargs):
             stored = module.weight
             scale = getattr(module, "weight_scale", None)
-            w = stored.to(torch.float32) * scale if scale is not None else stored
+            w = stored
+            if scale is not None:  # the same product as the dequantizing load, in one temporary
+                w = stored.to(torch.float32).mul_(scale)
             module.weight = torch.nn.Parameter(w.to(self.compute_dtype), requires_grad=False)
             try:
                 return self.fn_ref.original_forward(*args, **kwargs)

@@ -12,6 +12,7 @@ from fluxbridge.convert.lora import apply_loras, convert_lora, inspect_lora, loa
 from fluxbridge.convert.table import A, B, materialize
 from fluxbridge.convert.write import convert_file
 from fluxbridge.headless.factory import save_layout, tiny_flux_transformer
+from states import snapshot as state  # tests/helpers
 
 FLUX = "flux-transformer"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,10 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def dev_model(in_channels=64, seed=5, width=32):
     return tiny_flux_transformer(width=width, heads=2, double=1, single=1, in_channels=in_channels, seed=seed)
-
-
-def state(m):
-    return {k: v.clone() for k, v in m.state_dict().items()}
 
 
 # -------------------------------------------------------------------------------- .diff on a norm scale

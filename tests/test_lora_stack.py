@@ -13,6 +13,7 @@ from fluxbridge.convert.lora import apply_loras, load_lora
 from fluxbridge.convert.lora import patch as patch_mod
 from fluxbridge.headless.factory import save_layout, tiny_flux_transformer
 from fluxbridge.runtime import models
+from states import assert_same_state as assert_bitwise, snapshot as state  # tests/helpers
 
 FLUX = "flux-transformer"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,17 +42,6 @@ def files(on_host):
     return {"dev": dev, "a": kohya_lora(on_host / "loras" / "a.safetensors", 1),
             "b": kohya_lora(on_host / "loras" / "b.safetensors", 2, ("double_blocks_0_img_attn_qkv",
                                                                     "double_blocks_0_img_attn_proj"))}
-
-
-def state(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def assert_bitwise(module, snap):
-    now = module.state_dict()
-    assert now.keys() == snap.keys()
-    for k, v in snap.items():
-        assert now[k].dtype == v.dtype and torch.equal(now[k], v), k
 
 
 def reference(files, *stack):

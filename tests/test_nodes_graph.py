@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from fluxbridge.headless import factory
 from fluxbridge.runtime import host, models
+from states import assert_same_state, snapshot  # tests/helpers
 from fluxbridge.convert.write import convert_file
 from fluxbridge.common.errors import BadInput
 from fluxbridge.nodes import conditioning, convert, latent, loaders, sampling
@@ -111,18 +112,6 @@ def graph(lora_strength=None, steps=STEPS, seed=SEED, size=SIZE, weight_dtype="d
     (image,), _ = run(latent.VAEDecode, vae=g["vae"], latent=lat, tiled="auto")
     g.update(conditioning=cond, empty=empty, sigmas=sigmas, latent=lat, image=image, scheduler_ui=sched_ui)
     return g
-
-
-def snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def assert_same_state(module, snap):
-    now = module.state_dict()
-    assert now.keys() == snap.keys()
-    for k, v in snap.items():
-        assert now[k].dtype == v.dtype and torch.equal(now[k].view(torch.uint8) if v.dtype.itemsize == 1 else now[k],
-                                                       v.view(torch.uint8) if v.dtype.itemsize == 1 else v), k
 
 
 # ------------------------------------------------------------------------------------------------ graph

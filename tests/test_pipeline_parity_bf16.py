@@ -7,6 +7,7 @@ import torch
 
 from fluxbridge import pipeline as P
 from fluxbridge.headless import factory
+from parity import encode, gen as _gen, pipe as _pipe  # tests/helpers
 
 TOL = 1 / 255
 BF16 = torch.bfloat16
@@ -20,19 +21,8 @@ def dev():
     return factory.tiny_pipeline_components("dev", width=64, heads=2, double=2, single=2, dtype=BF16)
 
 
-def _pipe(cls, comps):
-    pipe = cls(**comps)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _gen(seed):
-    return torch.Generator("cpu").manual_seed(seed)
-
-
 def _encode(comps, prompt, **kw):
-    return P.encode_prompt(comps["tokenizer"], comps["text_encoder"], comps["tokenizer_2"],
-                           comps["text_encoder_2"], prompt, dtype=BF16, **kw)
+    return encode(comps, prompt, dtype=BF16, **kw)
 
 
 def _close(ours, ref):
