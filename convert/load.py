@@ -111,6 +111,10 @@ def load_model(path, family: str | None = None, dtype: torch.dtype | None = None
         seen = ", ".join(f"{c.family} ({len(c.names)} tensors)" for c in found) or "no known tensors"
         raise BadInput(path, f"not {what}: found {seen}; sample keys: {sample(source.keys())}")
     module = comp.module
+    foreign = getattr(module, "foreign", None)  # keys beside the family's that show it is another model
+    why = foreign(comp.unplaced) if foreign is not None else None
+    if why:
+        raise BadInput(path, why)
     try:
         plan, config, report = diffusers_plan(source, comp, getattr(source, "config", None))
     except ValueError as exc:
