@@ -11,6 +11,7 @@ from ..runtime import host
 from ..common.errors import BadInput
 from ..pipeline import latents as latents_lib
 from ..pipeline import schedule as schedule_lib
+from ..pipeline.kontext import REFERENCE_KEY
 from ..pipeline.sample import check_conditioning, sample
 from ._common import CATEGORY, MAX_RESOLUTION, MAX_SEED, TRANSFORMER, checked, io, node_id, ui
 
@@ -48,10 +49,19 @@ def _named(transformer) -> str:
 
 
 def _check_conditionings(transformer, positive, negative) -> None:
-    """Before the model loads: the conditionings' widths fit the transformer (both parts named)."""
-    check_conditioning(positive, transformer.config, "positive", _named(transformer))
-    if negative is not None:
-        check_conditioning(negative, transformer.config, "negative", _named(transformer))
+    """Before the model loads: the conditionings fit the transformer (both parts named): their widths, and
+    their image inputs (a control image needs the input channels a Depth/Canny model or control LoRA
+    gives; Kontext references need a Kontext model)."""
+    config = dict(transformer.config, in_channels=transformer.input_channels())
+    for which, cond in (("positive", positive), ("negative", negative)):
+        if cond is None:
+            continue
+        _, extra = check_conditioning(cond, config, which, _named(transformer))
+        refs = extra.get(REFERENCE_KEY)
+        if refs and transformer.variant != "kontext":
+            raise BadInput(which, f"the {which} conditioning carries {len(refs)} Kontext reference image(s), but "
+                                  f"{_named(transformer)} is FLUX.1 {transformer.variant} (detected from its "
+                                  f"weights and name); if it is FLUX.1 Kontext, set the loader's variant to kontext")
 
 
 class Scheduler(io.ComfyNode):

@@ -9,6 +9,8 @@ Model objects (the custom socket types):
   detected), their tokenizers and where those came from, and the LoRA stack for their parts.
 * `VAEModel` (`FLUXBRIDGE_VAE`): the diffusers `AutoencoderKL`, its handle and latent format (scale, shift,
   channels).
+* `ReduxModel` (`FLUXBRIDGE_REDUX`): the FLUX.1 Redux image encoder and the SigLIP vision tower it reads (each
+  an `Encoder`), and the tower's pixel size, mean and std.
 
 Caching and LoRAs (the design, in short):
 
