@@ -44,6 +44,13 @@ def test_encode_crops_to_the_vae_block_with_a_note(vae):
     assert raw.shape == (1, 16, 8, 5) and len(notes) == 1
 
 
+def test_encode_does_not_depend_on_the_image_memory_layout(vae):
+    """Native nodes return BHWC views of BCHW tensors; the convolutions must see the same layout either way
+    (channels-last input rounds differently: 6e-6 here, a pixel level after sampling)."""
+    x = torch.rand(1, 3, 128, 96)
+    assert torch.equal(P.encode(vae, x.permute(0, 2, 3, 1)), P.encode(vae, x.permute(0, 2, 3, 1).contiguous()))
+
+
 def test_decode_round_trip_shape_and_native_layout(vae):
     image = torch.rand(1, 32, 32, 3)
     assert P.decode(vae, P.encode(vae, image)).shape == image.shape
