@@ -60,7 +60,8 @@ def check_conditioning(conditioning, config, which: str = "positive",
     if pooled.shape[-1] != config["pooled_projection_dim"]:
         raise BadInput(which, f"the {which} pooled output is {pooled.shape[-1]} wide, {model} expects "
                               f"{config['pooled_projection_dim']} (its CLIP width)")
-    _check_image_inputs(extra, int(config["in_channels"]), int(config["out_channels"]) // 4, which, model)
+    in_channels = int(config["in_channels"])
+    _check_image_inputs(extra, in_channels, int(config.get("out_channels") or in_channels) // 4, which, model)
     return hidden, extra
 
 

@@ -24,6 +24,7 @@ from fluxbridge.headless.native_nodes import reference_latent
 from fluxbridge.nodes import conditioning, image as image_nodes, latent, loaders, sampling
 from fluxbridge.pipeline import kontext as kontext_lib
 from fluxbridge.runtime import host, models
+from node_graph import copy_tokenizers, run  # tests/helpers
 
 TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
 PROMPT = "make the sky a warm sunset"
@@ -84,19 +85,13 @@ def family_models(parts, tmp_path_factory):
     shutil.copy(root / "text_encoders" / NAMES["t5"], root / "clip_vision" / "t5_by_mistake.safetensors")
     (root / "loras").mkdir()
     save_file(demo.tiny_control_lora(dev["transformer"], seed=3), str(root / "loras" / NAMES["lora"]))
-    shutil.copytree(TOKENIZERS / "clip-l", root / "tokenizers" / "clip_l")
-    shutil.copytree(TOKENIZERS / "t5-xxl", root / "tokenizers" / "t5xxl")
+    copy_tokenizers(TOKENIZERS, root)
     return root
 
 
 @pytest.fixture
 def models_dir(family_models):
     return family_models
-
-
-def run(cls, **inputs):
-    out = cls.execute(**inputs)
-    return out.args, (out.ui or {})
 
 
 def _picture(h, w, seed):
