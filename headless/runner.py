@@ -333,10 +333,5 @@ def _files(root: Path) -> dict[str, tuple]:
 
 
 def _progress_bar(order, progress):
-    if not progress:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=len(order), desc="fluxbridge run", unit="node", leave=True)
+    """A bar over the nodes, on a terminal only (see `host.terminal_bar`)."""
+    return host.terminal_bar(len(order), desc="fluxbridge run", unit="node", leave=True) if progress else None
