@@ -13,7 +13,7 @@ import torch
 
 from ..common.errors import BadInput
 from ..common.jsonable import jsonable
-from .detect import components
+from .detect import components, what_it_holds
 from .extents import step_extents
 from .lora.formats import looks_like_lora
 from .families import target
@@ -48,7 +48,7 @@ def convert_file(src, dst, to: str, dtype: str = "keep", loras=()) -> dict:
         raise BadInput(src, "this is a LoRA, not model weights: convert it with `fluxbridge lora convert`")
     found = components(source.keys())
     if not found:
-        raise BadInput(src, "no model weights FluxBridge knows in this file")
+        raise BadInput(src, f"no model weights FluxBridge can convert: {what_it_holds(source.keys(), source.metadata)}")
     lora_set = _open_loras(loras)
     as_folder = to == "diffusers" and (len(found) > 1 or dst.suffix not in (".safetensors", ".sft"))
 
