@@ -567,11 +567,20 @@ CASES = [
                                                  lora_name="wrongwidth-lora.safetensors")),
     Case("text-encoders:t5-in-the-clip-slot", [], "t5xxl.safetensors", r"not clip-l: found t5-xxl weights",
          node=lambda w: loaders.LoadTextEncoders.execute(clip_name="t5xxl.safetensors", t5_name="t5xxl.safetensors")),
+    # --- destinations the system refuses: the user's choice of place, exit 2 (not an internal error) --------
+    Case("destination:a-folder", [["convert", "{dm}/" + GOOD, "{conv}", "--to", "comfy"],
+                                  ["lora", "convert", "{loras}/" + GOOD_LORA, "{conv}", "--to", "bfl"]],
+         "converted", r"cannot write there: Is a directory"),
+    Case("destination:under-a-file", [["convert", "{dm}/" + GOOD, "{dm}/empty.safetensors/x.safetensors", "--to", "bfl"],
+                                      ["convert", "{dm}/" + GOOD, "{dm}/empty.safetensors/folder", "--to", "diffusers"],
+                                      ["lora", "convert", "{loras}/" + GOOD_LORA, "{dm}/empty.safetensors/l.safetensors",
+                                       "--to", "kohya"]],
+         "empty.safetensors", r"a file is where this folder \(or one above it\) would go"),
     Case("vae:transformer-as-vae.safetensors", [], "transformer-as-vae.safetensors",
          r"not flux-vae: found flux-transformer weights \(bfl layout, 52 tensors\)",
          node=lambda w: loaders.LoadVAE.execute(vae_name="transformer-as-vae.safetensors")),
 ]
-N_CASES = 76
+N_CASES = 78
 
 
 def _absolute_workflows(w: World) -> dict:
