@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import traceback
@@ -23,6 +24,11 @@ WEIGHT_LAYOUTS = ("bfl", "comfy", "diffusers")
 LORA_FORMATS = ("diffusers", "bfl", "kohya", "comfy")
 DTYPES = ("keep", "bf16", "fp16", "fp32")
 LIST_LIMIT = 20  # text output shows at most this many items of a list (--json shows all)
+# Loggers that speak up while the libraries import, when torchao is installed (the quant extra): torchao
+# (its CUDA-only kernels do not load on a CPU machine), torch's pytree (a deprecation inside torchao), and
+# the quantizer modules of diffusers and transformers (torchao classes they cannot find). Below ERROR they
+# would break "a failing command's stderr is its one line" on every command, quantizing or not.
+IMPORT_CHATTER = ("torchao", "torch.utils._pytree", "diffusers.quantizers", "transformers.quantizers")
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -212,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    for name in IMPORT_CHATTER:
+        logging.getLogger(name).setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)

@@ -394,16 +394,6 @@ def test_mismatched_parts_are_named(on_host):
         run(loaders.LoadTransformer, model_name=NAMES["model_name"], weight_dtype="fp8_e4m3fn", quantize="int8")
 
 
-def test_quantize_without_torchao_says_what_to_install(on_host):
-    try:
-        import torchao  # noqa: F401
-        pytest.skip("torchao is installed")
-    except ImportError:
-        pass
-    with pytest.raises(BadInput, match=r"fluxbridge\[quant\]"):
-        run(loaders.LoadTransformer, model_name=NAMES["model_name"], weight_dtype="default", quantize="int8")
-
-
 def test_quantize_int8_with_a_lora(on_host):
     pytest.importorskip("torchao")
     g = load(lora_strength=1.0)
