@@ -233,13 +233,17 @@ def run_demo(output_dir="out", progress=True, cache_dir=None, overrides=None) ->
 def summary(report: dict) -> str:
     """What `fluxbridge demo` prints: what ran, where the image is, how long it took, where the report is."""
     settings = {k: v for node in (report.get("overrides") or {}).values() for k, v in node.items()}
-    how = ", ".join([f"{settings['width']}x{settings['height']}"] if {"width", "height"} <= settings.keys() else []
-                    + ([f"{settings['steps']} steps"] if "steps" in settings else []))
+    how = []
+    if {"width", "height"} <= settings.keys():
+        how.append(f"{settings['width']}x{settings['height']}")
+    if "steps" in settings:
+        how.append(f"{settings['steps']} steps")
+    how = f" ({', '.join(how)})" if how else ""
     t = report["timings"]
     out = Path(report["output_dir"])
     images = [str(out / p) for p in report["images"]] or ["none written"]
     return "\n".join([
-        f"Ran the example workflow {Path(report['workflow']).name}{f' ({how})' if how else ''} on small random "
+        f"Ran the example workflow {Path(report['workflow']).name}{how} on small random "
         "FLUX.1 models (random weights: the image is noise).",
         f"Models: {report['models_dir']} ({'reused from the cache' if report['models_cached'] else 'built now'})",
         *(f"Image:  {p}" for p in images),

@@ -88,14 +88,17 @@ def test_cli_demo(tmp_path, cache):
     report = json.loads((tmp_path / "cli-out" / REPORT_NAME).read_text())
     image = tmp_path / "cli-out" / report["images"][0]
     assert image.is_file() and len(lines) <= 8
+    size, steps = demo.DEMO_OVERRIDES["5"], demo.DEMO_OVERRIDES["6"]["steps"]
     assert demo.DEMO_WORKFLOW in lines[0] and "random" in lines[0]
+    assert f"({size['width']}x{size['height']}, {steps} steps)" in lines[0], lines[0]
     assert f"Image:  {image}" in lines
     assert any(line.startswith("Time:   ") and line.endswith(" s)") for line in lines)
     assert f"Report: {tmp_path / 'cli-out' / REPORT_NAME} (`fluxbridge demo --json` prints it)" in lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cli-out"]  # nothing else written in cwd
     # --json prints the report itself
-    result = subprocess.run([sys.executable, "-m", "fluxbridge", "demo", "--json", "--output", str(tmp_path / "cli-out")],
-                            capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    result = subprocess.run([sys.executable, "-m", "fluxbridge", "demo", "--json", "--output",
+                             str(tmp_path / "cli-out")], capture_output=True, text=True, env=env, timeout=300,
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     again = json.loads(result.stdout)
     assert again["report"] == str(tmp_path / "cli-out" / REPORT_NAME) and len(again["images"]) == 1

@@ -259,8 +259,10 @@ def world(tmp_path_factory) -> World:
     (w.models / "vae" / "transformer-as-vae.safetensors").write_bytes(good)
     (loras / "vae-as-lora.safetensors").write_bytes((w.models / "vae" / "ae.safetensors").read_bytes())
     (loras / "t5-as-lora.safetensors").write_bytes((w.models / "text_encoders" / "t5xxl.safetensors").read_bytes())
-    q_badrank = {f"{peft_q}.lora_A.weight": torch.ones(4, 32) * 0.01, f"{peft_q}.lora_B.weight": torch.ones(32, 2) * 0.01}
-    q_wide = {f"{peft_q}.lora_A.weight": torch.ones(4, 48) * 0.01, f"{peft_q}.lora_B.weight": torch.ones(48, 4) * 0.01}
+    q_badrank = {f"{peft_q}.lora_A.weight": torch.ones(4, 32) * 0.01,  # rank 4 down, rank 2 up
+                 f"{peft_q}.lora_B.weight": torch.ones(32, 2) * 0.01}
+    q_wide = {f"{peft_q}.lora_A.weight": torch.ones(4, 48) * 0.01,  # made for width 48, the model is 32 wide
+              f"{peft_q}.lora_B.weight": torch.ones(48, 4) * 0.01}
     (loras / "badrank-lora.safetensors").write_bytes(st_bytes(q_badrank))
     (loras / "wrongwidth-lora.safetensors").write_bytes(st_bytes(q_wide))
 
@@ -571,10 +573,10 @@ CASES = [
     Case("destination:a-folder", [["convert", "{dm}/" + GOOD, "{conv}", "--to", "comfy"],
                                   ["lora", "convert", "{loras}/" + GOOD_LORA, "{conv}", "--to", "bfl"]],
          "converted", r"cannot write there: Is a directory"),
-    Case("destination:under-a-file", [["convert", "{dm}/" + GOOD, "{dm}/empty.safetensors/x.safetensors", "--to", "bfl"],
-                                      ["convert", "{dm}/" + GOOD, "{dm}/empty.safetensors/folder", "--to", "diffusers"],
-                                      ["lora", "convert", "{loras}/" + GOOD_LORA, "{dm}/empty.safetensors/l.safetensors",
-                                       "--to", "kohya"]],
+    Case("destination:under-a-file",
+         [["convert", "{dm}/" + GOOD, "{dm}/empty.safetensors/x.safetensors", "--to", "bfl"],
+          ["convert", "{dm}/" + GOOD, "{dm}/empty.safetensors/folder", "--to", "diffusers"],
+          ["lora", "convert", "{loras}/" + GOOD_LORA, "{dm}/empty.safetensors/l.safetensors", "--to", "kohya"]],
          "empty.safetensors", r"a file is where this folder \(or one above it\) would go"),
     Case("vae:transformer-as-vae.safetensors", [], "transformer-as-vae.safetensors",
          r"not flux-vae: found flux-transformer weights \(bfl layout, 52 tensors\)",
@@ -735,7 +737,8 @@ SUBPROCESS_CORPUS = [
     (["inspect", "{dm}/zip-inside.safetensors"], 2, "zip-inside.safetensors"),  # a pickle: never unpickled
     (["inspect", "{dm}/terabyte-tensor.safetensors"], 2, "terabyte-tensor.safetensors"),
     (["inspect", "{dm}/flux-cut.safetensors"], 2, "flux-cut.safetensors"),
-    (["convert", "{dm}/flux-cut.safetensors", "{conv}/sub-cut.safetensors", "--to", "diffusers"], 2, "flux-cut.safetensors"),
+    (["convert", "{dm}/flux-cut.safetensors", "{conv}/sub-cut.safetensors", "--to", "diffusers"], 2,
+     "flux-cut.safetensors"),
     (["inspect", "{dm}/t5-cut.safetensors"], 2, "t5-cut.safetensors"),
     (["inspect", "{dm}/llama.gguf", "--json"], 2, "llama.gguf"),
     (["inspect", "{dm}/empty-folder"], 2, "empty-folder"),

@@ -86,7 +86,6 @@ def patch_tensors(loras, family: str, weights: Mapping[str, torch.Tensor]) -> di
     return out
 
 
-
 def _refuse_if_nothing_fits(items, plan: Plan, family: str) -> None:
     """A LoRA with parts for this family of which none fits (another width, another model) would bake
     nothing: `BadInput`, as the LoRA loader node refuses it."""
