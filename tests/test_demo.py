@@ -95,10 +95,12 @@ def test_cli_demo(tmp_path, cache):
     assert any(line.startswith("Time:   ") and line.endswith(" s)") for line in lines)
     assert f"Report: {tmp_path / 'cli-out' / REPORT_NAME} (`fluxbridge demo --json` prints it)" in lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cli-out"]  # nothing else written in cwd
-    # --json prints the report itself
-    result = subprocess.run([sys.executable, "-m", "fluxbridge", "demo", "--json", "--output",
-                             str(tmp_path / "cli-out")], capture_output=True, text=True, env=env, timeout=300,
-                            cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    again = json.loads(result.stdout)
-    assert again["report"] == str(tmp_path / "cli-out" / REPORT_NAME) and len(again["images"]) == 1
+
+
+def test_cli_demo_json_prints_the_report(tmp_path, cache, monkeypatch, capsys):
+    from fluxbridge.headless import cli
+    monkeypatch.setenv("FLUXBRIDGE_CACHE", str(cache))
+    assert cli.main(["demo", "--json", "--output", str(tmp_path / "out")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["report"] == str(tmp_path / "out" / REPORT_NAME) and len(report["images"]) == 1
+    assert json.loads((tmp_path / "out" / REPORT_NAME).read_text())["images"] == report["images"]
