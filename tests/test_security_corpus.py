@@ -3,7 +3,9 @@
 Every case is refused the same way on both roads into the pack:
 
 * the command line (`fluxbridge inspect | convert | lora inspect | lora convert | run`, in-process through
-  `cli.main`) exits 2 with ONE line on stderr that names the file and the cause, and no traceback;
+  `cli.main`) exits 2 with ONE line on stderr that names the file and the cause, and no traceback (and a
+  subset again as real subprocesses, stderr into a file and stdout into closed pipes:
+  `test_cli_subprocess_corpus`);
 * the node path (the node's `execute`, called directly, which also bypasses ComfyUI's and the runner's
   validation; or `run_workflow` for whole workflows) raises `BadInput` with the same cause.
 
@@ -732,28 +734,32 @@ def test_no_unpickling_anywhere_in_the_pack():
 
 # The real command in a subprocess, stderr into a real file (as `2>err.txt`), stdout a pipe: the exit status
 # and the streams as a user or a script sees them. "{pipe}" runs it with the reader of stdout already gone
-# (as `| head` does). Each entry: (argv, expected exit, the file its one error line names).
+# (as `| head` does). Each entry: (argv, expected exit, the file its one error line names, what it says).
 SUBPROCESS_CORPUS = [
-    (["inspect", "{dm}/zip-inside.safetensors"], 2, "zip-inside.safetensors"),  # a pickle: never unpickled
-    (["inspect", "{dm}/terabyte-tensor.safetensors"], 2, "terabyte-tensor.safetensors"),
-    (["inspect", "{dm}/flux-cut.safetensors"], 2, "flux-cut.safetensors"),
+    (["inspect", "{dm}/zip-inside.safetensors"], 2, "zip-inside.safetensors",  # a pickle: never unpickled
+     "pickle-based checkpoint refused"),
+    (["inspect", "{dm}/terabyte-tensor.safetensors"], 2, "terabyte-tensor.safetensors", "truncated"),
+    (["inspect", "{dm}/flux-cut.safetensors"], 2, "flux-cut.safetensors", "not a complete Flux transformer"),
     (["convert", "{dm}/flux-cut.safetensors", "{conv}/sub-cut.safetensors", "--to", "diffusers"], 2,
-     "flux-cut.safetensors"),
-    (["inspect", "{dm}/t5-cut.safetensors"], 2, "t5-cut.safetensors"),
-    (["inspect", "{dm}/llama.gguf", "--json"], 2, "llama.gguf"),
-    (["inspect", "{dm}/empty-folder"], 2, "empty-folder"),
-    (["lora", "inspect", "{loras}/vae-as-lora.safetensors"], 2, "vae-as-lora.safetensors"),
+     "flux-cut.safetensors", "not a complete Flux transformer"),
+    (["inspect", "{dm}/t5-cut.safetensors"], 2, "t5-cut.safetensors", "too few for a whole model"),
+    (["inspect", "{dm}/llama.gguf", "--json"], 2, "llama.gguf", "a GGUF file for the 'llama' architecture"),
+    (["inspect", "{dm}/empty-folder"], 2, "empty-folder", "no weights found"),
+    (["lora", "inspect", "{loras}/vae-as-lora.safetensors"], 2, "vae-as-lora.safetensors",
+     "not a LoRA but model weights: flux-vae"),
     (["lora", "convert", "{loras}/badrank-lora.safetensors", "{conv}/sub-l.safetensors", "--to", "bfl"], 2,
-     "badrank-lora.safetensors"),
+     "badrank-lora.safetensors", "a broken LoRA"),
     (["convert", "{dm}/" + GOOD, "{conv}/sub-baked.safetensors", "--to", "bfl", "--lora",
-      "{loras}/wrongwidth-lora.safetensors:0.5"], 2, "wrongwidth-lora.safetensors"),
+      "{loras}/wrongwidth-lora.safetensors:0.5"], 2, "wrongwidth-lora.safetensors",
+     "none of its flux-transformer parts fits"),
     (["run", "{wf}/transformer-flux-cut.safetensors.json", "--models", "{models}", "--output", "{out}"], 2,
-     "flux-cut.safetensors"),  # fails while running: after validation, in the loader
-    (["run", "{wf}/model-dotdot.json", "--models", "{models}", "--output", "{out}"], 2, "model-dotdot.json"),
-    (["inspect", "{dm}/" + GOOD], 0, None),
-    (["{pipe}", "inspect", "{dm}/" + GOOD, "--json"], 0, None),
-    (["{pipe}", "lora", "inspect", "{loras}/" + GOOD_LORA], 0, None),
-    (["{pipe}", "convert", "{dm}/" + GOOD, "{conv}/sub-piped.safetensors", "--to", "comfy"], 0, None),
+     "flux-cut.safetensors", "not a complete Flux transformer"),  # fails while running, in the loader
+    (["run", "{wf}/model-dotdot.json", "--models", "{models}", "--output", "{out}"], 2, "model-dotdot.json",
+     "'..' part"),
+    (["inspect", "{dm}/" + GOOD], 0, None, None),
+    (["{pipe}", "inspect", "{dm}/" + GOOD, "--json"], 0, None, None),
+    (["{pipe}", "lora", "inspect", "{loras}/" + GOOD_LORA], 0, None, None),
+    (["{pipe}", "convert", "{dm}/" + GOOD, "{conv}/sub-piped.safetensors", "--to", "comfy"], 0, None, None),
 ]
 
 
@@ -791,12 +797,13 @@ def test_cli_subprocess_corpus(workflows_written, tmp_path):
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(run, range(len(SUBPROCESS_CORPUS))))
     counts = {0: 0, 2: 0}
-    for (_, expected, name), (argv, code, err, out) in zip(SUBPROCESS_CORPUS, results):
+    for (_, expected, name, cause), (argv, code, err, out) in zip(SUBPROCESS_CORPUS, results):
         assert code == expected, (argv, code, err)
         counts[code] += 1
         assert "\r" not in err and "Traceback" not in err and "Exception ignored" not in err, (argv, err)
         if code == 2:
             assert err.count("\n") == 1 and err.startswith("fluxbridge: ") and name in err, (argv, err)
+            assert cause in err, (argv, cause, err)
             assert out == b"", (argv, out)
         else:
             assert err == "", (argv, err)
