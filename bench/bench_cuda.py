@@ -19,8 +19,8 @@ steps 2..N (warm, no setup); `torch.cuda.synchronize()` around the run gives the
 weights. One warm-up image of one step on each side first, then --runs interleaved pairs (order alternates).
 
 Targets: it/s ours / diffusers >= 1.0, whole image ours / diffusers <= 1.0, peak ours / diffusers <= 1.0.
-Anchors (docs/landscape): diffusers bf16 eager on an H100, 28 steps: 6.7-7.1 s per image; compute roofline
-10.7-13.3 it/s.
+Published anchors (sources in bench/README.md): diffusers bf16 eager on an H100, 28 steps: 6.7-7.1 s per
+image; compute roofline 10.7-13.3 it/s.
 
 Without a CUDA device it stops with a message (exit status 2). `--dry-run` runs every code path on the CPU
 at a tiny size (same structure, a few blocks; bf16; one thread) in seconds, for checks on machines without a

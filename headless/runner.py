@@ -27,6 +27,7 @@ from pathlib import Path
 from ..runtime import host
 from ..common.errors import BadInput
 from ..common.jsonable import jsonable
+from ..convert.safetensors_io import make_folder
 from ..runtime.node_specs import NodeSpec, spec_from_schema
 from .native_nodes import RunContext, native_specs
 from .workflows import _id_key, _is_link, execution_order, find_cycle, ui_to_api, unknown_inputs, validate_api
@@ -107,7 +108,7 @@ def _run(path, prompt, ui_workflow, models, out_dir, in_dir, overrides, progress
                              f"({' -> '.join(cycle)})")
     order, _ = execution_order(prompt, sorted(outputs, key=_id_key))
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     before = _files(out_dir)
     ctx = RunContext(output_dir=out_dir, input_dir=in_dir if in_dir.is_dir() else None,
                      prompt=prompt, workflow=ui_workflow)
@@ -333,10 +334,5 @@ def _files(root: Path) -> dict[str, tuple]:
 
 
 def _progress_bar(order, progress):
-    if not progress:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=len(order), desc="fluxbridge run", unit="node", leave=True)
+    """A bar over the nodes, on a terminal only (see `host.terminal_bar`)."""
+    return host.terminal_bar(len(order), desc="fluxbridge run", unit="node", leave=True) if progress else None

@@ -2,8 +2,9 @@
 
 Inside ComfyUI every service below goes through the host: its device and dtype choices, its model manager
 (`ModelPatcher` + `load_models_gpu`), its progress bar and interrupt flag, its model folders. Standalone (the
-`fluxbridge` command, the tests) the same functions fall back to plain torch, tqdm, a threading.Event and one
-models directory (`set_models_dir()` or `FLUXBRIDGE_MODELS`) with the same sub-folder names.
+`fluxbridge` command, the tests) the same functions fall back to plain torch, tqdm (on a terminal only), a
+threading.Event and one models directory (`set_models_dir()` or `FLUXBRIDGE_MODELS`) with the same sub-folder
+names.
 
 Which host we run in is read once at import (`IN_COMFY`, see `detect_host()`; tests that install stubs call it
 again). torch and tqdm are imported on first use, so importing this module stays cheap.
@@ -245,8 +246,25 @@ def check_interrupt():
         raise Interrupted("interrupted")
 
 
+def terminal_bar(total, **options):
+    """Standalone: a tqdm bar on stderr when stderr is a terminal; else None. A pipe or a log file gets no
+    bar at all (tqdm's carriage-return frames would fill it), so a failing command's stderr is its one
+    error line."""
+    try:
+        interactive = sys.stderr is not None and sys.stderr.isatty()
+    except (AttributeError, ValueError):  # no stderr, or a closed one
+        interactive = False
+    if not interactive:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, **options)
+
+
 class Progress:
-    """A progress bar: ComfyUI's `ProgressBar` in the host, tqdm (on stderr) outside.
+    """A progress bar: ComfyUI's `ProgressBar` in the host, `terminal_bar` (tqdm on a terminal) outside.
 
     Every update also checks for an interrupt, so a loop that reports progress can be stopped.
     """
@@ -257,8 +275,7 @@ class Progress:
         if IN_COMFY:
             self._bar, self._tqdm = _utils.ProgressBar(total, node_id=node_id), None
         else:
-            from tqdm import tqdm
-            self._bar, self._tqdm = None, tqdm(total=total, leave=False, dynamic_ncols=True)
+            self._bar, self._tqdm = None, terminal_bar(total, leave=False, dynamic_ncols=True)
 
     def update(self, n=1):
         self.update_absolute(self.current + n)
@@ -270,7 +287,7 @@ class Progress:
         value = min(value, self.total)
         if self._bar is not None:
             self._bar.update_absolute(value, total, preview)
-        else:
+        elif self._tqdm is not None:
             if total is not None:
                 self._tqdm.total = total
             self._tqdm.update(value - self.current)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import os
 import threading
 from collections import OrderedDict
@@ -46,7 +47,9 @@ from ..common.errors import BadInput
 # weight_dtype choices ("default": the host's compute dtype for its device) and their torch names
 WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
 TEXT_DTYPES = ("default", "bf16", "fp16", "fp32")
-QUANTIZE = ("none", "int8", "fp8")
+# quantize choices: weight-only quantization of the transformer's Linear layers, int8 / fp8 through torchao,
+# quanto-int8 / quanto-fp8 through optimum-quanto (both in the optional `fluxbridge[quant]` dependency)
+QUANTIZE = ("none", "int8", "fp8", "quanto-int8", "quanto-fp8")
 # What a transformer is, when its file name does not say: "auto" reads the weights (and the name, for the
 # variants only a name tells apart: Kontext has dev's keys and shapes).
 VARIANT_CHOICES = ("auto", "kontext")
@@ -111,7 +114,7 @@ class TransformerModel:
     variant: str | None
     config: dict
     dtype: str  # the compute dtype
-    storage: str  # how the weights are held: a dtype, "fp8_e4m3fn (upcast to ...)" or "int8 (torchao)"
+    storage: str  # how the weights are held: a dtype, "fp8_e4m3fn (upcast to ...)", "int8 (torchao, ...)"
     report: dict
     loras: tuple = ()  # LoraEntry, applied in order around use
 
@@ -404,26 +407,34 @@ def component_path(path, sub: str) -> Path:
     return p
 
 
-def _torchao(how: str, path):
+def _quant_library(how: str, path):
+    """The library behind a quantize choice (optimum.quanto or torchao.quantization), imported now so that
+    a missing one is said before a long load."""
+    package, module = ("optimum-quanto", "optimum.quanto") if how.startswith("quanto-") else \
+        ("torchao", "torchao.quantization")
     try:
-        import torchao.quantization as tq
+        return importlib.import_module(module)
     except ImportError:
-        raise BadInput(path, f"quantize={how} needs torchao, which is not installed: "
-                             "pip install 'fluxbridge[quant]' (or pip install torchao)") from None
-    return tq
+        raise BadInput(path, f"quantize={how} needs {package}, which is not installed: "
+                             f"pip install 'fluxbridge[quant]' (or pip install {package})") from None
 
 
-def _quantize(module, how: str, path) -> None:
-    """int8 / fp8 weight-only quantization of the Linear layers through torchao."""
-    tq = _torchao(how, path)
+def _quantize(module, how: str, path) -> str:
+    """Weight-only quantization of the Linear layers, by the library's own API; returns its name."""
+    lib = _quant_library(how, path)
+    if how.startswith("quanto-"):
+        lib.quantize(module, weights=lib.qint8 if how == "quanto-int8" else lib.qfloat8)
+        lib.freeze(module)  # quantized weights now, not at the first forward
+        return "optimum-quanto"
     names = (("Int8WeightOnlyConfig", "int8_weight_only") if how == "int8"
              else ("Float8WeightOnlyConfig", "float8_weight_only"))
-    config = next((getattr(tq, n)() for n in names if hasattr(tq, n)), None)
+    config = next((getattr(lib, n)() for n in names if hasattr(lib, n)), None)
     if config is None:
-        raise BadInput(path, f"quantize={how}: this torchao ({getattr(tq, '__version__', '?')}) has none of "
+        raise BadInput(path, f"quantize={how}: this torchao ({getattr(lib, '__version__', '?')}) has none of "
                              f"{', '.join(names)}")
     import torch
-    tq.quantize_(module, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear))
+    lib.quantize_(module, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear))
+    return "torchao"
 
 
 def _display_name(path) -> str:
@@ -437,8 +448,9 @@ def load_transformer(path, weight_dtype: str = "default", quantize: str = "none"
     weight_dtype: "default" = the host's compute dtype for its device (bf16 on a capable GPU, else fp32);
     fp8_e4m3fn / fp8_e5m2 keep the weights in fp8 and upcast each layer to the compute dtype as it runs
     (diffusers layerwise casting). quantize: int8 / fp8 weight-only quantization of the Linear layers
-    through torchao (the optional `fluxbridge[quant]` dependency). variant: "auto" (detected), or
-    "kontext" for a FLUX.1 Kontext file whose name does not say so (its weights are shaped like dev's).
+    through torchao, or quanto-int8 / quanto-fp8 through optimum-quanto (the optional `fluxbridge[quant]`
+    dependency). variant: "auto" (detected), or "kontext" for a FLUX.1 Kontext file whose name does not say
+    so (its weights are shaped like dev's).
     """
     from ..convert.load import load_model
 
@@ -458,7 +470,7 @@ def load_transformer(path, weight_dtype: str = "default", quantize: str = "none"
 
     def build():
         if quantize != "none":
-            _torchao(quantize, path)  # fail before a long load
+            _quant_library(quantize, path)  # fail before a long load
         loaded = load_model(source, family="flux-transformer", dtype=dtype)
         module = loaded.model
         storage = dtype_name(dtype)
@@ -466,8 +478,8 @@ def load_transformer(path, weight_dtype: str = "default", quantize: str = "none"
             module.enable_layerwise_casting(storage_dtype=_torch_dtype(weight_dtype), compute_dtype=dtype)
             storage = f"{weight_dtype} (computing in {dtype_name(dtype)})"
         elif quantize != "none":
-            _quantize(module, quantize, path)
-            storage = f"{quantize} (torchao, computing in {dtype_name(dtype)})"
+            library = _quantize(module, quantize, path)
+            storage = f"{quantize} ({library}, computing in {dtype_name(dtype)})"
         return TransformerModel(module=module, handle=host.wrap(module), name=_display_name(path),
                                 path=str(source), family=loaded.family, layout=loaded.layout,
                                 variant=loaded.variant, config=dict(loaded.config), dtype=dtype_name(dtype),

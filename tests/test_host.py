@@ -1,4 +1,5 @@
 """The host adapter, standalone and inside (stubbed) ComfyUI: devices, memory, progress, interrupt, files."""
+import io
 import os
 import sys
 from pathlib import Path
@@ -63,7 +64,13 @@ def test_lora_originals_stay_unless_the_device_is_short(standalone_host, monkeyp
     assert host.lora_originals_device("cuda:0", 4 << 30) == torch.device("cpu")  # short: wait offloaded
 
 
-def test_progress_outside_the_host_is_tqdm(standalone_host):
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_outside_the_host_is_tqdm_on_a_terminal(standalone_host, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", _Terminal())
     bar = standalone_host.progress(4)
     assert isinstance(bar._tqdm, tqdm)
     bar.update()
@@ -73,6 +80,21 @@ def test_progress_outside_the_host_is_tqdm(standalone_host):
     assert bar.total == 10 and bar._tqdm.total == 10 and bar._tqdm.n == 9
     bar.update_absolute(50)  # clamped to the total
     assert bar.current == 10
+    assert "\r" in sys.stderr.getvalue()  # tqdm drew its frames on the terminal
+
+
+def test_progress_draws_nothing_into_a_pipe_or_a_file(standalone_host, monkeypatch):
+    """Not a terminal: no bar and nothing written, but the count and the interrupt check still work."""
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    bar = standalone_host.progress(4)
+    assert bar._tqdm is None and standalone_host.terminal_bar(4) is None
+    bar.update(2)
+    bar.update_absolute(4)
+    assert bar.current == 4 and err.getvalue() == ""
+    standalone_host.request_interrupt()
+    with pytest.raises(standalone_host.Interrupted):
+        standalone_host.progress(2).update()
 
 
 def test_interrupt(standalone_host):

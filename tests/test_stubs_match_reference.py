@@ -1,8 +1,10 @@
 """The ComfyUI stubs keep the real signatures.
 
-Each expected signature is copied from `reference/comfyui-host.md` (ComfyUI 0.3.64); where that document
-abbreviates one ("...", or a paraphrased parameter name) the ComfyUI 0.3.64 source gives the rest, and the
-row says so. With COMFYUI_PATH set, the stubs are also compared with the real functions (in a subprocess).
+Each expected signature is ComfyUI 0.3.64's. The last column of a row says where it was read: "reference
+N.N" is a section of the team's notes on the ComfyUI host (kept outside this repository), "source" is
+ComfyUI 0.3.64's own code (comfy/model_management.py, comfy/model_patcher.py, comfy/utils.py,
+folder_paths.py, comfy_api/latest). With COMFYUI_PATH set, the stubs are also compared with the real
+functions (in a subprocess), which needs neither.
 """
 import inspect
 import json
