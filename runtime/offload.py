@@ -75,3 +75,15 @@ def refresh(module: torch.nn.Module) -> None:
         return
     from diffusers.hooks.group_offloading import _maybe_remove_and_reapply_group_offloading
     _maybe_remove_and_reapply_group_offloading(module)
+
+
+def disable(module: torch.nn.Module) -> None:
+    """Stop diffusers' group offloading of `module` (as `refresh` does before it re-applies it); the weights
+    stay on the offload device."""
+    if not is_offloaded(module):
+        return
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks import group_offloading as go
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    for name in (go._GROUP_OFFLOADING, go._LAYER_EXECUTION_TRACKER, go._LAZY_PREFETCH_GROUP_OFFLOADING):
+        registry.remove_hook(name, recurse=True)

@@ -413,6 +413,9 @@ def test_group_offloading_on_the_cpu_is_bitwise(kind):
     offload.enable(module, "cpu", "cpu")
     assert offload.is_offloaded(module)
     assert torch.equal(forward(kind, module), reference)
+    offload.disable(module)
+    assert not offload.is_offloaded(module) and all(p.device.type == "cpu" for p in module.parameters())
+    assert torch.equal(forward(kind, module), reference)
 
 
 def test_lora_on_a_group_offloaded_model(standalone_host, monkeypatch, tmp_path):
