@@ -23,6 +23,7 @@ from fluxbridge.headless import demo, factory
 from fluxbridge.nodes import conditioning, latent, loaders, sampling
 from fluxbridge.pipeline.device import execution_device
 from fluxbridge.runtime import models, offload
+from model_state import assert_same_state, snapshot
 
 SIZE, STEPS, SEED, PROMPT = 32, 2, 3, "a red fox in the snow"
 NAMES = dict(model_name="flux1-dev.safetensors", clip_name="clip_l.safetensors", t5_name="t5xxl_fp16.safetensors",
@@ -55,17 +56,6 @@ def forward(kind, module):
 
 def leaves_with_weights(module):
     return [m for m in module.modules() if list(m.parameters(recurse=False))]
-
-
-def snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def assert_same_state(module, snap):
-    now = module.state_dict()
-    assert now.keys() == snap.keys()
-    for k, v in snap.items():
-        assert torch.equal(now[k], v), k
 
 
 @pytest.fixture(scope="module")

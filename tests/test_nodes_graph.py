@@ -20,6 +20,7 @@ from fluxbridge.runtime import host, models
 from fluxbridge.convert.write import convert_file
 from fluxbridge.common.errors import BadInput
 from fluxbridge.nodes import conditioning, convert, latent, loaders, sampling
+from model_state import assert_same_state, snapshot
 
 TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
 SIZE, STEPS, SEED = 64, 3, 7
@@ -110,18 +111,6 @@ def graph(lora_strength=None, steps=STEPS, seed=SEED, size=SIZE, weight_dtype="d
     (image,), _ = run(latent.VAEDecode, vae=g["vae"], latent=lat, tiled="auto")
     g.update(conditioning=cond, empty=empty, sigmas=sigmas, latent=lat, image=image, scheduler_ui=sched_ui)
     return g
-
-
-def snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def assert_same_state(module, snap):
-    now = module.state_dict()
-    assert now.keys() == snap.keys()
-    for k, v in snap.items():
-        assert now[k].dtype == v.dtype and torch.equal(now[k].view(torch.uint8) if v.dtype.itemsize == 1 else now[k],
-                                                       v.view(torch.uint8) if v.dtype.itemsize == 1 else v), k
 
 
 # ------------------------------------------------------------------------------------------------ graph
