@@ -85,7 +85,11 @@ def _apply_stack(module, family: str, loras, strength_of: Callable[[LoraEntry], 
     device = execution_device(module)  # partly loaded, its first weight may wait on the offload device
     handle = apply_loras(module, family, pairs,
                          originals_device=lambda nbytes: host.lora_originals_device(device, nbytes))
-    host.weights_changed(module)
+    try:
+        host.weights_changed(module)
+    except BaseException:  # never leave the cached base patched
+        handle.remove()
+        raise
     return handle
 
 
