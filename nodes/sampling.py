@@ -11,7 +11,7 @@ from ..runtime import host
 from ..common.errors import BadInput
 from ..pipeline import latents as latents_lib
 from ..pipeline import schedule as schedule_lib
-from ..pipeline.sample import check_conditioning, sample
+from ..pipeline.sample import check_conditioning, sample, working_memory
 from ._common import CATEGORY, MAX_RESOLUTION, MAX_SEED, TRANSFORMER, checked, io, node_id, ui
 
 SAMPLING = CATEGORY + "/sampling"
@@ -164,7 +164,7 @@ class SchedulerStep(io.ComfyNode):
         raw = raw.to(torch.float32).cpu()
         if latent.get("noise_mask") is not None:
             notes.append("noise_mask ignored: a single step cannot re-noise the kept area (use the sampler)")
-        host.load_to_device([transformer.handle])
+        host.load_to_device([transformer.handle], memory_required=working_memory(transformer.module, raw.shape))
         host.check_interrupt()
         with transformer.patched() as module:  # one iteration of the sampler's loop
             out = sample(module, positive, {"samples": raw}, sig[step:step + 2], negative=negative,
@@ -216,7 +216,7 @@ class Sampler(io.ComfyNode):
             tokens = ((h + 1) // 2) * ((w + 1) // 2)
             sigmas = flux_sigmas(steps, tokens, shift_choice("auto", transformer)[0], denoise)
         sig = _sigmas(sigmas)
-        host.load_to_device([transformer.handle])
+        host.load_to_device([transformer.handle], memory_required=working_memory(transformer.module, samples.shape))
         bar = host.progress(sig.numel() - 1, node_id=node_id(cls))
         with transformer.patched() as module:
             out = sample(module, positive, latent, sig, seed=int(seed), negative=negative, true_cfg=float(true_cfg),
