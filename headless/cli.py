@@ -107,7 +107,8 @@ def _cmd_lora_convert(args):
 
 def _cmd_run(args):
     from .runner import run_workflow
-    _print_json(run_workflow(args.workflow, models_dir=args.models, output_dir=args.output, input_dir=args.input))
+    _print_json(run_workflow(args.workflow, models_dir=args.models, output_dir=args.output, input_dir=args.input,
+                             lowvram=args.lowvram))
 
 
 def _cmd_demo(args):
@@ -204,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="DIR", default="output", help="where files go (default: ./output)")
     p.add_argument("--input", metavar="DIR", help="where LoadImage finds images (default: $FLUXBRIDGE_INPUT "
                                                  "or ./input)")
+    p.add_argument("--lowvram", action="store_true",
+                   help="on a CUDA GPU, run every model with diffusers' group offloading (weights in RAM, one "
+                        "block at a time on the GPU), even those that fit; a model that does not fit is "
+                        "offloaded anyway")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser(

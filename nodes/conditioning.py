@@ -132,7 +132,7 @@ class FillConditioning(io.ComfyNode):
         pixels = image[..., :3].float()
         # masked image (2x - 1) * (1 - mask): the repainted area is mid grey, as FluxFillPipeline makes it
         masked = pixels * (1 - m[..., None]) + 0.5 * m[..., None]
-        host.load_to_device([vae.handle])
+        host.load_to_device([vae.handle], memory_required=vae_lib.encode_memory(vae.module, pixels.shape))
         masked_latent = vae_lib.encode(vae.module, masked, notes=notes)
         latent = vae_lib.encode(vae.module, pixels, notes=notes)
         positive = _with_fill(positive, masked_latent, m)
@@ -165,7 +165,7 @@ class ControlConditioning(io.ComfyNode):
     def execute(cls, vae, positive, control_image, negative=None):
         notes = []
         (image,) = _crop_to_patches(vae, notes, _image(control_image))
-        host.load_to_device([vae.handle])
+        host.load_to_device([vae.handle], memory_required=vae_lib.encode_memory(vae.module, image.shape))
         latent = vae_lib.encode(vae.module, image, notes=notes)  # the posterior mean, as ComfyUI's VAEEncode
         positive = _with_control(positive, latent)
         negative = _with_control(negative, latent) if negative is not None else None
@@ -199,7 +199,7 @@ class KontextReference(io.ComfyNode):
     def execute(cls, vae, conditioning, image):
         notes = []
         image = _image(image)
-        host.load_to_device([vae.handle])
+        host.load_to_device([vae.handle], memory_required=vae_lib.encode_memory(vae.module, image.shape))
         latent = vae_lib.encode(vae.module, image, notes=notes)  # cropped to the VAE's 8-pixel grid, like VAEEncode
         conditioning = kontext_lib.add_reference(conditioning, latent)
         refs = len(conditioning[0][1][kontext_lib.REFERENCE_KEY]) if conditioning else 0

@@ -12,7 +12,7 @@ from ..common.errors import BadInput
 from ..pipeline import latents as latents_lib
 from ..pipeline import schedule as schedule_lib
 from ..pipeline.kontext import REFERENCE_KEY
-from ..pipeline.sample import check_conditioning, sample
+from ..pipeline.sample import check_conditioning, sample, working_memory
 from ._common import CATEGORY, MAX_RESOLUTION, MAX_SEED, TRANSFORMER, checked, io, node_id, ui
 
 SAMPLING = CATEGORY + "/sampling"
@@ -67,6 +67,15 @@ def _check_conditionings(transformer, positive, negative) -> None:
             raise BadInput(which, f"the {which} conditioning carries {len(refs)} Kontext reference image(s), but "
                                   f"{_named(transformer)} is FLUX.1 {transformer.variant} (detected from its "
                                   f"weights and name); if it is FLUX.1 Kontext, set the loader's variant to kontext")
+
+
+def _working_memory(transformer, latent_shape, positive) -> int:
+    """The activations' room for a step: the latent's tokens and the Kontext references' (which ComfyUI also
+    counts for its own Flux model)."""
+    refs = positive[0][1].get(REFERENCE_KEY) or []
+    b = int(latent_shape[0])
+    return working_memory(transformer.module, latent_shape) + sum(
+        working_memory(transformer.module, (b, *ref.shape[1:])) for ref in refs)
 
 
 class Scheduler(io.ComfyNode):
@@ -174,7 +183,7 @@ class SchedulerStep(io.ComfyNode):
         raw = raw.to(torch.float32).cpu()
         if latent.get("noise_mask") is not None:
             notes.append("noise_mask ignored: a single step cannot re-noise the kept area (use the sampler)")
-        host.load_to_device([transformer.handle])
+        host.load_to_device([transformer.handle], memory_required=_working_memory(transformer, raw.shape, positive))
         host.check_interrupt()
         with transformer.patched() as module:  # one iteration of the sampler's loop
             out = sample(module, positive, {"samples": raw}, sig[step:step + 2], negative=negative,
@@ -226,7 +235,7 @@ class Sampler(io.ComfyNode):
             tokens = ((h + 1) // 2) * ((w + 1) // 2)
             sigmas = flux_sigmas(steps, tokens, shift_choice("auto", transformer)[0], denoise)
         sig = _sigmas(sigmas)
-        host.load_to_device([transformer.handle])
+        host.load_to_device([transformer.handle], memory_required=_working_memory(transformer, samples.shape, positive))
         bar = host.progress(sig.numel() - 1, node_id=node_id(cls))
         with transformer.patched() as module:
             out = sample(module, positive, latent, sig, seed=int(seed), negative=negative, true_cfg=float(true_cfg),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..common.errors import BadInput
+from .device import execution_device
 
 CROPS = ("center", "none")
 
@@ -46,10 +47,9 @@ def preprocess(image: torch.Tensor, size: int, mean, std, crop: str = "center") 
 def image_tokens(vision, encoder, pixel_values: torch.Tensor) -> torch.Tensor:
     """Redux tokens [B, N, text width] (float32, CPU) of prepared pixels: the tower's per-patch features
     (`last_hidden_state`, after its final layer norm) through the Redux encoder."""
-    p = next(vision.parameters())
-    features = vision(pixel_values=pixel_values.to(device=p.device, dtype=p.dtype)).last_hidden_state
-    q = next(encoder.parameters())
-    tokens = encoder(features.to(device=q.device, dtype=q.dtype))
+    features = vision(pixel_values=pixel_values.to(device=execution_device(vision),
+                                                   dtype=next(vision.parameters()).dtype)).last_hidden_state
+    tokens = encoder(features.to(device=execution_device(encoder), dtype=next(encoder.parameters()).dtype))
     tokens = getattr(tokens, "image_embeds", tokens)
     return tokens.to(device="cpu", dtype=torch.float32)
 

@@ -28,6 +28,9 @@ Caching and LoRAs (the design, in short):
   `convert.lora.apply_loras` puts the original tensor objects back (dense weights) or drops its forward
   hooks (fp8 / quantized weights, which stay as they are). While applied, the originals stay on the model's
   device when it has room for them (`host.lora_originals_device`), else they wait on the offload device.
+  A partly loaded model (ComfyUI's lowvram loading, standalone group offloading) is patched where each
+  weight lies, and removal puts each original back where its parameter lies by then;
+  `host.weights_changed` lets diffusers' group offloading re-read the changed weights.
 """
 from __future__ import annotations
 
@@ -86,9 +89,16 @@ def _apply_stack(module, family: str, loras, strength_of: Callable[[LoraEntry], 
     if not pairs:
         return None
     from ..convert.lora.apply import apply_loras
-    device = next(module.parameters()).device
-    return apply_loras(module, family, pairs,
-                       originals_device=lambda nbytes: host.lora_originals_device(device, nbytes))
+    from ..pipeline.device import execution_device
+    device = execution_device(module)  # partly loaded, its first weight may wait on the offload device
+    handle = apply_loras(module, family, pairs,
+                         originals_device=lambda nbytes: host.lora_originals_device(device, nbytes))
+    try:
+        host.weights_changed(module)
+    except BaseException:  # never leave the cached base patched
+        handle.remove()
+        raise
+    return handle
 
 
 @contextlib.contextmanager
@@ -99,6 +109,7 @@ def _patched(module, family: str, loras, strength_of):
     finally:
         if handle is not None:
             handle.remove()
+            host.weights_changed(module)
 
 
 # --------------------------------------------------------------------------------------- model objects
@@ -472,7 +483,7 @@ def load_transformer(path, weight_dtype: str = "default", quantize: str = "none"
         if quantize != "none":
             _quant_library(quantize, path)  # fail before a long load
         loaded = load_model(source, family="flux-transformer", dtype=dtype)
-        module = loaded.model
+        module = host.make_castable(loaded.model)  # before layerwise casting wraps the layers' forward
         storage = dtype_name(dtype)
         if fp8:
             module.enable_layerwise_casting(storage_dtype=_torch_dtype(weight_dtype), compute_dtype=dtype)
@@ -480,7 +491,7 @@ def load_transformer(path, weight_dtype: str = "default", quantize: str = "none"
         elif quantize != "none":
             library = _quantize(module, quantize, path)
             storage = f"{quantize} ({library}, computing in {dtype_name(dtype)})"
-        return TransformerModel(module=module, handle=host.wrap(module), name=_display_name(path),
+        return TransformerModel(module=module, handle=host.wrap(module, "diffusion"), name=_display_name(path),
                                 path=str(source), family=loaded.family, layout=loaded.layout,
                                 variant=loaded.variant, config=dict(loaded.config), dtype=dtype_name(dtype),
                                 storage=storage, report=loaded.report)
@@ -504,8 +515,8 @@ def _load_encoder(path, family: str, dtype, name: str) -> tuple[Encoder, bool]:
 
     def build():
         loaded = load_model(path, family=family, dtype=dtype)
-        return Encoder(module=loaded.model, handle=host.wrap(loaded.model), name=name, path=str(path),
-                       family=loaded.family, layout=loaded.layout, config=dict(loaded.config),
+        return Encoder(module=loaded.model, handle=host.wrap(loaded.model, "text_encoder"), name=name,
+                       path=str(path), family=loaded.family, layout=loaded.layout, config=dict(loaded.config),
                        dtype=dtype_name(dtype), report=loaded.report)
 
     enc, hit = cached(cache_key(family, path, dtype_name(dtype)), build)
@@ -537,7 +548,7 @@ def load_vae(path, name: str | None = None) -> tuple[VAEModel, bool]:
         loaded = load_model(source, family="flux-vae", dtype=dtype)
         cfg = dict(loaded.config)
         shift = cfg.get("shift_factor")
-        return VAEModel(module=loaded.model, handle=host.wrap(loaded.model), name=_display_name(path),
+        return VAEModel(module=loaded.model, handle=host.wrap(loaded.model, "vae"), name=_display_name(path),
                         path=str(source), layout=loaded.layout, config=cfg, dtype=dtype_name(dtype),
                         report=loaded.report, scaling_factor=float(cfg.get("scaling_factor") or 1.0),
                         shift_factor=float(shift) if shift is not None else 0.0)

@@ -19,7 +19,7 @@ HELP = {  # sub-command -> words its --help must say
     ("lora",): ["inspect", "convert"],
     ("lora", "inspect"): ["format", "ranks", "--json"],
     ("lora", "convert"): ["{diffusers,bfl,kohya,comfy}", "same weight deltas"],
-    ("run",): ["WORKFLOW.json", "--models", "--output", "API-format"],
+    ("run",): ["WORKFLOW.json", "--models", "--output", "API-format", "--lowvram"],
     ("demo",): ["--output", "random"],
 }
 
@@ -81,8 +81,8 @@ def test_arguments_reach_the_library(monkeypatch, capsys):
         seen["convert"] = (src, dst, to, dtype, loras)
         return {"renamed": 3, "written": {dst}}
 
-    def run_workflow(path, models_dir=None, output_dir=None, input_dir=None):
-        seen["run"] = (path, models_dir, output_dir, input_dir)
+    def run_workflow(path, models_dir=None, output_dir=None, input_dir=None, lowvram=False):
+        seen["run"] = (path, models_dir, output_dir, input_dir, lowvram)
         return {"outputs": []}
 
     fake_library(monkeypatch, "convert.write", convert_file=convert_file)
@@ -99,7 +99,8 @@ def test_arguments_reach_the_library(monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out) == {"renamed": 3, "written": ["b.safetensors"]}
 
     assert cli.main(["run", "w.json", "--models", "m", "--output", "o", "--input", "i"]) == 0
-    assert seen["run"] == ("w.json", "m", "o", "i")
+    assert seen["run"] == ("w.json", "m", "o", "i", False)
+    assert cli.main(["run", "w.json", "--lowvram"]) == 0 and seen["run"][-1] is True
     capsys.readouterr()
     assert cli.main(["demo", "--output", "out"]) == 0 and seen["demo"] == "out"
     assert capsys.readouterr().out == "the summary\n"
