@@ -60,7 +60,7 @@ def cache_root() -> Path:
 def models_key(variants=("dev",), loras: bool = False, family: bool = False) -> str:
     """A short hash of the code that builds the models and of what is asked for."""
     here = Path(__file__).resolve().parents[1]  # the pack
-    h = hashlib.sha256(repr((sorted(variants), loras) + ((True,) if family else ())).encode())
+    h = hashlib.sha256(repr((sorted(variants), loras, family)).encode())
     for rel in _KEY_SOURCES:
         p = here / rel
         h.update(rel.encode())
