@@ -5,12 +5,13 @@ noise at sigma 1) -> pack -> per step: transformer(hidden_states, timestep=sigma
 encoder_hidden_states, txt_ids, img_ids) [-> true CFG: neg + scale*(pos - neg)] -> Euler step -> unpack ->
 process_out -> native LATENT.
 
-The arithmetic follows diffusers FluxPipeline / FluxImg2ImgPipeline / FluxFillPipeline / FluxInpaintPipeline
-step for step (same operations, same order, same dtypes), so the images match them in float32 and in bf16:
-the latents live in the model's compute dtype (normalised, noised and blended there, like the pipelines'
-latents, which are in the prompt embeddings' dtype), each timestep is cast to that dtype before it is divided
-by 1000, and each Euler step works in float32 and rounds the new sample back to that dtype. Everything the
-loop needs (ids, guidance, timesteps, the Fill input buffer) is built once; a step allocates two latent-sized
+The arithmetic follows diffusers FluxPipeline / FluxImg2ImgPipeline / FluxFillPipeline / FluxInpaintPipeline /
+FluxControlPipeline / FluxKontextPipeline step for step (same operations, same order, same dtypes), so the
+images match them in float32 and in bf16: the latents live in the model's compute dtype (normalised, noised
+and blended there, like the pipelines' latents, which are in the prompt embeddings' dtype), each timestep is
+cast to that dtype before it is divided by 1000, and each Euler step works in float32 and rounds the new
+sample back to that dtype. Everything the loop needs (ids, guidance, timesteps, the input buffer holding the
+Fill / control channels and the Kontext reference tokens) is built once; a step allocates two latent-sized
 tensors (dt * v and the next sample) beyond what the transformer does.
 """
 from __future__ import annotations
@@ -19,7 +20,9 @@ import torch
 
 from ..common.errors import BadInput
 from ._notes import note
+from .device import execution_device
 from .fill import _batch, from_native_conditioning
+from .kontext import METHOD_KEY, REFERENCE_KEY, check_references, reference_tokens
 from .latents import LatentFormat, image_ids, latent_samples, noise as make_noise, pack, text_ids, unpack
 from .schedule import add_noise, euler_step
 
@@ -31,9 +34,18 @@ def _device_dtype(module):
     """Where the model runs and in which dtype it computes (not its storage dtype: a model stored in fp8
     with upcast on compute reports its compute dtype through diffusers' `.dtype`)."""
     p = next(module.parameters(), None)
-    device = p.device if p is not None else torch.device("cpu")
     dtype = getattr(module, "dtype", None) or (p.dtype if p is not None else torch.float32)
-    return device, dtype
+    return execution_device(module), dtype
+
+
+def working_memory(transformer, latent_shape) -> int:
+    """Bytes the transformer's activations need beside its weights for a step on raw latents of this shape
+    ([B, C, H, W]): ComfyUI's estimate for its own FLUX.1 model (`memory_usage_factor` 3.1: 0.031 MiB per
+    latent pixel and byte of the compute dtype), so its memory manager leaves ours the same room. True CFG
+    runs its two calls one after the other, so the batch is not doubled."""
+    b, _, h, w = (int(n) for n in latent_shape)
+    dtype = _device_dtype(transformer)[1]
+    return int(b * h * w * dtype.itemsize * 0.01 * 3.1 * (1 << 20))
 
 
 def check_conditioning(conditioning, config, which: str = "positive",
@@ -60,7 +72,26 @@ def check_conditioning(conditioning, config, which: str = "positive",
     if pooled.shape[-1] != config["pooled_projection_dim"]:
         raise BadInput(which, f"the {which} pooled output is {pooled.shape[-1]} wide, {model} expects "
                               f"{config['pooled_projection_dim']} (its CLIP width)")
+    in_channels = int(config["in_channels"])
+    _check_image_inputs(extra, in_channels, int(config.get("out_channels") or in_channels) // 4, which, model)
     return hidden, extra
+
+
+def _check_image_inputs(extra: dict, in_channels: int, channels: int, which: str, model: str) -> None:
+    """The conditioning's image inputs fit the model: Kontext references have its latent channels and
+    need a model without extra input channels; a control image (`concat_latent_image` without an inpaint
+    `concat_mask`) needs a model with them (a Depth/Canny model, or a control LoRA applied)."""
+    base = 4 * channels
+    refs = extra.get(REFERENCE_KEY)
+    if refs is not None:
+        check_references(refs, channels, which, model)
+        if refs and in_channels != base:
+            raise BadInput(which, f"{len(refs)} Kontext reference image(s), but {model} takes {in_channels} input "
+                                  f"channels (a Fill or control model): reference images need a Kontext model")
+    if extra.get("concat_latent_image") is not None and extra.get("concat_mask") is None and in_channels == base:
+        raise BadInput(which, f"the {which} conditioning carries a control image (concat_latent_image), but {model} "
+                              f"takes no control input ({in_channels} input channels: not a Depth/Canny model; "
+                              f"load one, or apply a Depth/Canny control LoRA)")
 
 
 def _text_inputs(transformer, conditioning, which, batch, device, dtype, notes):
@@ -116,6 +147,8 @@ def sample(transformer, conditioning, latent: dict, sigmas, seed: int = 0, guida
     true_cfg: with a `negative`, > 1 runs the model twice per step: neg + true_cfg * (pos - neg).
     fill: packed extra inputs for Fill (320 features) or Depth/Canny (64) models (`pipeline.fill`); when None
         they are built from native `concat_latent_image`/`concat_mask` keys of the positive conditioning.
+    Kontext reference images come from the positive conditioning's native `reference_latents` (see
+        `pipeline.kontext`): their tokens follow the latent's at every step (the negative pass too).
     denoise_mask: native noise_mask (1 = denoise; default: `latent["noise_mask"]`): the rest is kept, re-noised
         to each step's sigma like FluxInpaintPipeline.
     progress: a factory `progress(total)` or an object with `.update(n)` / `.update_absolute(v, total, preview)`.
@@ -218,31 +251,41 @@ def sample(transformer, conditioning, latent: dict, sigmas, seed: int = 0, guida
         mask = pack(mask.contiguous()).to(device=device, dtype=dtype)
 
     img_ids = image_ids(hh // 2, ww // 2, device=device)
+    n = x.shape[1]  # the latent's tokens; Kontext reference tokens follow them
+    refs = pos_extra.get(REFERENCE_KEY) or []
+    if refs:
+        ref_x, ref_ids = reference_tokens(refs, pos_extra.get(METHOD_KEY) or "offset", b, (hh // 2, ww // 2), fmt,
+                                          device, dtype, notes)
+        img_ids = torch.cat([img_ids, ref_ids])
     # What the pipeline passes: the scheduler's timestep (sigma * 1000, float32) cast to the latents' dtype,
     # then divided by 1000 in that dtype (in bf16 some of dev's timesteps land one bf16 step off sigma).
     t_in = (sig[:-1] * 1000).to(device).to(dtype) / 1000
     sig_list = sig.tolist()
-    if fill is not None:
-        buf = torch.empty(b, x.shape[1], in_ch, device=device, dtype=dtype)
-        buf[..., base:] = _batch(fill, b, "fill").to(device=device, dtype=dtype)
+    buf = None
+    if fill is not None or refs:  # the model's input, built once: [latent | fill] tokens, then references
+        buf = torch.empty(b, n + (ref_x.shape[1] if refs else 0), in_ch, device=device, dtype=dtype)
+        if fill is not None:
+            buf[:, :n, base:] = _batch(fill, b, "fill").to(device=device, dtype=dtype)
+        if refs:
+            buf[:, n:] = ref_x
 
     bar = _progress_bar(progress, steps)
     for i in range(steps):
         if check_interrupt is not None:
             check_interrupt()
-        if fill is not None:
-            buf[..., :base].copy_(x)
+        if buf is not None:
+            buf[:, :n, :base].copy_(x)
             inp = buf
         else:
             inp = x
         t = t_in[i].expand(b)
         v = transformer(hidden_states=inp, timestep=t, guidance=guidance_vec, pooled_projections=pos_pooled,
                         encoder_hidden_states=pos_hidden, txt_ids=txt_ids, img_ids=img_ids,
-                        return_dict=False)[0]
+                        return_dict=False)[0][:, :n]
         if do_cfg:
             v_neg = transformer(hidden_states=inp, timestep=t, guidance=guidance_vec,
                                 pooled_projections=neg_pooled, encoder_hidden_states=neg_hidden,
-                                txt_ids=neg_txt_ids, img_ids=img_ids, return_dict=False)[0]
+                                txt_ids=neg_txt_ids, img_ids=img_ids, return_dict=False)[0][:, :n]
             v = v_neg + true_cfg * (v - v_neg)
         shown = None
         if preview is not None:

@@ -9,6 +9,8 @@ Model objects (the custom socket types):
   detected), their tokenizers and where those came from, and the LoRA stack for their parts.
 * `VAEModel` (`FLUXBRIDGE_VAE`): the diffusers `AutoencoderKL`, its handle and latent format (scale, shift,
   channels).
+* `ReduxModel` (`FLUXBRIDGE_REDUX`): the FLUX.1 Redux image encoder and the SigLIP vision tower it reads (each
+  an `Encoder`), and the tower's pixel size, mean and std.
 
 Caching and LoRAs (the design, in short):
 
@@ -34,11 +36,15 @@ Caching and LoRAs (the design, in short):
   the file cannot give again (GGUF blocks, a file changed on disk since) is kept, on the model's device
   when it has room (`host.lora_originals_device`), else on the offload device. fp8 / quantized weights are
   never patched: the LoRA runs as forward hooks, dropped on removal.
+* A partly loaded model (ComfyUI's lowvram loading, standalone group offloading) is patched where each
+  weight lies, removal puts each original back where its parameter lies by then, and
+  `host.weights_changed` lets diffusers' group offloading re-read the changed weights.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import os
 import threading
 from collections import OrderedDict
@@ -52,7 +58,12 @@ from ..common.errors import BadInput
 # weight_dtype choices ("default": the host's compute dtype for its device) and their torch names
 WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
 TEXT_DTYPES = ("default", "bf16", "fp16", "fp32")
-QUANTIZE = ("none", "int8", "fp8")
+# quantize choices: weight-only quantization of the transformer's Linear layers, int8 / fp8 through torchao,
+# quanto-int8 / quanto-fp8 through optimum-quanto (both in the optional `fluxbridge[quant]` dependency)
+QUANTIZE = ("none", "int8", "fp8", "quanto-int8", "quanto-fp8")
+# What a transformer is, when its file name does not say: "auto" reads the weights (and the name, for the
+# variants only a name tells apart: Kontext has dev's keys and shapes).
+VARIANT_CHOICES = ("auto", "kontext")
 _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
                 "fp8_e4m3fn": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
@@ -113,11 +124,20 @@ def use_stack(module, family: str, loras, strength_of: Callable[[LoraEntry], flo
         if current is not None:
             del module.__dict__[_APPLIED]
             current.handle.remove()
+            if not pairs:
+                host.weights_changed(module)
         if pairs:
             from ..convert.lora.apply import apply_loras
-            device = next(module.parameters()).device
+            from ..pipeline.device import execution_device
+            device = execution_device(module)  # partly loaded, its first weight may wait on the offload device
             handle = apply_loras(module, family, pairs, origins=origins,
                                  originals_device=lambda nbytes: host.lora_originals_device(device, nbytes))
+            try:
+                host.weights_changed(module)
+            except BaseException:  # never leave the cached base patched without a record of it
+                handle.remove()
+                host.weights_changed(module)
+                raise
             module.__dict__[_APPLIED] = _Applied(key, [lora for lora, _ in pairs], handle)
     return module
 
@@ -128,6 +148,7 @@ def release_loras(module) -> None:
         current = module.__dict__.pop(_APPLIED, None)
         if current is not None:
             current.handle.remove()
+            host.weights_changed(module)
 
 
 def applied_handle(module):
@@ -164,7 +185,7 @@ class TransformerModel:
     variant: str | None
     config: dict
     dtype: str  # the compute dtype
-    storage: str  # how the weights are held: a dtype, "fp8_e4m3fn (upcast to ...)" or "int8 (torchao)"
+    storage: str  # how the weights are held: a dtype, "fp8_e4m3fn (upcast to ...)", "int8 (torchao, ...)"
     report: dict
     loras: tuple = ()  # LoraEntry, applied in order when used
     origins: Any = None  # convert.origins.Origins: where each parameter came from (LoRA removal reads it)
@@ -185,6 +206,17 @@ class TransformerModel:
         """`with model.patched() as module:` the module carrying this object's LoRA stack (none: the clean
         base). The stack stays on the module after the block, until a use with another stack."""
         return _patched(self.module, self.family, self.loras, lambda e: e.strength, self.origins)
+
+    def input_channels(self) -> int:
+        """The packed input channels the model takes while its LoRA stack is applied: a Depth/Canny control
+        LoRA widens `img_in` (64 -> 128), worked out from the shapes without touching the weights."""
+        pairs = [(e.lora, e.strength) for e in self.loras if e.strength]
+        if not pairs:
+            return int(self.config["in_channels"])
+        from ..convert.lora.patch import Plan
+        widths = Plan(self.family, pairs, base_shapes(self.module)).expand
+        return max([int(self.config["in_channels"])] + [int(w) for n, w in widths.items()
+                                                          if n.startswith("x_embedder.")])
 
 
 @dataclass(frozen=True)
@@ -245,6 +277,26 @@ def _has_family(lora, family: str) -> bool:
 
 
 @dataclass(frozen=True)
+class ReduxModel:
+    """FLUX.1 Redux (`FLUXBRIDGE_REDUX`): the Redux image encoder and the SigLIP vision tower it reads,
+    each an `Encoder`, plus how the tower wants its pixels (size, mean, std)."""
+    encoder: Encoder  # diffusers ReduxImageEncoder
+    vision: Encoder  # transformers SigLIP vision tower
+    image_size: int
+    mean: tuple
+    std: tuple
+
+    @property
+    def handles(self) -> list:
+        return [self.vision.handle, self.encoder.handle]
+
+    @property
+    def text_width(self) -> int:
+        """The width of the tokens it makes: the T5 width of the transformer they are for."""
+        return int(self.encoder.config["txt_in_features"])
+
+
+@dataclass(frozen=True)
 class VAEModel:
     module: Any  # diffusers AutoencoderKL
     handle: Any
@@ -274,7 +326,8 @@ class VAEModel:
 
 # ----------------------------------------------------------------------------------------------- cache
 
-CACHE_LIMITS = {"transformer": 2, "clip-l": 2, "t5-xxl": 2, "vae": 2, "lora": 8, "tokenizer": 8}
+CACHE_LIMITS = {"transformer": 2, "clip-l": 2, "t5-xxl": 2, "vae": 2, "lora": 8, "tokenizer": 8, "flux-redux": 2,
+                "siglip-vision": 2}
 _cache: OrderedDict = OrderedDict()
 _cache_lock = threading.RLock()
 stats = {"hits": 0, "loads": 0}
@@ -427,26 +480,34 @@ def component_path(path, sub: str) -> Path:
     return p
 
 
-def _torchao(how: str, path):
+def _quant_library(how: str, path):
+    """The library behind a quantize choice (optimum.quanto or torchao.quantization), imported now so that
+    a missing one is said before a long load."""
+    package, module = ("optimum-quanto", "optimum.quanto") if how.startswith("quanto-") else \
+        ("torchao", "torchao.quantization")
     try:
-        import torchao.quantization as tq
+        return importlib.import_module(module)
     except ImportError:
-        raise BadInput(path, f"quantize={how} needs torchao, which is not installed: "
-                             "pip install 'fluxbridge[quant]' (or pip install torchao)") from None
-    return tq
+        raise BadInput(path, f"quantize={how} needs {package}, which is not installed: "
+                             f"pip install 'fluxbridge[quant]' (or pip install {package})") from None
 
 
-def _quantize(module, how: str, path) -> None:
-    """int8 / fp8 weight-only quantization of the Linear layers through torchao."""
-    tq = _torchao(how, path)
+def _quantize(module, how: str, path) -> str:
+    """Weight-only quantization of the Linear layers, by the library's own API; returns its name."""
+    lib = _quant_library(how, path)
+    if how.startswith("quanto-"):
+        lib.quantize(module, weights=lib.qint8 if how == "quanto-int8" else lib.qfloat8)
+        lib.freeze(module)  # quantized weights now, not at the first forward
+        return "optimum-quanto"
     names = (("Int8WeightOnlyConfig", "int8_weight_only") if how == "int8"
              else ("Float8WeightOnlyConfig", "float8_weight_only"))
-    config = next((getattr(tq, n)() for n in names if hasattr(tq, n)), None)
+    config = next((getattr(lib, n)() for n in names if hasattr(lib, n)), None)
     if config is None:
-        raise BadInput(path, f"quantize={how}: this torchao ({getattr(tq, '__version__', '?')}) has none of "
+        raise BadInput(path, f"quantize={how}: this torchao ({getattr(lib, '__version__', '?')}) has none of "
                              f"{', '.join(names)}")
     import torch
-    tq.quantize_(module, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear))
+    lib.quantize_(module, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear))
+    return "torchao"
 
 
 def _display_name(path) -> str:
@@ -454,14 +515,16 @@ def _display_name(path) -> str:
 
 
 def load_transformer(path, weight_dtype: str = "default", quantize: str = "none",
-                     name: str | None = None) -> tuple[TransformerModel, bool]:
+                     name: str | None = None, variant: str = "auto") -> tuple[TransformerModel, bool]:
     """(TransformerModel, was_cached) for a Flux transformer file or diffusers folder.
 
     weight_dtype: "default" = the host's compute dtype for its device (bf16 on a capable GPU, else fp32);
     fp8_e4m3fn / fp8_e5m2 keep the Linear weights in fp8 and upcast each layer to the compute dtype as it runs
     (`convert.upcast`): an fp8 or scaled-fp8 file's weights stay the file's bytes (no full-precision copy
     is made), a wider file's are cast to that fp8 type. quantize: int8 / fp8 weight-only quantization of the
-    Linear layers through torchao (the optional `fluxbridge[quant]` dependency).
+    Linear layers through torchao, or quanto-int8 / quanto-fp8 through optimum-quanto (the optional
+    `fluxbridge[quant]` dependency). variant: "auto" (detected), or "kontext" for a FLUX.1 Kontext file whose
+    name does not say so (its weights are shaped like dev's).
     """
     from ..convert.load import load_model
 
@@ -469,6 +532,8 @@ def load_transformer(path, weight_dtype: str = "default", quantize: str = "none"
         raise BadInput(path, f"weight_dtype {weight_dtype!r}: expected one of {', '.join(WEIGHT_DTYPES)}")
     if quantize not in QUANTIZE:
         raise BadInput(path, f"quantize {quantize!r}: expected one of {', '.join(QUANTIZE)}")
+    if variant not in VARIANT_CHOICES:
+        raise BadInput(path, f"variant {variant!r}: expected one of {', '.join(VARIANT_CHOICES)}")
     fp8 = weight_dtype.startswith("fp8")
     if fp8 and quantize != "none":
         raise BadInput(path, f"weight_dtype {weight_dtype} and quantize {quantize} both set how the weights are "
@@ -479,25 +544,35 @@ def load_transformer(path, weight_dtype: str = "default", quantize: str = "none"
 
     def build():
         if quantize != "none":
-            _torchao(quantize, path)  # fail before a long load
+            _quant_library(quantize, path)  # fail before a long load
         loaded = load_model(source, family="flux-transformer", dtype=dtype,
                             fp8=_torch_dtype(weight_dtype) if fp8 else None)
-        module = loaded.model
+        module = host.make_castable(loaded.model)  # the fp8 upcast calls the (castable) layer's class forward
         storage = dtype_name(dtype)
         if fp8:
             names = {v: k for k, v in _DTYPE_NAMES.items()}
             held = ", ".join(names.get(n, n) for n in loaded.report.get("fp8_storage") or {}) or weight_dtype
             storage = f"{held} (computing in {dtype_name(dtype)})"
         elif quantize != "none":
-            _quantize(module, quantize, path)
-            storage = f"{quantize} (torchao, computing in {dtype_name(dtype)})"
-        return TransformerModel(module=module, handle=host.wrap(module), name=_display_name(path),
+            library = _quantize(module, quantize, path)
+            storage = f"{quantize} ({library}, computing in {dtype_name(dtype)})"
+        return TransformerModel(module=module, handle=host.wrap(module, "diffusion"), name=_display_name(path),
                                 path=str(source), family=loaded.family, layout=loaded.layout,
                                 variant=loaded.variant, config=dict(loaded.config), dtype=dtype_name(dtype),
                                 storage=storage, report=loaded.report, origins=loaded.origins)
 
     model, hit = cached(cache_key("transformer", source, dtype_name(dtype), weight_dtype, quantize), build)
-    return (dataclasses.replace(model, name=name) if name and name != model.name else model), hit
+    if name and name != model.name:
+        model = dataclasses.replace(model, name=name)
+    if variant == "kontext" and model.variant != "kontext":
+        cfg = model.config
+        if cfg["in_channels"] != cfg["out_channels"] or not cfg.get("guidance_embeds"):
+            raise BadInput(path, f"variant kontext: this is a {model.variant} model ({cfg['in_channels']} input "
+                                 f"channels, {'with' if cfg.get('guidance_embeds') else 'no'} guidance embedding); "
+                                 f"FLUX.1 Kontext is shaped like dev ({cfg['out_channels']} input channels, "
+                                 f"guidance embedding)")
+        model = dataclasses.replace(model, variant="kontext")
+    return model, hit
 
 
 def _load_encoder(path, family: str, dtype, name: str) -> tuple[Encoder, bool]:
@@ -505,8 +580,8 @@ def _load_encoder(path, family: str, dtype, name: str) -> tuple[Encoder, bool]:
 
     def build():
         loaded = load_model(path, family=family, dtype=dtype)
-        return Encoder(module=loaded.model, handle=host.wrap(loaded.model), name=name, path=str(path),
-                       family=loaded.family, layout=loaded.layout, config=dict(loaded.config),
+        return Encoder(module=loaded.model, handle=host.wrap(loaded.model, "text_encoder"), name=name,
+                       path=str(path), family=loaded.family, layout=loaded.layout, config=dict(loaded.config),
                        dtype=dtype_name(dtype), report=loaded.report, origins=loaded.origins)
 
     enc, hit = cached(cache_key(family, path, dtype_name(dtype)), build)
@@ -538,13 +613,50 @@ def load_vae(path, name: str | None = None) -> tuple[VAEModel, bool]:
         loaded = load_model(source, family="flux-vae", dtype=dtype)
         cfg = dict(loaded.config)
         shift = cfg.get("shift_factor")
-        return VAEModel(module=loaded.model, handle=host.wrap(loaded.model), name=_display_name(path),
+        return VAEModel(module=loaded.model, handle=host.wrap(loaded.model, "vae"), name=_display_name(path),
                         path=str(source), layout=loaded.layout, config=cfg, dtype=dtype_name(dtype),
                         report=loaded.report, scaling_factor=float(cfg.get("scaling_factor") or 1.0),
                         shift_factor=float(shift) if shift is not None else 0.0)
 
     vae, hit = cached(cache_key("vae", source, dtype_name(dtype)), build)
     return (dataclasses.replace(vae, name=name) if name and name != vae.name else vae), hit
+
+
+def _image_processor(folder) -> dict:
+    """A transformers folder's preprocessor_config.json (SigLIP image size, mean, std), or {}."""
+    import json
+    cfg = Path(folder) / "preprocessor_config.json"
+    if not (Path(folder).is_dir() and cfg.is_file()):
+        return {}
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise BadInput(cfg, f"corrupt preprocessor_config.json: {exc}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def load_redux(redux_path, vision_path, redux_name: str | None = None,
+               vision_name: str | None = None) -> tuple[ReduxModel, bool]:
+    """(ReduxModel, both_were_cached): the Redux encoder file (`style_models`) and the SigLIP vision tower
+    (`clip_vision`: a single file as ComfyUI keeps it, or a transformers folder). Their widths must meet:
+    the tower's features are what the encoder takes."""
+    from ..convert.families import siglip
+
+    dtype = host.compute_dtype(host.torch_device())
+    redux_name, vision_name = redux_name or _display_name(redux_path), vision_name or _display_name(vision_path)
+    encoder, hit_encoder = _load_encoder(Path(redux_path), "flux-redux", dtype, redux_name)
+    vision, hit_vision = _load_encoder(Path(vision_path), "siglip-vision", dtype, vision_name)
+    tower = siglip.vision_config(vision.module.config.to_dict())
+    if int(tower["hidden_size"]) != int(encoder.config["redux_dim"]):
+        raise BadInput(redux_name, f"the Redux encoder takes {encoder.config['redux_dim']}-wide image features, "
+                                   f"but the vision tower {vision_name!r} makes {tower['hidden_size']}-wide ones")
+    proc = _image_processor(vision_path)
+    size = proc.get("size") or {}
+    image_size = int(size.get("height") or size.get("shortest_edge") or tower["image_size"]) \
+        if isinstance(size, dict) else int(size)
+    return ReduxModel(encoder=encoder, vision=vision, image_size=image_size,
+                      mean=tuple(proc.get("image_mean") or siglip.IMAGE_MEAN),
+                      std=tuple(proc.get("image_std") or siglip.IMAGE_STD)), hit_encoder and hit_vision
 
 
 def open_lora(path):

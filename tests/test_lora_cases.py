@@ -12,7 +12,7 @@ from fluxbridge.convert.lora import apply_loras, convert_lora, inspect_lora, loa
 from fluxbridge.convert.table import A, B, materialize
 from fluxbridge.convert.write import convert_file
 from fluxbridge.headless.factory import save_layout, tiny_flux_transformer
-from states import snapshot as state  # tests/helpers
+from model_state import snapshot as state  # tests/helpers
 
 FLUX = "flux-transformer"
 pytestmark = pytest.mark.usefixtures("one_thread")

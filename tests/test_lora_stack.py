@@ -13,7 +13,7 @@ from fluxbridge.convert.lora import apply_loras, load_lora
 from fluxbridge.convert.lora import patch as patch_mod
 from fluxbridge.headless.factory import save_layout, tiny_flux_transformer
 from fluxbridge.runtime import models
-from states import assert_same_state as assert_bitwise, snapshot as state  # tests/helpers
+from model_state import assert_same_state as assert_bitwise, snapshot as state  # tests/helpers
 
 FLUX = "flux-transformer"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -168,11 +168,9 @@ def test_a_failure_half_way_leaves_the_base_as_it_was(files, monkeypatch, fault)
 
 def test_scheduler_steps_apply_the_stack_once(files, monkeypatch):
     """A custom loop of SchedulerStep nodes (and the text encode before it) applies the stack once."""
-    from fluxbridge.nodes import latent, sampling
+    from node_graph import run as run_node  # tests/helpers
 
-    def run_node(cls, **inputs):
-        out = cls.execute(**inputs)
-        return out.args, (out.ui or {})
+    from fluxbridge.nodes import latent, sampling
     models.clear_cache()
     base, _ = models.load_transformer(files["dev"])
     tr = base.with_lora("a", models.open_lora(files["a"]), 1.0)

@@ -109,10 +109,9 @@ class LoraHandle:
         failed = None
         for name, param, original in reversed(self._originals):
             try:
-                if original is READ:
-                    t = self._reader.read(name, param.device)
-                else:
-                    t = original.back() if isinstance(original, _Offloaded) else original.tensor
+                # The device its parameter is on now: a host may have moved the layer while the LoRA was
+                # applied (ComfyUI's partial loading and unloading move layers one by one).
+                t = self._reader.read(name, param.device) if original is READ else original.tensor
                 param.data = t if t.device == param.device else t.to(param.device)
             except Exception as exc:  # restore the others, then report the first failure
                 failed = failed or exc
@@ -307,22 +306,11 @@ def _assign(handle: LoraHandle, name: str, param: torch.nn.Parameter, tensor: to
     elif how == "view":
         original = _View(original)
     elif keep_on is not None and torch.device(keep_on) != original.device:
-        original = _Offloaded(original.to(keep_on), original.device)
+        original = _Kept(original.to(keep_on))  # `remove()` copies it back to the parameter's device
     else:
         original = _Kept(original)
     handle._originals.append((name, param, original))
     param.data = tensor
-
-
-class _Offloaded(_Kept):
-    """An original kept on another device; `.back()` is a bitwise copy on its own device."""
-
-    def __init__(self, tensor: torch.Tensor, device: torch.device):
-        super().__init__(tensor)
-        self.device = device
-
-    def back(self) -> torch.Tensor:
-        return self.tensor.to(self.device)
 
 
 def _expand_module(handle, model, modules, family: str, name: str, width: int) -> None:

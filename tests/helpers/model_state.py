@@ -1,12 +1,14 @@
-"""A module's state dict copied, and compared bit for bit (fp8 tensors by their bytes)."""
+"""A model's weights before and after something that must leave them as they were (LoRA removal, interrupts)."""
 import torch
 
 
 def snapshot(module) -> dict:
+    """A copy of every tensor of the module's state dict."""
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def assert_same_state(module, snap) -> None:
+    """The module's state dict equals the snapshot bit for bit (fp8 tensors compared as bytes)."""
     now = module.state_dict()
     assert now.keys() == snap.keys()
     for k, v in snap.items():
