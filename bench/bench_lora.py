@@ -20,7 +20,11 @@ median times, peak resident memory above the model's own while applying (psutil 
 high-water mark) and while removing, whether every weight equals the file's again after each removal (bitwise,
 every round, every variant of ours), and the largest difference between our fused model and diffusers'.
 
+Every process runs with `--threads` torch threads (1 by default, as in the other scripts: on the shared
+2-core machine, two OpenMP threads contending with other work made the same apply take 1.5 s or 16 s).
+
     python bench/bench_lora.py [--format diffusers|kohya] [--rank 32] [--double 2] [--single 4] [--rounds 5]
+                               [--threads 1]
 """
 from __future__ import annotations
 
@@ -163,7 +167,8 @@ def child(side: str, model_path: Path, lora_path: Path, fused_path: Path) -> dic
 
 
 def run_child(side: str, args, tmp: Path, r: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", side, "--dir", str(tmp), "--round", str(r), "--format", args.format]
+    cmd = [sys.executable, __file__, "--child", side, "--dir", str(tmp), "--round", str(r), "--format", args.format,
+           "--threads", str(args.threads)]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -178,7 +183,10 @@ def main(argv=None):
     ap.add_argument("--child", choices=SIDES)
     ap.add_argument("--dir")
     ap.add_argument("--round", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in every process (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         tmp = Path(args.dir)
         print(json.dumps(child(args.child, tmp / "model.safetensors", tmp / f"lora_{args.format}.safetensors",
