@@ -49,16 +49,23 @@ def diffusers_plan(source, comp: Component, config_hint: Mapping | None = None):
     shapes = {n: tuple(source.shape(k)) for n, k in comp.names.items()}
     if config_hint:
         _check_config_hint(source, comp, shapes, config_hint)
-    if comp.side == B:
-        config = dict(config_hint) if config_hint else family.infer_config(shapes, B)
-        plan, report = family.TABLE.convert(shapes, B, B, config)
+        config = _with_hint(family, shapes, comp.side, config_hint)
     else:
-        config = dict(config_hint) if config_hint else None
-        if config is None:
-            config = family.infer_config(shapes, comp.side)
-        plan, report = family.TABLE.convert(shapes, comp.side, B, config)
+        config = family.infer_config(shapes, comp.side)
+    plan, report = family.TABLE.convert(shapes, comp.side, B, config)
     report["unplaced"] = list(comp.unplaced) + [comp.names[n] for n in report["unplaced"]]
     return plan, config, report
+
+
+def _with_hint(family, shapes, side: str, hint: Mapping) -> dict:
+    """A folder's config.json over what the shapes tell: its values win, and what it leaves out or sets to
+    null (diffusers writes `"out_channels": null` for "as in_channels"; FLUX.1-dev's own config has no
+    out_channels at all) comes from the shapes."""
+    try:
+        inferred = family.infer_config(shapes, side)
+    except (ValueError, KeyError, TypeError, IndexError):
+        return dict(hint)  # the tensors say too little: the plan and the build say what is wrong
+    return {**inferred, **{k: v for k, v in hint.items() if v is not None}}
 
 
 def _check_config_hint(source, comp: Component, shapes, hint: Mapping) -> None:

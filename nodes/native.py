@@ -74,7 +74,7 @@ class NativeLoRA(io.ComfyNode):
         payload = {"name": lora_name, "format": lora.format, "strength_model": strength_model,
                    "strength_clip": strength_clip, "patched": patched, "zero_filled": zero,
                    "not_placed": not_placed}
-        lines.insert(0, f"{lora_name}: format {lora.format}; patched {len(patched)} tensor(s), zero-filled "
+        lines.insert(0, f"{lora_name}: format {lora.format}; patched {len(patched)} module(s), zero-filled "
                         f"{len(zero)}, not placed {len(not_placed)}")
         lines[1:1] = [f"not placed: {n['key']}: {n['reason']}" for n in not_placed[:5]]
         return io.NodeOutput(model, clip, ui=ui(lines, payload))

@@ -527,7 +527,7 @@ def diffusers_twin(bfl: dict, folder):
     for i in range(SINGLE):
         for a, b in (("query_norm", "norm_q"), ("key_norm", "norm_k")):
             converted[f"single_transformer_blocks.{i}.attn.{b}.weight"] = bfl[f"single_blocks.{i}.norm.{a}.scale"]
-    model = FluxTransformer2DModel(patch_size=1, in_channels=IN, out_channels=IN, num_layers=DOUBLE,
+    model = FluxTransformer2DModel(patch_size=1, in_channels=IN, num_layers=DOUBLE,  # config: "out_channels": null
                                    num_single_layers=SINGLE, attention_head_dim=HD, num_attention_heads=HEADS,
                                    joint_attention_dim=CTX, pooled_projection_dim=VEC, guidance_embeds=True,
                                    axes_dims_rope=(4, 6, 6))
@@ -560,7 +560,12 @@ def test_native_loader_hands_comfyui_the_bfl_twin_of_a_diffusers_model(comfy_stu
     assert out.args[0].model_state_dict()["diffusion_model.img_in.weight"].shape == (D, IN)
     info = out.ui["fluxbridge"][0]
     assert (info["layout"], info["variant"], info["dtype"]) == ("diffusers", "dev", "float32")
+    assert info["config"]["out_channels"] == IN  # config.json says null: the shapes tell
     assert "layout diffusers" in out.ui["text"][0]
+    if where != "single file":  # the diffusers-model loader reads such a config.json too
+        from fluxbridge.convert.load import load_model
+        loaded = load_model(root / "d" / "transformer")
+        assert loaded.variant == "dev" and loaded.model.config.out_channels == IN
 
 
 def test_native_loader_dtypes_and_quantized_files(comfy_stubs, comfy_models):
