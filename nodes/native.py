@@ -3,9 +3,8 @@ native MODEL from any Flux layout we read. Both leave the model itself to ComfyU
 backs up and restores; its own builder makes the model), so they mix with native LoRA nodes and samplers."""
 from __future__ import annotations
 
-from ..common.errors import BadInput
 from ..runtime import host, models
-from ._common import CATEGORY, checked, files, io, name_errors, ui
+from ._common import CATEGORY, checked, files, io, name_errors, refuse_if_nothing_fits, ui
 from .loaders import _warnings
 
 NATIVE = CATEGORY + "/native"
@@ -47,10 +46,7 @@ class NativeLoRA(io.ComfyNode):
         lora = models.open_lora(host.model_path("loras", lora_name))
         plan = native_plan(lora, [FLUX], host.native_state_shapes(model))
         report = plan.report
-        if report["parts"] and not plan.patches:
-            first = report["not_placed"][0] if report["not_placed"] else {"key": "?", "reason": "no tensor fits"}
-            raise BadInput(lora_name, f"none of the LoRA's {report['parts']} transformer part(s) fits this MODEL: "
-                                      f"{first['key']}: {first['reason']}")
+        refuse_if_nothing_fits(lora_name, report, plan.patches, "transformer part(s) fits this MODEL")
         lines, taken = [], 0
         if plan.patches and strength_model != 0:
             model, taken = host.patched_clone(model, plan.batches(), strength_model)
