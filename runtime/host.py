@@ -243,7 +243,7 @@ def patched_clone(native, batches, strength: float):
 def _patch_key(p):
     """ComfyUI's patch key: the tensor's key, or (key, (dim, start, length)[, function on the delta])."""
     if p.swap:
-        from ..convert.lora.layers import swap_halves
+        from ..convert.table import swap_halves
         return (p.key, (0, *p.rows) if p.rows else None, swap_halves)
     return (p.key, (0, *p.rows)) if p.rows else p.key
 

@@ -35,9 +35,9 @@ from typing import Mapping
 
 import torch
 
-from ..table import A, B, SWAP_HALVES, Split
+from ..table import A, B, SWAP_HALVES, Split, swap_halves
 from .formats import CLIP, FLUX, T5, Lora, Part, family_module
-from .layers import dora_weight, swap_halves, weight_delta
+from .layers import dora_weight, weight_delta
 from .patch import EXPANDABLE, MAX_EXPAND, _fit
 
 F32 = torch.float32
