@@ -124,6 +124,11 @@ def _open_component(path: Path, family: str | None, **view):
     if comp is None:
         raise BadInput(path, f"not {family or 'a model FluxBridge knows'}: found "
                              f"{what_it_holds(source.keys(), source.metadata)}")
+    module = comp.module
+    foreign = getattr(module, "foreign", None)  # keys beside the family's that show it is another model
+    why = foreign(comp.unplaced) if foreign is not None else None
+    if why:
+        raise BadInput(path, why)
     plan, config, report = diffusers_plan(source, comp, getattr(source, "config", None))
     return source, comp, plan, config, report
 

@@ -20,7 +20,8 @@ from fluxbridge.runtime import host, models
 from fluxbridge.convert.write import convert_file
 from fluxbridge.common.errors import BadInput
 from fluxbridge.nodes import conditioning, convert, latent, loaders, sampling
-from model_state import assert_same_state, snapshot
+from model_state import assert_same_state, snapshot  # tests/helpers
+from node_graph import copy_tokenizers, run  # tests/helpers
 
 TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
 SIZE, STEPS, SEED = 64, 3, 7
@@ -67,8 +68,7 @@ def tiny_models(tmp_path_factory):
     (root / "loras").mkdir()
     lora = {k: v * 20 for k, v in tiny_lora(dev, "kohya", seed=8).items() if not k.endswith(".alpha")}
     save_file(lora, str(root / "loras" / NAMES["lora_name"]))
-    shutil.copytree(TOKENIZERS / "clip-l", root / "tokenizers" / "clip_l")
-    shutil.copytree(TOKENIZERS / "t5-xxl", root / "tokenizers" / "t5xxl")
+    copy_tokenizers(TOKENIZERS, root)
     return root
 
 
@@ -76,12 +76,6 @@ def tiny_models(tmp_path_factory):
 def models_dir(tiny_models):
     """The standalone host fixture (conftest `standalone_host`) points at this module's models."""
     return tiny_models
-
-
-def run(cls, **inputs):
-    """Execute one node; returns (outputs tuple, ui dict)."""
-    out = cls.execute(**inputs)
-    return out.args, (out.ui or {})
 
 
 def load(lora_strength=None, weight_dtype="default"):
