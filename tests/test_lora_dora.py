@@ -47,7 +47,6 @@ def model():
 def test_peft_magnitude_equals_peft_merge():
     """A diffusers-format DoRA (`lora_magnitude_vector`, alpha in the metadata) applied by us equals PEFT's
     own merge of the same adapter on the same weight."""
-    from peft import LoraConfig, get_peft_model
     g = torch.Generator().manual_seed(1)
     m = model()
     w = m.transformer_blocks[0].attn.to_out[0].weight.detach().clone()
@@ -61,7 +60,13 @@ def test_peft_magnitude_equals_peft_merge():
     with apply_loras(m, FLUX, [load_lora(sd, meta, name="dora")]):
         ours = m.transformer_blocks[0].attn.to_out[0].weight.detach().clone()
 
-    holder = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    torch.testing.assert_close(ours, peft_merge(w, A, Bm, mag, r, alpha), rtol=1e-5, atol=1e-6)
+
+
+def peft_merge(w, A, Bm, mag, r, alpha):
+    """PEFT's own DoRA merge of an adapter (A, B, magnitude, r, alpha) on a Linear holding `w`."""
+    from peft import LoraConfig, get_peft_model
+    holder = torch.nn.Sequential(torch.nn.Linear(w.shape[1], w.shape[0]))
     holder[0].weight.data.copy_(w)
     peft = get_peft_model(holder, LoraConfig(r=r, lora_alpha=alpha, target_modules=["0"], use_dora=True))
     layer = peft.base_model.model[0]
@@ -69,8 +74,7 @@ def test_peft_magnitude_equals_peft_merge():
         layer.lora_A["default"].weight.copy_(A)
         layer.lora_B["default"].weight.copy_(Bm)
         layer.lora_magnitude_vector["default"].weight.copy_(mag)
-    want = peft.merge_and_unload()[0].weight.detach()
-    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
+    return peft.merge_and_unload()[0].weight.detach()
 
 
 def kohya_dora(g, module="double_blocks_0_img_attn_proj", out=32, inp=32, r=4, alpha=2.0):
@@ -137,18 +141,30 @@ def test_peft_dora_is_not_written_as_a_dora_scale_comfyui_would_misread(tmp_path
     assert (peft - comfy).abs().max() > 1e-3
 
 
-def test_comfy_output_axis_dora_scale_is_applied_as_comfyui_does():
+def test_output_axis_dora_scale_is_the_trainers_and_not_written_for_comfy(tmp_path):
+    """LyCORIS' `dora_scale` [out, 1] (`wd_on_output`) normalises each row of the patched weight: the same
+    formula as PEFT's magnitude, which is the oracle here (the same numbers as a `lora_magnitude_vector`).
+    ComfyUI divides that axis by the unpatched weight's norm instead, so it is not written for ComfyUI."""
     g = torch.Generator().manual_seed(4)
-    base = "diffusion_model.double_blocks.0.img_attn.proj"
-    sd = {f"{base}.lora_down.weight": torch.randn(4, 32, generator=g) * 0.3,
-          f"{base}.lora_up.weight": torch.randn(32, 4, generator=g) * 0.3,
-          f"{base}.alpha": torch.tensor(8.0), f"{base}.dora_scale": torch.rand(32, 1, generator=g) + 0.5}
+    down, up = torch.randn(4, 32, generator=g) * 0.3, torch.randn(32, 4, generator=g) * 0.3
+    d = torch.rand(32, 1, generator=g) + 0.5
+    base = "lora_unet_double_blocks_0_img_attn_proj"
+    sd = {f"{base}.lora_down.weight": down, f"{base}.lora_up.weight": up, f"{base}.alpha": torch.tensor(4.0),
+          f"{base}.dora_scale": d}
     m = model()
-    w = m.transformer_blocks[0].attn.to_out[0].weight.detach().clone()
-    for strength in (1.0, 0.4):
-        with apply_loras(m, FLUX, [(load_lora(sd, name="comfy-dora"), strength)]):
-            torch.testing.assert_close(m.transformer_blocks[0].attn.to_out[0].weight,
-                                       comfy_lora_weight(sd, base, w, strength), rtol=1e-5, atol=1e-6)
+    layer = m.transformer_blocks[0].attn.to_out[0]
+    w = layer.weight.detach().clone()
+    with apply_loras(m, FLUX, [(load_lora(sd, name="lycoris-out"), 1.0)]):
+        ours = layer.weight.detach().clone()
+    torch.testing.assert_close(ours, peft_merge(w, down, up, d.flatten(), 4, 4), rtol=1e-5, atol=1e-6)
+    assert (ours - comfy_lora_weight(sd, base, w, 1.0)).abs().max() > 1e-3  # ComfyUI reads it otherwise
+    save_file({**sd, **kohya_dora(g, "double_blocks_0_img_mlp_2", out=32, inp=128)}, tmp_path / "both.safetensors")
+    report = convert_lora(tmp_path / "both.safetensors", tmp_path / "comfy.safetensors", "comfy")
+    assert [d["module"] for d in report["not_written"]] == ["double_blocks.0.img_attn.proj"]
+    assert "ComfyUI" in report["not_written"][0]["reason"]
+    written = load_file(tmp_path / "comfy.safetensors")
+    assert "diffusion_model.double_blocks.0.img_mlp.2.dora_scale" in written  # the input axis is written
+    assert not any("img_attn.proj" in k for k in written)
 
 
 def test_zero_rows_and_columns_give_zeros_not_nan():

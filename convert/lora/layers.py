@@ -50,28 +50,28 @@ def bias_delta(part: Part, rows: tuple[int, int] | None = None, device="cpu") ->
 
 
 def dora_weight(part: Part, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """The DoRA weight (float32, source layout) of `weight` patched with `delta` (= scale·ΔW), as the tool of
-    the magnitude's format computes it:
+    """The DoRA weight m·(W+ΔW)/‖W+ΔW‖ (float32, source layout) of `weight` patched with `delta` (= scale·ΔW),
+    the norm taken on the magnitude's axis as the trainers that write it take it: PEFT's
+    `lora_magnitude_vector` [out] and LyCORIS' `dora_scale` [out, 1] (`wd_on_output`) scale the rows, the norm
+    runs over each row's inputs; a `dora_scale` [1, in] (LyCORIS, kohya, OneTrainer) scales the columns.
 
-    * PEFT `lora_magnitude_vector` [out]: m·(W+ΔW)/‖W+ΔW‖, the norm of each output row of the patched
-      weight (PEFT's `DoraLinearLayer`);
-    * `dora_scale` [1, in] (LyCORIS, kohya, OneTrainer): d·(W+ΔW)/‖W+ΔW‖ over each input column, as ComfyUI's
-      `weight_decompose` does;
-    * `dora_scale` [out, 1]: what ComfyUI's `weight_decompose` does with that axis: d·(W+ΔW)/‖W‖, the row
-      norm of the weight *before* this patch.
-
-    Every norm gets float32's epsilon added (as ComfyUI adds its weight dtype's, float32 there), so an all-zero
-    row or column gives zeros, not NaN; PEFT adds none (a zero row is NaN there), elsewhere the two agree.
+    ComfyUI's `weight_decompose` agrees on the input axis; on the output axis it divides by the norm of the
+    unpatched weight instead, so such a file means other weights there (`write.py` does not write one for
+    ComfyUI). Every norm gets float32's epsilon added (as ComfyUI adds its weight dtype's), so an all-zero
+    row or column gives zeros, not NaN (PEFT adds none: a zero row is NaN there); elsewhere they agree.
     """
     eps = torch.finfo(F32).eps
     merged = weight + delta
-    if "magnitude" in part.tensors:
-        m = part.tensors["magnitude"].to(device=weight.device, dtype=F32).reshape(-1, 1)
-        return merged * (m / (merged.norm(p=2, dim=1, keepdim=True) + eps))
-    d = part.tensors["dora_scale"].to(device=weight.device, dtype=F32)
-    if d.shape[0] == merged.shape[0]:  # [out, 1]: ComfyUI's output axis
-        return merged * (d.reshape(-1, 1) / (weight.norm(p=2, dim=1, keepdim=True) + eps))
-    return merged * (d.reshape(1, -1) / (merged.norm(p=2, dim=0, keepdim=True) + eps))
+    m = part.dora.to(device=weight.device, dtype=F32)
+    if dora_on_rows(part, merged.shape[0]):
+        return merged * (m.reshape(-1, 1) / (merged.norm(p=2, dim=1, keepdim=True) + eps))
+    return merged * (m.reshape(1, -1) / (merged.norm(p=2, dim=0, keepdim=True) + eps))
+
+
+def dora_on_rows(part: Part, rows: int) -> bool:
+    """Whether a part's DoRA magnitude scales output rows (PEFT [out], `dora_scale` [out, 1]), as ComfyUI
+    tells the axes apart (the leading dimension); else it scales input columns (`dora_scale` [1, in])."""
+    return "magnitude" in part.tensors or part.tensors["dora_scale"].shape[0] == rows
 
 
 # ------------------------------------------------------------------------------- fusing / splitting

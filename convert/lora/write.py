@@ -8,8 +8,8 @@ Targets:
              so each scale is folded into B (in float32).
   kohya      `lora_unet_<bfl with _>.lora_down/up.weight` + `.alpha`; CLIP `lora_te1_`, T5 `lora_te3_`.
   comfy      `diffusion_model.<bfl>.lora_down/up.weight` + `.alpha`, `.diff`, `.diff_b` (bias deltas too),
-             `.set_weight`, `.reshape_weight`, LoKr/LoHa keys and `.dora_scale` DoRA where ComfyUI reads them
-             (a PEFT magnitude vector is not written: ComfyUI normalises that axis otherwise, see below);
+             `.set_weight`, `.reshape_weight`, LoKr/LoHa keys and input-axis `.dora_scale` DoRA where ComfyUI
+             reads them (an output-axis magnitude is not written: ComfyUI normalises that axis otherwise);
              `text_encoders.clip_l.transformer.` / `text_encoders.t5xxl.transformer.`.
 
 Split → fused (bfl/kohya/comfy from diffusers-named parts): A stacked and B block-diagonal (ranks may
@@ -31,15 +31,17 @@ import torch
 from ...common.errors import BadInput
 from ..table import A, B, SWAP_HALVES, Split, swap_halves
 from .formats import CLIP, FLUX, T5, Lora, Part, _split_key, family_module, load_lora, rule_name
-from .layers import F32, bias_delta, fuse_lora, split_lora, weight_delta
+from .layers import F32, bias_delta, dora_on_rows, fuse_lora, split_lora, weight_delta
 
 TARGETS = ("diffusers", "bfl", "kohya", "comfy")
-# ComfyUI's `weight_decompose` divides an output-axis `dora_scale` by the row norms of the weight *before* the
-# patch; PEFT divides its magnitude by those of the patched weight. No magnitude written without the base
-# weights gives PEFT's weights there, so such a part is not written (baking it with `convert --lora` is exact).
-PEFT_DORA_FOR_COMFY = ("PEFT DoRA (lora_magnitude_vector) has no ComfyUI form: ComfyUI divides an output-axis "
-                       "dora_scale by the norm of the unpatched weight, PEFT by that of the patched one, so "
-                       "ComfyUI would apply other weights; bake it into the model with `convert --lora` instead")
+# ComfyUI's `weight_decompose` divides an output-axis DoRA magnitude by the row norms of the weight *before*
+# the patch; PEFT (`lora_magnitude_vector`) and LyCORIS (`dora_scale` [out, 1]) divide by those of the patched
+# weight. No magnitude written without the base weights gives those weights there, so such a part is not
+# written for ComfyUI (baking it with `convert --lora` is exact). The input axis ([1, in]) agrees: written.
+OUTPUT_AXIS_DORA_FOR_COMFY = (
+    "an output-axis DoRA magnitude (PEFT lora_magnitude_vector, LyCORIS dora_scale [out, 1]) has no ComfyUI form: "
+    "ComfyUI divides it by the norm of the unpatched weight, PEFT and LyCORIS by that of the patched one, so "
+    "ComfyUI would apply other weights; bake it into the model with `convert --lora` instead")
 _TEXT_PREFIX = {
     "diffusers": {CLIP: "text_encoder."},
     "bfl": {CLIP: "text_encoders.clip_l.transformer.", T5: "text_encoders.t5xxl.transformer."},
@@ -432,8 +434,8 @@ def _write_side_a(out, item, to: str, report, lora: Lora) -> None:
     if to != "comfy":
         _not_written(report, p, _lowrank_problem(p, to) or f"cannot be written as {to}")
         return
-    if "magnitude" in p.tensors:
-        _not_written(report, p, PEFT_DORA_FOR_COMFY)
+    if p.dora is not None and p.shape is not None and dora_on_rows(p, p.shape[0]):
+        _not_written(report, p, OUTPUT_AXIS_DORA_FOR_COMFY)
         return
     # ComfyUI reads these natively
     base = key(p.module)
