@@ -1,12 +1,13 @@
 """`fluxbridge demo`: the text-to-image example workflow on small random Flux models.
 
-The real FLUX.1 weights and tokenizer files are not part of the pack, so the demo makes its own: tiny
-random models with FLUX.1's structure (`factory`), written in the layouts users download (the transformer
-in BFL layout as `diffusion_models/flux1-dev.safetensors`, the VAE as `vae/ae.safetensors`, CLIP-L and T5
-as ComfyUI's `text_encoders/clip_l.safetensors` / `t5xxl_fp16.safetensors`) through the converter, plus
-small tokenizers of our own under `tokenizers/`. They are built once and cached (a user cache folder,
-keyed by a hash of the code that makes them), then `example_workflows/api/flux_dev_text_to_image.json`
-runs through the headless runner. The image and a JSON report land in the output folder.
+The real FLUX.1 weights are not part of the pack, so the demo makes its own: tiny random models with
+FLUX.1's structure (`factory`), written in the layouts users download (the transformer in BFL layout as
+`diffusion_models/flux1-dev.safetensors`, the VAE as `vae/ae.safetensors`, CLIP-L and T5 as ComfyUI's
+`text_encoders/clip_l.safetensors` / `t5xxl_fp16.safetensors`) through the converter. Like a user's
+ComfyUI `models` folder it has no `tokenizers/`, so the real tokenizers the pack carries are used. The
+models are built once and cached (a user cache folder, keyed by a hash of the code that makes them), then
+`example_workflows/api/flux_dev_text_to_image.json` runs through the headless runner. The image and a
+JSON report land in the output folder.
 
 Needs nothing but the installed pack (no network, no downloads).
 """
@@ -96,15 +97,14 @@ def build_models(root, variants=("dev",), loras: bool = False, seed: int = 0) ->
     from . import factory
 
     root = Path(root)
-    tok = factory.small_tokenizers(root)
-    written = {"tokenizer_clip_l": tok["clip_l"], "tokenizer_t5xxl": tok["t5xxl"]}
+    written = {}
 
     def write(model, part: str, layout: str):
         written[part] = factory.save_layout(model, root / MODEL_FILES[part], layout)
 
     parts = None
     for variant in variants:
-        parts = factory.tiny_pipeline_components(variant, tokenizers=root, seed=seed)
+        parts = factory.tiny_pipeline_components(variant, seed=seed)
         write(parts["transformer"], variant, "bfl")
         if variant == "dev" and loras:
             for k, (path, fmt) in enumerate(zip(LORA_FILES, ("kohya", "peft"))):
@@ -113,7 +113,7 @@ def build_models(root, variants=("dev",), loras: bool = False, seed: int = 0) ->
                 save_file(tiny_lora(parts["transformer"], fmt, seed=seed + 10 + k), str(dst))
                 written[Path(path).stem] = dst
     if parts is None:
-        parts = factory.tiny_pipeline_components("dev", tokenizers=root, seed=seed)
+        parts = factory.tiny_pipeline_components("dev", seed=seed)
     write(parts["vae"], "vae", "bfl")
     write(parts["text_encoder"], "clip", "comfy")
     write(parts["text_encoder_2"], "t5", "comfy")

@@ -25,7 +25,7 @@ API = {ui.stem: api for ui, api in example_pairs()}
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory):
-    """dev, schnell and fill transformers, VAE, CLIP-L, T5, tokenizers and two LoRAs, in their usual
+    """dev, schnell and fill transformers, VAE, CLIP-L, T5 and two LoRAs, in their usual
     layouts and names (built once per session)."""
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):  # one build for all workers of this run (built atomically)
