@@ -6,8 +6,9 @@ here loads there, and implemented in the native data conventions (IMAGE `[B,H,W,
 `[B,H,W]`, LATENT `{"samples": [B,16,H/8,W/8]}`).
 
 Only these types are allowed in workflows besides ours: `NATIVE_NODES` is the allow-list.
-Files: `LoadImage` reads only inside the input folder; `SaveImage` and `PreviewImage` write only inside
-the output folder (previews in its `temp/` subfolder), never elsewhere.
+Files: `LoadImage` reads only names inside the input folder; `SaveImage` and `PreviewImage` write only
+inside the output folder (previews in its `temp/` subfolder), never elsewhere. "Inside" is by the name's
+spelling (`host.check_name`): links the user made in these folders are the user's and are followed.
 """
 from __future__ import annotations
 
@@ -45,18 +46,22 @@ class RunContext:
 # ------------------------------------------------------------------------------------------ file names
 
 def inside(root: Path, path: Path) -> bool:
-    root, path = Path(os.path.realpath(root)), Path(os.path.realpath(path))
-    return path == root or root in path.parents
+    """`path` is `root` or below it by its spelling (links in `root` are not resolved: they are the user's)."""
+    root, path = os.path.abspath(root), os.path.abspath(path)
+    try:
+        return os.path.commonpath([root, path]) == root
+    except ValueError:  # different drives
+        return False
 
 
 def list_input_images(input_dir) -> list[str]:
-    """Image files in the input folder (relative, '/'-separated, sorted), for LoadImage's combo."""
+    """Image files in the input folder (relative, '/'-separated, sorted), for LoadImage's combo; linked
+    files and sub-folders included (`host.walk`)."""
     if input_dir is None or not Path(input_dir).is_dir():
         return []
     root = Path(input_dir)
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    for dirpath, _, filenames in host.walk(str(root)):
         for name in filenames:
             if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
                 found.append((Path(dirpath) / name).relative_to(root).as_posix())
@@ -122,10 +127,7 @@ def load_image(ctx: RunContext, image):
         host.check_name(image, "input")  # absolute, '..', NUL, unencodable
     except BadInput as exc:
         raise BadInput(exc.path, f"image names must stay inside the input folder ({exc.cause})") from None
-    root = Path(ctx.input_dir)
-    path = root / image
-    if Path(image).is_absolute() or not inside(root, path):
-        raise BadInput(image, "image names must stay inside the input folder")
+    path = Path(ctx.input_dir) / image
     if not path.is_file():
         raise BadInput(path, "no such image in the input folder")
     try:

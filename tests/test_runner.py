@@ -3,6 +3,7 @@ bad workflows are refused before anything runs, with a clear message, and nothin
 the output folder."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -250,20 +251,28 @@ def test_filename_prefix_escaping_the_output_folder_is_refused(work):
     _bad(work, convert, "3 (FluxBridgeConvertLoRA): filename_prefix")
 
 
-def test_prefix_through_a_link_out_of_the_output_folder_is_refused(work, tmp_path_factory):
-    outside = tmp_path_factory.mktemp("outside")
-    work["out"].mkdir()
-    (work["out"] / "link").symlink_to(outside, target_is_directory=True)
-    api = {"1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+def test_the_users_links_in_the_output_and_input_folders_are_followed(work, tmp_path_factory):
+    """An output sub-folder and an input image that the user linked elsewhere are the user's: SaveImage
+    writes through the link and LoadImage reads through one, as in ComfyUI."""
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    pictures = tmp_path_factory.mktemp("pictures")
+    shutil.copy(work["input"] / "example.png", pictures / "kept.png")
+    work["out"].mkdir(exist_ok=True)
+    (work["out"] / "link").symlink_to(elsewhere, target_is_directory=True)
+    (work["input"] / "kept.png").symlink_to(pictures / "kept.png")
+    api = {"1": {"class_type": "LoadImage", "inputs": {"image": "kept.png"}},
            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "link/img"}}}
     path = work["dir"] / "link.json"
     path.write_text(json.dumps(api))
-    with pytest.raises(BadInput, match="outside the output folder"):
-        run_workflow(path, models_dir=work["models"], output_dir=work["out"], input_dir=work["input"],
-                     progress=False)
-    assert list(outside.iterdir()) == []
-    path.unlink()
-    (work["out"] / "link").unlink()
+    try:
+        result = run_workflow(path, models_dir=work["models"], output_dir=work["out"], input_dir=work["input"],
+                              progress=False)
+        assert result["outputs"] == ["link/img_00001_.png"]
+        assert [p.name for p in elsewhere.iterdir()] == ["img_00001_.png"]
+    finally:
+        path.unlink()
+        (work["out"] / "link").unlink()
+        (work["input"] / "kept.png").unlink()
 
 
 def test_unknown_node_is_refused(work):
