@@ -28,6 +28,7 @@ MAX_RESOLUTION = 16384
 MAX_IMAGE_PIXELS = 1 << 27
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
+MASK_OPERATIONS = ["multiply", "add", "subtract", "and", "or", "xor"]
 TEMP_SUBFOLDER = "temp"
 _RNG = random.Random()  # preview names only; leaves the global random state alone
 
@@ -211,6 +212,30 @@ def image_scale_by(ctx: RunContext, image, upscale_method="nearest-exact", scale
     return (y.movedim(1, -1).clamp(0, 1).contiguous(),), {}
 
 
+def solid_mask(ctx: RunContext, value=1.0, width=512, height=512):
+    import torch
+    return (torch.full((1, height, width), float(value), dtype=torch.float32),), {}
+
+
+def mask_composite(ctx: RunContext, destination, source, x=0, y=0, operation="multiply"):
+    """`source` combined into `destination` with its top-left corner at (x, y), clamped to 0..1; the part
+    of `source` that falls outside `destination` is left out."""
+    import torch
+
+    out = destination.reshape(-1, *destination.shape[-2:]).clone()
+    source = source.reshape(-1, *source.shape[-2:]).to(out.device)
+    bottom, right = min(y + source.shape[-2], out.shape[-2]), min(x + source.shape[-1], out.shape[-1])
+    if bottom > y and right > x:
+        dst, src = out[:, y:bottom, x:right], source[:, :bottom - y, :right - x]
+        if operation in ("and", "or", "xor"):
+            logic = {"and": torch.logical_and, "or": torch.logical_or, "xor": torch.logical_xor}[operation]
+            combined = logic(dst.round().bool(), src.round().bool()).float()
+        else:
+            combined = {"multiply": torch.mul, "add": torch.add, "subtract": torch.sub}[operation](dst, src)
+        out[:, y:bottom, x:right] = combined
+    return (out.clamp(0.0, 1.0),), {}
+
+
 def native_specs(input_dir=None) -> dict[str, NodeSpec]:
     """The allow-list of native node types: their ComfyUI signatures and headless implementations.
     `input_dir` fills LoadImage's choices (the images in the input folder)."""
@@ -234,6 +259,17 @@ def native_specs(input_dir=None) -> dict[str, NodeSpec]:
                   InputSpec("upscale_method", "COMBO", options=list(UPSCALE_METHODS)),
                   InputSpec("scale_by", "FLOAT", default=1.0, min=0.01, max=8.0, step=0.01)],
                  [("IMAGE", "IMAGE")], display_name="Upscale Image By", native=True, run=image_scale_by),
+        NodeSpec("SolidMask",
+                 [InputSpec("value", "FLOAT", default=1.0, min=0.0, max=1.0, step=0.01),
+                  InputSpec("width", "INT", default=512, min=1, max=MAX_RESOLUTION, step=1),
+                  InputSpec("height", "INT", default=512, min=1, max=MAX_RESOLUTION, step=1)],
+                 [("MASK", "MASK")], display_name="SolidMask", native=True, run=solid_mask),
+        NodeSpec("MaskComposite",
+                 [InputSpec("destination", "MASK"), InputSpec("source", "MASK"),
+                  InputSpec("x", "INT", default=0, min=0, max=MAX_RESOLUTION, step=1),
+                  InputSpec("y", "INT", default=0, min=0, max=MAX_RESOLUTION, step=1),
+                  InputSpec("operation", "COMBO", options=list(MASK_OPERATIONS))],
+                 [("MASK", "MASK")], display_name="MaskComposite", native=True, run=mask_composite),
     ]
     return {s.node_id: s for s in specs}
 

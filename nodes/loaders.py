@@ -49,7 +49,7 @@ class LoadTransformer(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, model_name=None):
-        return name_errors(("diffusion_models", model_name))
+        return name_errors(model_name=("diffusion_models", model_name))
 
     @classmethod
     def execute(cls, model_name, weight_dtype="default", quantize="none"):
@@ -84,7 +84,7 @@ class LoadTextEncoders(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, clip_name=None, t5_name=None):
-        return name_errors(("text_encoders", clip_name), ("text_encoders", t5_name))
+        return name_errors(clip_name=("text_encoders", clip_name), t5_name=("text_encoders", t5_name))
 
     @classmethod
     def execute(cls, clip_name, t5_name, weight_dtype="default"):
@@ -119,7 +119,7 @@ class LoadVAE(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, vae_name=None):
-        return name_errors(("vae", vae_name))
+        return name_errors(vae_name=("vae", vae_name))
 
     @classmethod
     def execute(cls, vae_name):
@@ -156,7 +156,7 @@ class LoadLoRA(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, lora_name=None):
-        return name_errors(("loras", lora_name))
+        return name_errors(lora_name=("loras", lora_name))
 
     @classmethod
     def execute(cls, transformer, lora_name, strength_model=1.0, strength_text=1.0, text_encoders=None):

@@ -16,7 +16,8 @@ from PIL import Image
 import fluxbridge
 from fluxbridge.headless import demo
 from fluxbridge.common.errors import BadInput
-from fluxbridge.headless.native_nodes import RunContext, empty_sd3_latent, image_scale_by, load_image, native_specs
+from fluxbridge.headless.native_nodes import (RunContext, empty_sd3_latent, image_scale_by, load_image, mask_composite,
+                                              native_specs, solid_mask)
 from fluxbridge.headless.runner import run_workflow
 from fluxbridge.headless.workflows import example_pairs, examples_dir
 
@@ -74,11 +75,12 @@ def _snapshot(roots, exclude: Path):
 
 def small(api: dict) -> dict:
     """Overrides that keep the examples quick: 64x64 everywhere, 3 sampler steps, 32 T5 tokens (the custom
-    loop keeps its 4 scheduler steps: it has one node per step)."""
+    loop keeps its 4 scheduler steps: it has one node per step). The Fill example's mask keeps its size
+    (FluxBridgeFillConditioning scales a mask to the image)."""
     over = {}
     for nid, node in api.items():
         inputs, cls = node["inputs"], node["class_type"]
-        if "width" in inputs and not isinstance(inputs["width"], list):
+        if "width" in inputs and not isinstance(inputs["width"], list) and cls != "SolidMask":
             over[nid] = {"width": SIZE, "height": SIZE}
         if cls == "FluxBridgeSampler":
             over[nid] = {"steps": 3}
@@ -121,11 +123,18 @@ def _schedule_checks(report, api, out):
     assert sched and all(n["ui"] for n in sched)  # the sigmas for the curve
 
 
+def _fill_checks(report, api, out):
+    """The mask is built from native nodes (ComfyUI ships no inpainting image): 768x768, as example.png."""
+    ids = {v["class_type"]: n for n, v in api.items()}
+    assert report["nodes"][ids["MaskComposite"]]["outputs"][0]["shape"] == [1, 768, 768]
+    assert api[ids["LoadImage"]]["inputs"]["image"] == "example.png"
+
+
 IMAGE_EXAMPLES = {  # example -> (SaveImage size, extra checks)
     "flux_dev_text_to_image": (SIZE, None),
     "flux_schnell_text_to_image": (SIZE, _schedule_checks),
     "flux_dev_img2img": (SIZE, None),
-    "flux_fill_inpaint": (SIZE, None),
+    "flux_fill_inpaint": (SIZE, _fill_checks),
     "flux_dev_lora_stack": (SIZE, _lora_checks),
     "flux_dev_custom_sampling": (SIZE, _schedule_checks),
     "flux_dev_with_native_nodes": (SIZE // 2, _mixed_checks),
@@ -380,3 +389,32 @@ def test_empty_latent_and_scale_by_follow_native_conventions():
     for method in ("nearest-exact", "bilinear", "area", "bicubic", "lanczos"):
         (out,), _ = image_scale_by(ctx, image, method, 1.5)
         assert out.shape == (2, 30, 45, 3) and out.min() >= 0 and out.max() <= 1
+
+
+def test_solid_mask_and_mask_composite_follow_native_conventions():
+    """ComfyUI's SolidMask ([1, H, W] of one value) and MaskComposite (source placed at x, y into a copy of
+    destination, combined, clamped to 0..1, the overhang left out), on values worked out by hand."""
+    ctx = RunContext(output_dir=Path("unused"))
+    (zeros,), _ = solid_mask(ctx, 0.0, width=6, height=4)
+    (ones,), _ = solid_mask(ctx, 1.0, width=3, height=2)
+    assert zeros.shape == (1, 4, 6) and ones.shape == (1, 2, 3) and ones.dtype == torch.float32
+    (square,), _ = mask_composite(ctx, zeros, ones, x=2, y=1, operation="add")
+    expected = torch.zeros(1, 4, 6)
+    expected[:, 1:3, 2:5] = 1.0
+    assert torch.equal(square, expected) and zeros.abs().sum() == 0  # the destination is not changed
+    (edge,), _ = mask_composite(ctx, zeros, ones, x=4, y=3, operation="add")  # only 2x1 of it lands
+    assert edge.sum() == 2 and torch.equal(edge[0, 3, 4:], torch.ones(2))
+    (outside,), _ = mask_composite(ctx, zeros, ones, x=6, y=0, operation="add")
+    assert torch.equal(outside, zeros)
+    half = torch.full((1, 2, 3), 0.5)
+    results = {op: mask_composite(ctx, square, half, x=1, y=1, operation=op)[0][0][0, 1:3, 1:4]
+               for op in ("multiply", "add", "subtract", "and", "or", "xor")}
+    # the window at (1, 1): first column outside the square (0), the other two inside (1)
+    assert results["multiply"].tolist() == [[0.0, 0.5, 0.5]] * 2
+    assert results["add"].tolist() == [[0.5, 1.0, 1.0]] * 2  # 1.5 clamped
+    assert results["subtract"].tolist() == [[0.0, 0.5, 0.5]] * 2  # -0.5 clamped
+    # the logic ones round first: 0.5 rounds to 0 (round half to even)
+    assert results["and"].tolist() == [[0.0, 0.0, 0.0]] * 2
+    assert results["or"].tolist() == [[0.0, 1.0, 1.0]] * 2
+    assert results["xor"].tolist() == [[0.0, 1.0, 1.0]] * 2
+

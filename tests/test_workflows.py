@@ -27,7 +27,7 @@ MODEL_NAMES = {  # every model file name the examples use, by folder
     "text_encoders": ["clip_l.safetensors", "t5xxl_fp16.safetensors"],
     "loras": ["flux_lora_style.safetensors", "flux_lora_detail.safetensors"],
 }
-INPUT_IMAGES = ["example.png", "inpaint_example.png"]
+INPUT_IMAGES = ["example.png"]  # the one input image ComfyUI ships (input/example.png)
 
 
 @pytest.fixture(scope="module")
