@@ -394,11 +394,6 @@ class ShardedWeights(Mapping):
         return f"ShardedWeights({str(self.path)!r}, {len(self.shards)} shards, {len(self)} tensors)"
 
 
-def open_safetensors(path) -> WeightFile:
-    """A validated safetensors file (whatever its name)."""
-    return WeightFile.open(path)
-
-
 def open_weights(path):
     """Open weights for reading: a safetensors file, a diffusers model folder, or a GGUF file.
 

@@ -106,6 +106,7 @@ def cat_rows(parts: list):
 
 
 def swap_halves(t):
+    """BFL (shift, scale) ⇄ diffusers (scale, shift) rows; its own inverse."""
     half = t.shape[0] // 2
     return cat_rows([narrow_rows(t, half, t.shape[0] - half), narrow_rows(t, 0, half)])
 
@@ -304,8 +305,3 @@ def _rename_prefix(rest: str, inner: tuple[tuple[str, str], ...], to_b: bool) ->
             best = (src, dst)
     return rest if best is None else best[1] + rest[len(best[0]):]
 
-
-def strip_prefix(keys: Iterable[str], prefix: str) -> dict[str, str]:
-    """Map stripped name -> original key for the keys under `prefix`."""
-    n = len(prefix)
-    return {k[n:]: k for k in keys if k.startswith(prefix)}

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime import host, models
+from ..runtime import host
 from ..common.errors import BadInput
 from ..pipeline import latents as latents_lib
 from ..pipeline import schedule as schedule_lib
-from ..pipeline.sample import sample
+from ..pipeline.sample import check_conditioning, sample
 from ._common import CATEGORY, MAX_RESOLUTION, MAX_SEED, TRANSFORMER, checked, io, node_id, ui
 
 SAMPLING = CATEGORY + "/sampling"
@@ -43,40 +43,15 @@ def _sigmas(sigmas) -> torch.Tensor:
     return sig
 
 
-def _latent(latent, what="latent") -> torch.Tensor:
-    if not isinstance(latent, dict) or not torch.is_tensor(latent.get("samples")):
-        raise BadInput(what, "expected a LATENT (a dict with 'samples')")
-    samples = latent["samples"]
-    if samples.ndim != 4:
-        raise BadInput(what, f"samples must be [B, C, H, W], got shape {list(samples.shape)}")
-    return samples
+def _named(transformer) -> str:
+    return f"the transformer {transformer.name!r}"
 
 
-def _flux_raw(samples: torch.Tensor, fmt, notes) -> torch.Tensor:
-    """Raw latents with the format's channel count: an all-zero latent of another count (a 4-channel
-    EmptyLatentImage) becomes zeros of the right count, as the sampler and ComfyUI do."""
-    if samples.shape[1] == fmt.channels:
-        return samples
-    if not bool((samples == 0).all()):
-        raise BadInput("latent", f"{samples.shape[1]} channels, but Flux latents have {fmt.channels}; encode the "
-                                 "image with the Flux VAE")
-    notes.append(f"empty latent with {samples.shape[1]} channels replaced by {fmt.channels}-channel zeros")
-    return torch.zeros(samples.shape[0], fmt.channels, *samples.shape[2:], dtype=samples.dtype)
-
-
-def _check_conditioning(conditioning, transformer, which: str) -> None:
-    """Name both parts when a CONDITIONING's widths do not fit the transformer."""
-    if not isinstance(conditioning, (list, tuple)) or not conditioning:
-        raise BadInput(which, "expected a CONDITIONING list [[tensor, dict], ...]")
-    cond, extra = conditioning[0]
-    cfg = transformer.config
-    if cond.shape[-1] != cfg["joint_attention_dim"]:
-        raise BadInput(which, f"the {which} text states are {cond.shape[-1]} wide, the transformer "
-                              f"{transformer.name!r} expects {cfg['joint_attention_dim']} (its T5 width)")
-    pooled = extra.get("pooled_output") if isinstance(extra, dict) else None
-    if pooled is not None and pooled.shape[-1] != cfg["pooled_projection_dim"]:
-        raise BadInput(which, f"the {which} pooled output is {pooled.shape[-1]} wide, the transformer "
-                              f"{transformer.name!r} expects {cfg['pooled_projection_dim']} (its CLIP width)")
+def _check_conditionings(transformer, positive, negative) -> None:
+    """Before the model loads: the conditionings' widths fit the transformer (both parts named)."""
+    check_conditioning(positive, transformer.config, "positive", _named(transformer))
+    if negative is not None:
+        check_conditioning(negative, transformer.config, "negative", _named(transformer))
 
 
 class Scheduler(io.ComfyNode):
@@ -136,7 +111,7 @@ class AddNoise(io.ComfyNode):
         seed = checked(cls, seed=seed)
         notes = []
         fmt = latents_lib.LatentFormat()
-        raw = _flux_raw(_latent(latent), fmt, notes).to(torch.float32)
+        raw = latents_lib.latent_samples(latent, fmt.channels, notes).to(torch.float32)
         sig = _sigmas(sigmas)
         eps = latents_lib.noise(int(seed), raw.shape)
         x = schedule_lib.add_noise(fmt.process_in(raw.cpu()), eps, sig[0])
@@ -176,12 +151,10 @@ class SchedulerStep(io.ComfyNode):
         if not 0 <= step < sig.numel() - 1:
             raise BadInput("step", f"step {step} is outside the schedule of {sig.numel() - 1} step(s) "
                                    f"(0..{sig.numel() - 2})")
-        _check_conditioning(positive, transformer, "positive")
-        if negative is not None:
-            _check_conditioning(negative, transformer, "negative")
-        fmt = latents_lib.LatentFormat()
-        raw = _flux_raw(_latent(latent), fmt, notes).to(torch.float32).cpu()
-        models.check_latent_fits(raw, transformer)
+        _check_conditionings(transformer, positive, negative)
+        fmt = latents_lib.LatentFormat(channels=transformer.latent_channels)
+        raw = latents_lib.latent_samples(latent, fmt.channels, notes, model=_named(transformer))
+        raw = raw.to(torch.float32).cpu()
         if latent.get("noise_mask") is not None:
             notes.append("noise_mask ignored: a single step cannot re-noise the kept area (use the sampler)")
         host.load_to_device([transformer.handle])
@@ -228,11 +201,9 @@ class Sampler(io.ComfyNode):
                 sigmas=None):
         seed, steps, denoise, true_cfg = checked(cls, seed=seed, steps=steps, denoise=denoise, true_cfg=true_cfg)
         notes = []
-        samples = _latent(latent)
-        models.check_latent_fits(samples, transformer)
-        _check_conditioning(positive, transformer, "positive")
-        if negative is not None:
-            _check_conditioning(negative, transformer, "negative")
+        samples = latents_lib.latent_samples(latent, transformer.latent_channels, notes, model=_named(transformer))
+        latent = dict(latent, samples=samples)
+        _check_conditionings(transformer, positive, negative)
         if sigmas is None:
             h, w = int(samples.shape[2]), int(samples.shape[3])
             tokens = ((h + 1) // 2) * ((w + 1) // 2)
@@ -241,9 +212,9 @@ class Sampler(io.ComfyNode):
         host.load_to_device([transformer.handle])
         bar = host.progress(sig.numel() - 1, node_id=node_id(cls))
         with transformer.patched() as module:
-            out = sample(module, positive, latent, sig, seed=int(seed), negative=negative,
-                                    true_cfg=float(true_cfg), progress=bar, check_interrupt=host.check_interrupt,
-                                    notes=notes, output_device=host.intermediate_device())
+            out = sample(module, positive, latent, sig, seed=int(seed), negative=negative, true_cfg=float(true_cfg),
+                         progress=bar, check_interrupt=host.check_interrupt, notes=notes,
+                         output_device=host.intermediate_device())
         return io.NodeOutput(out, ui=ui(notes))
 
 

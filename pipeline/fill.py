@@ -138,14 +138,5 @@ def expected_extra_channels(transformer, latent_channels: int = 16) -> int:
     return int(transformer.config.in_channels) - 4 * latent_channels
 
 
-def vae_fits(vae, transformer) -> None:
-    """Raise BadInput naming both parts when the VAE's latent channels do not fit the transformer."""
-    c = int(vae.config.latent_channels)
-    out = int(transformer.config.out_channels or transformer.config.in_channels)
-    if 4 * c != out:
-        raise BadInput("vae", f"the VAE has {c} latent channels ({4 * c} packed) but the transformer "
-                              f"predicts {out} packed channels ({out // 4} latent channels)")
-
-
 __all__ = ["fill_conditioning", "fill_from_latent", "pack_mask", "control_conditioning",
-           "from_native_conditioning", "expected_extra_channels", "vae_fits"]
+           "from_native_conditioning", "expected_extra_channels"]

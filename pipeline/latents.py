@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..common.errors import BadInput
 from ._notes import note
 
 FLUX_SCALE = 0.3611
@@ -95,12 +96,30 @@ def text_ids(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
     return torch.zeros(n, 3, dtype=dtype, device=device)
 
 
+def latent_samples(latent, channels: int = FLUX_CHANNELS, notes: list | None = None, what: str = "latent",
+                   model: str = "the transformer") -> torch.Tensor:
+    """The `[B, C, H, W]` samples of a native LATENT, with `channels` channels. An all-zero latent of another
+    count (a 4-channel EmptyLatentImage) becomes zeros of the right count, with a note, as ComfyUI's
+    `fix_empty_latent_channels` does; any other count is refused, naming `model`."""
+    if not isinstance(latent, dict) or not torch.is_tensor(latent.get("samples")):
+        raise BadInput(what, "expected a LATENT (a dict with 'samples')")
+    samples = latent["samples"]
+    if samples.ndim != 4:
+        raise BadInput(what, f"samples must be [B, C, H, W], got shape {list(samples.shape)}")
+    if samples.shape[1] == channels:
+        return samples
+    if not bool((samples == 0).all()):
+        raise BadInput(what, f"the {what} has {samples.shape[1]} channels, {model} works on {channels}-channel "
+                             f"latents (encode images with a VAE that has {channels} latent channels)")
+    note(f"empty latent with {samples.shape[1]} channels replaced by {channels}-channel zeros", notes)
+    return torch.zeros(samples.shape[0], channels, *samples.shape[2:], dtype=samples.dtype)
+
+
 def snap_size(width: int, height: int, multiple: int = SIZE_MULTIPLE, notes: list | None = None):
     """Round a pixel size down to a multiple of 16 (the VAE's 8 x the 2x2 patch). Returns (w, h, note|None);
     the note is also logged and appended to `notes`."""
     w, h = int(width) // multiple * multiple, int(height) // multiple * multiple
     if w < multiple or h < multiple:
-        from ..common.errors import BadInput
         raise BadInput("size", f"{width}x{height} is smaller than {multiple}x{multiple} pixels")
     msg = None
     if (w, h) != (int(width), int(height)):

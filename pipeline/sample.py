@@ -9,7 +9,8 @@ The arithmetic follows diffusers FluxPipeline / FluxImg2ImgPipeline / FluxFillPi
 step for step (same operations, same order), so float32 results match them. One deliberate difference: the
 running sample stays float32 between steps (diffusers rounds it to the model's dtype after each step; for a
 float32 model the two are identical). Everything the loop needs (ids, guidance, timesteps, the Fill input
-buffer) is built once; a step allocates one latent-sized temporary (dt * v) beyond what the transformer does.
+buffer) is built once; a step allocates two latent-sized tensors (dt * v and the next sample) beyond what the
+transformer does.
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import torch
 from ..common.errors import BadInput
 from ._notes import note
 from .fill import _batch, from_native_conditioning
-from .latents import LatentFormat, image_ids, noise as make_noise, pack, text_ids, unpack
-from .schedule import add_noise
+from .latents import LatentFormat, image_ids, latent_samples, noise as make_noise, pack, text_ids, unpack
+from .schedule import add_noise, euler_step
 
 FROM_CONDITIONING = "conditioning"  # default for `guidance`: take it from the CONDITIONING (3.5 if absent)
 DEFAULT_GUIDANCE = 3.5
@@ -34,33 +35,38 @@ def _device_dtype(module):
     return device, dtype
 
 
-def _parse_conditioning(conditioning, which: str, notes) -> tuple[torch.Tensor, dict]:
+def check_conditioning(conditioning, config, which: str = "positive",
+                       model: str = "the transformer") -> tuple[torch.Tensor, dict]:
+    """(text states, extra dict) of a native CONDITIONING's first entry, checked against a transformer's
+    config (its T5 width `joint_attention_dim`, its CLIP width `pooled_projection_dim`); a problem is a
+    BadInput naming `which` conditioning and `model`."""
     if not isinstance(conditioning, (list, tuple)) or not conditioning:
         raise BadInput(which, "expected a CONDITIONING list [[tensor, dict], ...]")
     first = conditioning[0]
-    if not isinstance(first, (list, tuple)) or len(first) != 2 or not torch.is_tensor(first[0]):
+    if not isinstance(first, (list, tuple)) or len(first) != 2 or not torch.is_tensor(first[0]) \
+            or not isinstance(first[1], dict):
         raise BadInput(which, "expected a CONDITIONING entry [tensor, dict]")
-    if len(conditioning) > 1:
-        note(f"{which}: {len(conditioning)} conditioning entries; only the first is used", notes)
     hidden, extra = first
     if hidden.ndim != 3:
         raise BadInput(which, f"text states must be [B, N, D], got shape {tuple(hidden.shape)}")
-    if extra.get("pooled_output") is None:
+    pooled = extra.get("pooled_output")
+    if pooled is None:
         raise BadInput(which, "no pooled_output (the CLIP-L pooled vector Flux needs); encode the prompt "
                               "with both CLIP-L and T5")
+    if hidden.shape[-1] != config["joint_attention_dim"]:
+        raise BadInput(which, f"the {which} text states are {hidden.shape[-1]} wide, {model} expects "
+                              f"{config['joint_attention_dim']} (its T5 width)")
+    if pooled.shape[-1] != config["pooled_projection_dim"]:
+        raise BadInput(which, f"the {which} pooled output is {pooled.shape[-1]} wide, {model} expects "
+                              f"{config['pooled_projection_dim']} (its CLIP width)")
     return hidden, extra
 
 
 def _text_inputs(transformer, conditioning, which, batch, device, dtype, notes):
-    hidden, extra = _parse_conditioning(conditioning, which, notes)
+    hidden, extra = check_conditioning(conditioning, transformer.config, which)
+    if len(conditioning) > 1:
+        note(f"{which}: {len(conditioning)} conditioning entries; only the first is used", notes)
     pooled = extra["pooled_output"]
-    cfg = transformer.config
-    if hidden.shape[-1] != cfg.joint_attention_dim:
-        raise BadInput(which, f"text states are {hidden.shape[-1]} wide but the transformer's text input "
-                              f"(joint_attention_dim) is {cfg.joint_attention_dim}: wrong T5 for this model")
-    if pooled.shape[-1] != cfg.pooled_projection_dim:
-        raise BadInput(which, f"pooled_output is {pooled.shape[-1]} wide but the transformer expects "
-                              f"{cfg.pooled_projection_dim} (pooled_projection_dim): wrong CLIP for this model")
     hidden = _batch(hidden, batch, which).to(device=device, dtype=dtype)
     pooled = _batch(pooled.reshape(pooled.shape[0], -1), batch, which).to(device=device, dtype=dtype)
     return hidden, pooled, extra, text_ids(hidden.shape[1], device=device)
@@ -124,12 +130,6 @@ def sample(transformer, conditioning, latent: dict, sigmas, seed: int = 0, guida
     if sig.numel() < 2:
         raise BadInput("sigmas", f"need at least 2 values (1 step), got {sig.numel()}")
     steps = sig.numel() - 1
-    if not isinstance(latent, dict) or not torch.is_tensor(latent.get("samples")):
-        raise BadInput("latent", "expected a LATENT dict with 'samples'")
-    raw = latent["samples"]
-    if raw.ndim != 4:
-        raise BadInput("latent", f"samples must be [B, C, H, W], got shape {tuple(raw.shape)}")
-
     cfg = transformer.config
     device, dtype = _device_dtype(transformer)
     c = fmt.channels
@@ -139,12 +139,7 @@ def sample(transformer, conditioning, latent: dict, sigmas, seed: int = 0, guida
     if out_ch != base:
         raise BadInput("transformer", f"predicts {out_ch} packed channels ({out_ch // 4} latent channels) but the "
                                       f"latent format has {c} channels ({base} packed)")
-    if raw.shape[1] != c:
-        if not bool((raw == 0).all()):
-            raise BadInput("latent", f"{raw.shape[1]} channels, but this model works on {c}-channel latents "
-                                     f"(a Flux VAE's); encode the image with the Flux VAE")
-        note(f"empty latent with {raw.shape[1]} channels replaced by {c}-channel zeros", notes)
-        raw = torch.zeros(raw.shape[0], c, *raw.shape[2:])
+    raw = latent_samples(latent, c, notes)
     b, _, h, w = raw.shape
     ph, pw = h % 2, w % 2
 
@@ -223,7 +218,6 @@ def sample(transformer, conditioning, latent: dict, sigmas, seed: int = 0, guida
 
     img_ids = image_ids(hh // 2, ww // 2, device=device)
     t_in = (sig[:-1] * 1000 / 1000).to(device)  # what the pipeline passes: (sigma * 1000) / 1000
-    dts = (sig[1:] - sig[:-1]).tolist()          # float32 values, as the scheduler's dt
     sig_list = sig.tolist()
     if fill is not None:
         buf = torch.empty(b, x.shape[1], in_ch, device=device, dtype=dtype)
@@ -251,9 +245,7 @@ def sample(transformer, conditioning, latent: dict, sigmas, seed: int = 0, guida
         if preview is not None:
             x0_pred = x - sig_list[i] * v.float()
             shown = preview(i, fmt.process_out(_unpacked(x0_pred, hh, ww, h, w)))
-        # x + (sigma_next - sigma) * v in float32, as scheduler.step (v is not modified: a caching
-        # transformer may hand out a tensor it keeps)
-        x.add_(v * dts[i])
+        x = euler_step(x, v, sig[i], sig[i + 1], out_dtype=torch.float32)  # the running sample stays float32
         if mask is not None:
             keep = add_noise(x0, eps, sig[i + 1]) if i < steps - 1 else x0
             x = (1 - mask) * keep + mask * x

@@ -15,9 +15,6 @@ import torch
 
 from ..common.errors import BadInput
 
-DEV = dict(dynamic_shift=True, base_shift=0.5, max_shift=1.15, base_seq_len=256, max_seq_len=4096, shift=3.0)
-SCHNELL = dict(dynamic_shift=False, shift=1.0)
-
 
 def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
                     base_shift: float = 0.5, max_shift: float = 1.15) -> float:

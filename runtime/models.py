@@ -507,39 +507,3 @@ def check_vae_latent(vae: VAEModel, samples, what: str = "latent") -> None:
     if ch != vae.latent_channels:
         raise BadInput(vae.name, f"the {what} has {ch} channels, but VAE {vae.name!r} has {vae.latent_channels} "
                                  f"latent channels (a Flux VAE has 16, an SD VAE 4)")
-
-
-def check_vae_fits(vae: VAEModel, transformer: TransformerModel) -> None:
-    if vae.latent_channels != transformer.latent_channels:
-        raise BadInput(vae.name, f"VAE {vae.name!r} has {vae.latent_channels} latent channels, the transformer "
-                                 f"{transformer.name!r} expects {transformer.latent_channels}")
-
-
-def check_latent_fits(samples, transformer: TransformerModel, what: str = "latent") -> None:
-    """The latent has the transformer's channel count (an all-zero latent of another count is fine: the
-    sampler replaces it, as ComfyUI does for empty latents)."""
-    ch = int(samples.shape[1]) if getattr(samples, "ndim", 0) == 4 else None
-    if ch is None:
-        raise BadInput(what, f"expected LATENT samples [B, C, H, W], got shape {list(getattr(samples, 'shape', []))}")
-    if ch != transformer.latent_channels and not bool((samples == 0).all()):
-        raise BadInput(what, f"the {what} has {ch} channels, the transformer {transformer.name!r} works on "
-                             f"{transformer.latent_channels}-channel latents (encode images with a VAE that has "
-                             f"{transformer.latent_channels} latent channels)")
-
-
-def check_conditioning_fits(conditioning, transformer: TransformerModel, what: str = "positive") -> None:
-    if not isinstance(conditioning, list) or not conditioning:
-        raise BadInput(what, "empty or not a CONDITIONING")
-    for cond, extra in conditioning:
-        want = int(transformer.config["joint_attention_dim"])
-        if cond.shape[-1] != want:
-            raise BadInput(what, f"the {what} conditioning has text features of width {cond.shape[-1]}, the "
-                                 f"transformer {transformer.name!r} expects {want} (T5-XXL: 4096)")
-        pooled = extra.get("pooled_output")
-        want_pooled = int(transformer.config["pooled_projection_dim"])
-        if pooled is None:
-            raise BadInput(what, f"the {what} conditioning has no pooled_output (CLIP-L), which the "
-                                 f"transformer {transformer.name!r} needs")
-        if pooled.shape[-1] != want_pooled:
-            raise BadInput(what, f"the {what} conditioning's pooled output has width {pooled.shape[-1]}, the "
-                                 f"transformer {transformer.name!r} expects {want_pooled} (CLIP-L: 768)")

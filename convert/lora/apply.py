@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from ...common.errors import BadInput
+from ..table import swap_halves
 from .formats import CLIP, FLUX, T5, TEXT_FAMILIES, Lora, load_lora
-from .layers import bias_delta, swap_halves, weight_delta
+from .layers import bias_delta, weight_delta
 from .patch import Patch, Plan
 
 DENSE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -103,8 +103,8 @@ class Part:
         if self.kind == "loha":
             return t["hada_w1_a"].shape[0], t["hada_w1_b"].shape[1]
         if self.kind == "lokr":
-            w1, w2 = _lokr_factor(t, "1", shape_only=True), _lokr_factor(t, "2", shape_only=True)
-            return w1[0] * w2[0], w1[1] * w2[1]
+            f1, f2 = lokr_factor(t, "1"), lokr_factor(t, "2")
+            return f1[0].shape[0] * f2[0].shape[0], f1[-1].shape[1] * f2[-1].shape[1]
         if self.kind == "full" and "diff" in t and t["diff"].dim() == 2:
             return tuple(t["diff"].shape)
         return None  # bias-only, set, reshape, or a 1-D difference (a norm weight)
@@ -123,12 +123,11 @@ class Part:
         return None
 
 
-def _lokr_factor(t, i: str, shape_only: bool = False):
+def lokr_factor(t, i: str) -> tuple:
+    """The tensors whose product is LoKr factor `i` ("1" or "2"): the whole factor, or its two halves."""
     if f"lokr_w{i}" in t:
-        w = t[f"lokr_w{i}"]
-        return tuple(w.shape) if shape_only else w.float()
-    a, b = t[f"lokr_w{i}_a"], t[f"lokr_w{i}_b"]
-    return (a.shape[0], b.shape[1]) if shape_only else a.float() @ b.float()
+        return (t[f"lokr_w{i}"],)
+    return t[f"lokr_w{i}_a"], t[f"lokr_w{i}_b"]
 
 
 @dataclass

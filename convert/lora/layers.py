@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .formats import Part
+from .formats import Part, lokr_factor
 
 F32 = torch.float32
 
@@ -35,9 +35,8 @@ def weight_delta(part: Part, rows: tuple[int, int] | None = None, device="cpu") 
 
 
 def _lokr(t, i: str, device) -> torch.Tensor:
-    if f"lokr_w{i}" in t:
-        return _f(t[f"lokr_w{i}"], device)
-    return _f(t[f"lokr_w{i}_a"], device) @ _f(t[f"lokr_w{i}_b"], device)
+    factor = [_f(x, device) for x in lokr_factor(t, i)]
+    return factor[0] if len(factor) == 1 else factor[0] @ factor[1]
 
 
 def bias_delta(part: Part, rows: tuple[int, int] | None = None, device="cpu") -> torch.Tensor | None:
@@ -64,12 +63,6 @@ def dora_weight(part: Part, weight: torch.Tensor, delta: torch.Tensor) -> torch.
         return merged * (m.reshape(-1, 1) / norm)
     norm = merged.norm(p=2, dim=0, keepdim=True)
     return merged * (m.reshape(1, -1) / norm)
-
-
-def swap_halves(t: torch.Tensor) -> torch.Tensor:
-    """BFL (shift, scale) ⇄ diffusers (scale, shift) rows; its own inverse."""
-    half = t.shape[0] // 2
-    return torch.cat([t[half:], t[:half]], 0)
 
 
 # ------------------------------------------------------------------------------- fusing / splitting

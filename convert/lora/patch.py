@@ -16,9 +16,9 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from ..table import A, B, SWAP_HALVES, Split
+from ..table import A, B, SWAP_HALVES, Split, swap_halves
 from .formats import Lora, Part, family_module, rule_name
-from .layers import bias_delta, dora_weight, swap_halves, weight_delta
+from .layers import bias_delta, dora_weight, weight_delta
 
 F32 = torch.float32
 # The module whose input width a control LoRA may widen (BFL name; diffusers zero-pads it the same way).

@@ -116,10 +116,3 @@ def merge_metadata(*metas: dict) -> dict:
         out["lora_adapter_metadata"] = json.dumps(packed)
     return out
 
-
-def random_lora_entry(name: str, out: int, inp: int, rank: int, alpha: float | None, gen: torch.Generator,
-                      std: float = 0.1, bias: bool = False) -> Entry:
-    t = {"down": torch.randn(rank, inp, generator=gen) * std, "up": torch.randn(out, rank, generator=gen) * std}
-    if bias:
-        t["up_bias"] = torch.randn(out, generator=gen) * std
-    return Entry(name, "lora", t, alpha)

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from ...common.errors import BadInput
-from ..table import A, B, SWAP_HALVES, Split
+from ..table import A, B, SWAP_HALVES, Split, swap_halves
 from .formats import CLIP, FLUX, T5, Lora, Part, _split_key, family_module, load_lora, rule_name
-from .layers import F32, bias_delta, fuse_lora, split_lora, swap_halves, weight_delta
+from .layers import F32, bias_delta, fuse_lora, split_lora, weight_delta
 
 TARGETS = ("diffusers", "bfl", "kohya", "comfy")
 _TEXT_PREFIX = {
