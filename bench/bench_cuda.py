@@ -19,15 +19,32 @@ steps 2..N (warm, no setup); `torch.cuda.synchronize()` around the run gives the
 weights. One warm-up image of one step on each side first, then --runs interleaved pairs (order alternates).
 
 Targets: it/s ours / diffusers >= 1.0, whole image ours / diffusers <= 1.0, peak ours / diffusers <= 1.0.
-Anchors (docs/landscape): diffusers bf16 eager on an H100, 28 steps: 6.7-7.1 s per image; compute roofline
-10.7-13.3 it/s.
+Published anchors (sources in bench/README.md): diffusers bf16 eager on an H100, 28 steps: 6.7-7.1 s per
+image; compute roofline 10.7-13.3 it/s.
 
 Without a CUDA device it stops with a message (exit status 2). `--dry-run` runs every code path on the CPU
 at a tiny size (same structure, a few blocks; bf16; one thread) in seconds, for checks on machines without a
 GPU (the memory figures, which need CUDA, are left out there).
 
+VRAM caps (`--vram-gb 8 12 16 24`, GiB): instead of the comparison above, the same image under each cap
+(`torch.cuda.set_per_process_memory_fraction`, so the caching allocator refuses to go past it), the weights
+starting in RAM (built on the CPU), for three ways to fit:
+
+  ours                        the standalone host: `host.load_to_device` puts a model that fits on the GPU
+                              whole, else runs it with diffusers' group offloading (block level, CUDA
+                              stream); the sampler and decode as above
+  diffusers model offload     `FluxPipeline.enable_model_cpu_offload()` (one whole model at a time on the GPU)
+  diffusers group offload     `FluxPipeline.enable_group_offload(block_level, 1 block per group, CUDA stream)`
+
+printing per cap and way: it/s (steps 2..N), seconds per image, peak allocated memory, or the error (out of
+memory). One 1-step warm-up per way and cap (the prefetching hooks learn the block order on the first
+pass), then --runs images (default 1 here). With --dry-run the caps cannot be enforced (no CUDA): each way
+runs once per cap on the tiny CPU models, ours with group offloading forced on (no stream on the CPU), so
+every code path runs.
+
     python bench/bench_cuda.py [--runs 3] [--steps 28] [--size 1024] [--seed 0]
-    python bench/bench_cuda.py --dry-run
+    python bench/bench_cuda.py --vram-gb 8 12 16 24 [--runs 1]
+    python bench/bench_cuda.py --dry-run [--vram-gb 8 24]
 """
 from __future__ import annotations
 
@@ -42,10 +59,11 @@ import torch
 
 import checkout  # noqa: E402,F401  (the pack as `fluxbridge`, installed or not)
 
-from fluxbridge.runtime import host  # noqa: E402
+from fluxbridge.runtime import host, offload  # noqa: E402
 from fluxbridge import pipeline as P  # noqa: E402
 from fluxbridge.pipeline import vae as vae_lib  # noqa: E402
-from fluxbridge.pipeline.sample import sample  # noqa: E402
+from fluxbridge.pipeline.device import set_execution_device  # noqa: E402
+from fluxbridge.pipeline.sample import sample, working_memory  # noqa: E402
 
 # FLUX.1-dev (black-forest-labs/FLUX.1-dev transformer/config.json, vae/config.json)
 FLUX_DEV = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
@@ -195,6 +213,139 @@ def measure(fn, device, steps) -> dict:
             "decode": Clock.seconds(marks[-1], end), "peak": peak(device), "image": image}
 
 
+# ---------------------------------------------------------------------------------------------- VRAM caps
+
+WAYS = ("ours", "diffusers model offload", "diffusers group offload")
+
+
+def is_oom(exc: BaseException) -> bool:
+    return vae_lib.is_oom(exc)
+
+
+def set_cap(device, gib: float):
+    """Cap this process's CUDA memory at `gib` GiB; returns the fraction set, or None (no CUDA: not enforced).
+    Raises ValueError when the device has less."""
+    if device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = gib * 2**30 / total
+    if fraction > 1:
+        raise ValueError(f"the device has {total / 2**30:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction
+
+
+def setup_way(way, pipe, transformer, vae, device, force_offload):
+    """Get the modules ready for one way of fitting; returns (run(clock) callable, what was done)."""
+    if way == "ours":
+        t_handle, v_handle = host.wrap(transformer), host.wrap(vae)
+        if force_offload:  # the dry run: the decision never offloads on the CPU, so force the path
+            for h in (t_handle, v_handle):
+                offload.enable(h.model, h.load_device, h.offload_device)
+                h.group_offloaded = True
+
+        def run(clock, steps, size, hidden, pooled, seed):
+            latent = P.empty_latent(size, size)
+            host.load_to_device([t_handle], memory_required=working_memory(transformer, latent["samples"].shape))
+            conditioning = [[hidden, {"pooled_output": pooled, "guidance": GUIDANCE}]]
+            out = sample(transformer, conditioning, latent, P.flux_sigmas(steps, width=size, height=size),
+                         seed=seed, progress=clock, check_interrupt=host.check_interrupt, latent_format=vae)
+            host.load_to_device([v_handle], memory_required=vae_lib.decode_memory(vae, out["samples"].shape))
+            return vae_lib.decode(vae, out["samples"])
+
+        how = lambda: ", ".join(f"{name} {'group-offloaded' if h.group_offloaded else 'whole on the device'}"  # noqa
+                                for name, h in (("transformer", t_handle), ("VAE", v_handle)))
+        return run, how
+    if way == "diffusers model offload":
+        pipe.enable_model_cpu_offload(device=device)
+        how = lambda: "enable_model_cpu_offload"  # noqa: E731
+    else:
+        pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level",
+                                  num_blocks_per_group=1, use_stream=device.type == "cuda")
+        how = lambda: f"enable_group_offload(block_level, use_stream={device.type == 'cuda'})"  # noqa: E731
+
+    def run(clock, steps, size, hidden, pooled, seed):
+        return run_diffusers(pipe, hidden, pooled, size, steps, seed, clock)
+    return run, how
+
+
+def teardown(pipe, transformer, vae):
+    """Back to plain modules on the CPU: no hooks, no offloading, nothing left on the GPU."""
+    pipe.remove_all_hooks()
+    for module in (transformer, vae):
+        offload.disable(module)
+        set_execution_device(module, None)
+        module.to("cpu")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_caps(args, device, dtype, t_cfg, v_cfg, tokens, size) -> int:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    import diffusers
+
+    runs = args.runs or 1
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run: tiny models, caps not enforced)"
+    print(f"{where}; torch {torch.__version__}, diffusers {diffusers.__version__}")
+    t0 = time.perf_counter()
+    cpu = torch.device("cpu")
+    transformer, vae = build_transformer(t_cfg, cpu, dtype), build_vae(v_cfg, cpu, dtype)  # the weights start in RAM
+    hidden, pooled = text_inputs(tokens, t_cfg["joint_attention_dim"], t_cfg["pooled_projection_dim"], cpu, dtype)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**DEV_SCHEDULER), vae=vae, text_encoder=None,
+                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    n_bytes = offload.model_bytes(transformer) + offload.model_bytes(vae)
+    print(f"transformer + VAE {n_bytes / 2**30:.2f} GiB of weights ({str(dtype).replace('torch.', '')}), built on the CPU "
+          f"in {time.perf_counter() - t0:.1f} s; {size}x{size}, {args.steps} steps, seed {args.seed}; {runs} run(s) per "
+          f"way and cap after a 1-step warm-up")
+    rows = []
+    for gib in args.vram_gb:
+        try:
+            fraction = set_cap(device, gib)
+        except ValueError as exc:
+            print(f"\n{gib:g} GiB: skipped ({exc})")
+            continue
+        print(f"\ncap {gib:g} GiB" + (f" (fraction {fraction:.3f})" if fraction is not None else " (not enforced)"))
+        for way in WAYS:
+            row = {"cap": gib, "way": way, "its": [], "seconds": [], "peak": [], "error": None, "how": "",
+                   "image": None}
+            try:
+                run, how = setup_way(way, pipe, transformer, vae, device, force_offload=args.dry_run)
+                measure(lambda clock: run(clock, 1, size, hidden, pooled, args.seed), device, 1)
+                for _ in range(runs):
+                    m = measure(lambda clock: run(clock, args.steps, size, hidden, pooled, args.seed), device,
+                                args.steps)
+                    row["its"].append(m["its"])
+                    row["seconds"].append(m["seconds"])
+                    row["peak"].append(m["peak"])
+                    row["image"] = torch.as_tensor(m["image"]).float()
+                row["how"] = how()
+            except Exception as exc:  # noqa: BLE001 - a way that does not fit is a result, not a failure
+                row["error"] = "out of memory" if is_oom(exc) else f"{type(exc).__name__}: {str(exc)[:160]}"
+            finally:
+                teardown(pipe, transformer, vae)
+            rows.append(row)
+            if row["error"]:
+                print(f"  {way:24s} failed: {row['error']}")
+            else:
+                peak = (f" | peak {statistics.median(row['peak']) / 2**30:.2f} GiB" if row["peak"][0] is not None
+                        else "")
+                print(f"  {way:24s} {statistics.median(row['its']):.3f} it/s | image "
+                      f"{statistics.median(row['seconds']):.2f} s{peak} | {row['how']}")
+        ours = next(r for r in rows if r["cap"] == gib and r["way"] == "ours")
+        for r in rows:
+            if r["cap"] == gib and r["way"] != "ours" and not r["error"] and not ours["error"]:
+                diff = float((ours["image"] - r["image"]).abs().max())
+                print(f"  it/s ours / {r['way']}: {statistics.median(ours['its']) / statistics.median(r['its']):.3f}"
+                      f" (images differ by at most {diff:.3g})")
+    if device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    if args.dry_run:
+        print("\ndry run: every code path ran; the figures above say nothing about GPU performance")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------- main
 
 def mmm(values, fmt="{:.3f}") -> str:
@@ -210,6 +361,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dry-run", action="store_true",
                     help="tiny models on the CPU: runs every code path, measures nothing meaningful")
+    ap.add_argument("--vram-gb", type=float, nargs="+", metavar="GIB",
+                    help="VRAM caps in GiB (e.g. 8 12 16 24): ours against diffusers' offloading at each cap")
     args = ap.parse_args(argv)
 
     if args.dry_run:
@@ -226,6 +379,8 @@ def main(argv=None) -> int:
         size, runs = args.size or 1024, args.runs or 3
     if size % 16:
         ap.error(f"--size {size}: must be a multiple of 16")
+    if args.vram_gb:
+        return run_caps(args, device, dtype, t_cfg, v_cfg, tokens, size)
 
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline

@@ -1,4 +1,4 @@
-"""The one exception for bad user input."""
+"""The one exception for bad user input, and the one way a refused destination becomes one."""
 
 
 class BadInput(Exception):
@@ -15,3 +15,9 @@ class BadInput(Exception):
 
     def __str__(self):
         return str(self.cause) if self.path is None else f"{self.path}: {self.cause}"
+
+
+def cannot_write(path, exc: OSError) -> BadInput:
+    """A destination the system refuses (a folder where the file goes, a file where a folder goes, no
+    permission, a read-only or full disk): the user's choice of place, not a fault of ours."""
+    return BadInput(path, f"cannot write there: {exc.strerror or exc}")

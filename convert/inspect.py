@@ -4,7 +4,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .detect import components
+from ..common.errors import BadInput
+from .detect import components, what_it_holds
 from .load import diffusers_plan
 from .lora import inspect_lora, looks_like_lora
 from .quant import logical_weights
@@ -16,8 +17,10 @@ def inspect_path(path) -> dict:
     raw = open_weights(path)
     source = logical_weights(raw)
     found = components(source.keys())
+    if not found and not looks_like_lora(source.keys()) and components(source.keys(), min_keys=1):
+        raise BadInput(path, what_it_holds(source.keys()))  # model weights, cut down below detection
     if not found or looks_like_lora(source.keys()):
-        return inspect_lora(path)  # a LoRA, or nothing we know (inspect_lora names sample keys then)
+        return inspect_lora(path)  # a LoRA, or nothing we know (inspect_lora says what it holds then)
     parts = []
     for comp in found:
         plan, config, report = diffusers_plan(source, comp, getattr(source, "config", None))

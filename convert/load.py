@@ -13,7 +13,7 @@ from typing import Mapping
 import torch
 
 from ..common.errors import BadInput
-from .detect import Component, components, pick
+from .detect import Component, components, pick, what_it_holds
 from .lora.formats import looks_like_lora
 from .families import FAMILIES
 from .table import B, materialize
@@ -44,21 +44,28 @@ def storage_dtype(source, names) -> torch.dtype:
 
 
 def diffusers_plan(source, comp: Component, config_hint: Mapping | None = None):
-    """(plan to the diffusers side, config, report) for one component of an opened file."""
+    """(plan to the diffusers side, config, report) for one component of an opened file.
+
+    The config and the plan come from the file's shapes alone, so whatever they cannot make of them (a
+    file cut down to a few tensors, a fused tensor that does not split) is the file's fault: `BadInput`."""
     family = comp.module
     shapes = {n: tuple(source.shape(k)) for n, k in comp.names.items()}
     if config_hint:
         _check_config_hint(source, comp, shapes, config_hint)
-    if comp.side == B:
-        config = dict(config_hint) if config_hint else family.infer_config(shapes, B)
-        plan, report = family.TABLE.convert(shapes, B, B, config)
-    else:
-        config = dict(config_hint) if config_hint else None
+    config = dict(config_hint) if config_hint else None
+    try:
         if config is None:
             config = family.infer_config(shapes, comp.side)
         plan, report = family.TABLE.convert(shapes, comp.side, B, config)
+    except ValueError as exc:
+        raise BadInput(_path_of(source), f"{comp.family} ({len(shapes)} tensors): {exc}") from None
     report["unplaced"] = list(comp.unplaced) + [comp.names[n] for n in report["unplaced"]]
     return plan, config, report
+
+
+def _path_of(source):
+    """The file or folder an opened (possibly dequantizing) source reads."""
+    return getattr(getattr(source, "source", source), "path", "<weights>")
 
 
 def _check_config_hint(source, comp: Component, shapes, hint: Mapping) -> None:
@@ -72,8 +79,7 @@ def _check_config_hint(source, comp: Component, shapes, hint: Mapping) -> None:
         return  # the tensors say too little: the plan and the build say what is wrong
     for key, told in hint.items():
         if key in seen and _absurd(told, seen[key]):
-            where = getattr(getattr(source, "source", source), "path", "<weights>")
-            raise BadInput(where, f"{comp.family}: config.json says {key} is {str(told)[:60]}, "
+            raise BadInput(_path_of(source), f"{comp.family}: config.json says {key} is {str(told)[:60]}, "
                                   f"the tensors say {seen[key]}")
 
 
@@ -107,14 +113,10 @@ def load_model(path, family: str | None = None, dtype: torch.dtype | None = None
     found = components(source.keys())
     comp = pick(found, family)
     if comp is None:
-        what = family or "a model FluxBridge knows"
-        seen = ", ".join(f"{c.family} ({len(c.names)} tensors)" for c in found) or "no known tensors"
-        raise BadInput(path, f"not {what}: found {seen}; sample keys: {sample(source.keys())}")
+        raise BadInput(path, f"not {family or 'a model FluxBridge knows'}: found "
+                             f"{what_it_holds(source.keys(), source.metadata)}")
     module = comp.module
-    try:
-        plan, config, report = diffusers_plan(source, comp, getattr(source, "config", None))
-    except ValueError as exc:
-        raise BadInput(path, f"{comp.family}: {exc}") from None
+    plan, config, report = diffusers_plan(source, comp, getattr(source, "config", None))
     if dtype is None:
         dtype = storage_dtype(source, comp.names.values())
 
@@ -165,11 +167,6 @@ def load_model(path, family: str | None = None, dtype: torch.dtype | None = None
                   tensor_count=len(comp.names), quant=getattr(source, "report", {}))
     variant = module.variant(config, path.name) if hasattr(module, "variant") else None
     return Loaded(model, comp.family, comp.layout, config, variant, report)
-
-
-def sample(keys, n: int = 3) -> str:
-    keys = list(keys)
-    return ", ".join(keys[:n]) + (" ..." if len(keys) > n else "")
 
 
 def _get_tensor(model, name):

@@ -17,6 +17,7 @@ file that is fsync'ed and renamed onto the final name only when complete.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import mmap
@@ -30,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..common.errors import BadInput
+from ..common.errors import BadInput, cannot_write
 from .extents import Extents, copy_extents
 
 MAX_HEADER = 100 * 1024 * 1024  # bytes of JSON header we accept (real FLUX headers are ~100 kB)
@@ -611,7 +612,11 @@ def write_safetensors(path, entries: Iterable[Entry] | Mapping[str, torch.Tensor
     header, ordered = build_header(_specs(entries), metadata)
     partial = path.with_name(path.name + ".partial")
     try:
-        with open(partial, "wb") as f:
+        f = open(partial, "wb")
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
+    try:
+        with f:
             f.write(struct.pack("<Q", len(header)))
             f.write(header)
             written_back = 0  # the file's bytes before this offset are already on their way to the disk
@@ -643,14 +648,30 @@ def write_safetensors(path, entries: Iterable[Entry] | Mapping[str, torch.Tensor
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             partial.unlink()
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and (exc.errno in _REFUSED_WRITES or exc.filename in (str(partial), str(path))):
+            raise cannot_write(path, exc) from None
         raise
     _fsync_dir(path.parent)
     return path
+
+
+# errno values that say the destination cannot take the file (not that our code is wrong)
+_REFUSED_WRITES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def make_folder(folder) -> None:
+    """`mkdir -p`; a place that cannot hold a folder (a file on the way, no permission) is `BadInput`."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise BadInput(folder, "a file is where this folder (or one above it) would go") from None
+    except OSError as exc:
+        raise cannot_write(folder, exc) from None
 
 
 WRITEBACK_STEP = 64 << 20  # bytes written between two writeback starts

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import torch
 
-from ..common.errors import BadInput
+from ..common.errors import BadInput, cannot_write
 from ..common.jsonable import jsonable
-from .detect import components
+from .detect import components, what_it_holds
 from .extents import step_extents
 from .lora.formats import looks_like_lora
 from .families import target
 from .load import diffusers_plan
 from .quant import logical_weights
-from .safetensors_io import open_weights, write_safetensors
+from .safetensors_io import make_folder, open_weights, write_safetensors
 from .table import B, materialize
 
 DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -48,7 +48,7 @@ def convert_file(src, dst, to: str, dtype: str = "keep", loras=()) -> dict:
         raise BadInput(src, "this is a LoRA, not model weights: convert it with `fluxbridge lora convert`")
     found = components(source.keys())
     if not found:
-        raise BadInput(src, "no model weights FluxBridge knows in this file")
+        raise BadInput(src, f"no model weights FluxBridge can convert: {what_it_holds(source.keys(), source.metadata)}")
     lora_set = _open_loras(loras)
     as_folder = to == "diffusers" and (len(found) > 1 or dst.suffix not in (".safetensors", ".sft"))
 
@@ -100,12 +100,15 @@ def convert_file(src, dst, to: str, dtype: str = "keep", loras=()) -> dict:
                 made += _make_dirs(out_dir)
                 made += [p for p in (out_dir / filename, out_dir / "config.json") if not p.exists()]
                 write_safetensors(out_dir / filename, comp_entries, metadata)
-                (out_dir / "config.json").write_text(json.dumps(jsonable(config), indent=2))
+                try:
+                    (out_dir / "config.json").write_text(json.dumps(jsonable(config), indent=2))
+                except OSError as exc:
+                    raise cannot_write(out_dir / "config.json", exc) from None
         except BaseException:
             _remove(made)
             raise
     else:
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(dst.parent)
         write_safetensors(dst, entries, metadata)
     return report
 
@@ -117,7 +120,7 @@ def _make_dirs(folder: Path) -> list[Path]:
     while not p.exists() and p != p.parent:
         missing.append(p)
         p = p.parent
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     return missing[::-1]
 
 

@@ -2,12 +2,15 @@
 
 Each sub-command is a thin shell around one library function, imported only when that command runs.
 Exit status: 0 done; 2 bad input (`errors.BadInput`: one line on stderr naming the file and the cause, no
-traceback); 1 a fault of our own (message and traceback on stderr).
+traceback); 1 a fault of our own (message and traceback on stderr). Every command prints when its work is
+done, so a reader that closes the pipe early (`fluxbridge inspect F | head`) ends it quietly, with 0.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import traceback
 
@@ -21,6 +24,11 @@ WEIGHT_LAYOUTS = ("bfl", "comfy", "diffusers")
 LORA_FORMATS = ("diffusers", "bfl", "kohya", "comfy")
 DTYPES = ("keep", "bf16", "fp16", "fp32")
 LIST_LIMIT = 20  # text output shows at most this many items of a list (--json shows all)
+# Loggers that speak up while the libraries import, when torchao is installed (the quant extra): torchao
+# (its CUDA-only kernels do not load on a CPU machine), torch's pytree (a deprecation inside torchao), and
+# the quantizer modules of diffusers and transformers (torchao classes they cannot find). Below ERROR they
+# would break "a failing command's stderr is its one line" on every command, quantizing or not.
+IMPORT_CHATTER = ("torchao", "torch.utils._pytree", "diffusers.quantizers", "transformers.quantizers")
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -40,11 +48,14 @@ def _short(value) -> str:
 
 
 def _render(data: dict, first=()) -> str:
-    """Readable text: the keys in `first` (when present), then the rest; dicts and lists indented."""
+    """Readable text: the keys in `first` (when present), then the rest; dicts and lists indented; empty
+    values (None, "", [], {}) left out (--json shows every key)."""
     lines = []
     for key in [k for k in first if k in data] + [k for k in data if k not in first]:
         value = data[key]
-        if isinstance(value, dict) and value:
+        if value is None or (isinstance(value, (str, list, tuple, dict)) and not value):
+            continue
+        if isinstance(value, dict):
             lines.append(f"{key}:")
             lines += [f"  {k}: {_short(v)}" for k, v in value.items()]
         elif isinstance(value, (list, tuple)) and value and key in ("warnings", "not_placed"):
@@ -53,7 +64,7 @@ def _render(data: dict, first=()) -> str:
             if len(value) > LIST_LIMIT:
                 lines.append(f"  ... ({len(value) - LIST_LIMIT} more; --json shows all)")
         else:
-            lines.append(f"{key}: {_short(value) if value not in (None, '', [], {}) else '-'}")
+            lines.append(f"{key}: {_short(value)}")
     return "\n".join(lines)
 
 
@@ -64,9 +75,14 @@ def _cmd_inspect(args):
     info = inspect_path(args.path)
     if args.json:
         _print_json(info)
-    else:
-        print(_render(info, ("path", "family", "layout", "variant", "dtypes", "config", "tensor_count",
-                             "warnings")))
+        return
+    text = dict(info)
+    if text.get("total_tensors") == text.get("tensor_count"):  # one count when the file is one model
+        text.pop("total_tensors", None)
+    if (text.get("quantization") or {}).get("scheme") == "none":  # nothing quantized: nothing to say
+        text.pop("quantization")
+    print(_render(text, ("path", "family", "layout", "variant", "dtypes", "config", "tensor_count",
+                         "warnings")))
 
 
 def _cmd_convert(args):
@@ -91,12 +107,17 @@ def _cmd_lora_convert(args):
 
 def _cmd_run(args):
     from .runner import run_workflow
-    _print_json(run_workflow(args.workflow, models_dir=args.models, output_dir=args.output, input_dir=args.input))
+    _print_json(run_workflow(args.workflow, models_dir=args.models, output_dir=args.output, input_dir=args.input,
+                             lowvram=args.lowvram))
 
 
 def _cmd_demo(args):
-    from .demo import run_demo
-    _print_json(run_demo(args.output))
+    from .demo import run_demo, summary
+    report = run_demo(args.output)
+    if args.json:
+        _print_json(report)
+    else:
+        print(summary(report))
 
 
 def _lora_spec(text: str):
@@ -184,19 +205,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="DIR", default="output", help="where files go (default: ./output)")
     p.add_argument("--input", metavar="DIR", help="where LoadImage finds images (default: $FLUXBRIDGE_INPUT "
                                                  "or ./input)")
+    p.add_argument("--lowvram", action="store_true",
+                   help="on a CUDA GPU, run every model with diffusers' group offloading (weights in RAM, one "
+                        "block at a time on the GPU), even those that fit; a model that does not fit is "
+                        "offloaded anyway")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser(
         "demo", formatter_class=fmt, help="run the text-to-image example on small random models",
-        description="Build small random Flux models and a small tokenizer (once), run the text-to-image "
-                    "example workflow on them and write the image and its report. Needs nothing but the "
-                    "installed pack: no downloads, no GPU.")
+        description="Build small random Flux models (once), run the text-to-image "
+                    "example workflow on them, write the image and its JSON report into the output folder "
+                    "and print a short summary. Needs nothing but the installed pack: no downloads, no GPU.")
     p.add_argument("--output", metavar="DIR", default="output", help="where files go (default: ./output)")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON instead of a summary")
     p.set_defaults(func=_cmd_demo)
     return parser
 
 
 def main(argv=None) -> int:
+    for name in IMPORT_CHATTER:
+        logging.getLogger(name).setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
@@ -205,6 +233,10 @@ def main(argv=None) -> int:
         return 2
     try:
         func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not when the interpreter exits
+    except BrokenPipeError:  # the reader has all it wanted (`| head`): the work is done, end quietly
+        _drop_stdout()
+        return 0
     except BadInput as exc:
         print(f"{PROG}: " + " ".join(str(exc).splitlines()), file=sys.stderr)
         return 2
@@ -216,3 +248,14 @@ def main(argv=None) -> int:
         traceback.print_exc()
         return 1
     return 0
+
+
+def _drop_stdout():
+    """Point stdout at the null device, so that the interpreter's last flush meets no closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (tests, embedding)
+        pass
+    finally:
+        os.close(devnull)

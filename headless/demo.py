@@ -7,7 +7,8 @@ FLUX.1's structure (`factory`), written in the layouts users download (the trans
 ComfyUI `models` folder it has no `tokenizers/`, so the real tokenizers the pack carries are used. The
 models are built once and cached (a user cache folder, keyed by a hash of the code that makes them), then
 `example_workflows/api/flux_dev_text_to_image.json` runs through the headless runner. The image and a
-JSON report land in the output folder.
+JSON report land in the output folder; the command prints a short summary (`summary`), or the report with
+`--json`.
 
 Needs nothing but the installed pack (no network, no downloads).
 """
@@ -227,3 +228,26 @@ def run_demo(output_dir="out", progress=True, cache_dir=None, overrides=None) ->
     (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     report["report"] = str(out / REPORT_NAME)
     return report
+
+
+def summary(report: dict) -> str:
+    """What `fluxbridge demo` prints: what ran, where the image is, how long it took, where the report is."""
+    settings = {k: v for node in (report.get("overrides") or {}).values() for k, v in node.items()}
+    how = []
+    if {"width", "height"} <= settings.keys():
+        how.append(f"{settings['width']}x{settings['height']}")
+    if "steps" in settings:
+        how.append(f"{settings['steps']} steps")
+    how = f" ({', '.join(how)})" if how else ""
+    t = report["timings"]
+    out = Path(report["output_dir"])
+    images = [str(out / p) for p in report["images"]] or ["none written"]
+    return "\n".join([
+        f"Ran the example workflow {Path(report['workflow']).name}{how} on small random "
+        "FLUX.1 models (random weights: the image is noise).",
+        f"Models: {report['models_dir']} ({'reused from the cache' if report['models_cached'] else 'built now'})",
+        *(f"Image:  {p}" for p in images),
+        f"Time:   {t['total_seconds']:.1f} s (models {t['models_seconds']:.1f} s, "
+        f"workflow {t['workflow_seconds']:.1f} s)",
+        f"Report: {report['report']} (`fluxbridge demo --json` prints it)",
+    ])

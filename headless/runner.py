@@ -27,6 +27,7 @@ from pathlib import Path
 from ..runtime import host
 from ..common.errors import BadInput
 from ..common.jsonable import jsonable
+from ..convert.safetensors_io import make_folder
 from ..runtime.node_specs import NodeSpec, spec_from_schema
 from .native_nodes import RunContext, native_specs
 from .workflows import _id_key, _is_link, execution_order, find_cycle, ui_to_api, unknown_inputs, validate_api
@@ -37,7 +38,7 @@ INPUT_ENV = "FLUXBRIDGE_INPUT"
 
 
 def run_workflow(path, models_dir=None, output_dir=None, progress=True, input_dir=None, overrides=None,
-                 ui_workflow=None) -> dict:
+                 ui_workflow=None, lowvram=False) -> dict:
     """Validate, then execute the API-format workflow at `path`; returns the report.
 
     models_dir: the models folder (`diffusion_models/`, `text_encoders/`, `vae/`, `loras/`, `tokenizers/`);
@@ -47,6 +48,8 @@ def run_workflow(path, models_dir=None, output_dir=None, progress=True, input_di
     overrides: {node id: {input: value}} applied before validation (e.g. a smaller size or fewer steps).
     ui_workflow: the UI-format twin to embed in saved PNGs; by default `../<name>.json` next to an `api/`
         folder when it exists (the layout of `example_workflows/`).
+    lowvram: on a CUDA GPU, group-offload every model (`host.set_lowvram`); without it only the models that
+        do not fit are.
     A UI-format file is accepted too: it is converted as the frontend would, and embedded in saved PNGs.
     """
     path = Path(path)
@@ -74,11 +77,13 @@ def run_workflow(path, models_dir=None, output_dir=None, progress=True, input_di
 
     saved_host = (getattr(host, "_models_dir", None), getattr(host, "_output_dir", None))
     _point_host(models, out_dir)
+    saved_lowvram = host.set_lowvram(lowvram)
     try:
         return _run(path, prompt, ui_workflow, models, out_dir, in_dir, overrides, progress)
-    finally:  # leave the host's folders as they were
+    finally:  # leave the host's folders and offloading as they were
         host.set_models_dir(saved_host[0] if saved_host[0] and os.path.isdir(saved_host[0]) else None)
         host.set_output_dir(saved_host[1])
+        host.set_lowvram(saved_lowvram)
 
 
 def _run(path, prompt, ui_workflow, models, out_dir, in_dir, overrides, progress) -> dict:
@@ -107,7 +112,7 @@ def _run(path, prompt, ui_workflow, models, out_dir, in_dir, overrides, progress
                              f"({' -> '.join(cycle)})")
     order, _ = execution_order(prompt, sorted(outputs, key=_id_key))
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     before = _files(out_dir)
     ctx = RunContext(output_dir=out_dir, input_dir=in_dir if in_dir.is_dir() else None,
                      prompt=prompt, workflow=ui_workflow)
@@ -334,10 +339,5 @@ def _files(root: Path) -> dict[str, tuple]:
 
 
 def _progress_bar(order, progress):
-    if not progress:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=len(order), desc="fluxbridge run", unit="node", leave=True)
+    """A bar over the nodes, on a terminal only (see `host.terminal_bar`)."""
+    return host.terminal_bar(len(order), desc="fluxbridge run", unit="node", leave=True) if progress else None

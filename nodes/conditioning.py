@@ -117,7 +117,7 @@ class FillConditioning(io.ComfyNode):
         pixels = image[..., :3].float()
         # masked image (2x - 1) * (1 - mask): the repainted area is mid grey, as FluxFillPipeline makes it
         masked = pixels * (1 - m[..., None]) + 0.5 * m[..., None]
-        host.load_to_device([vae.handle])
+        host.load_to_device([vae.handle], memory_required=vae_lib.encode_memory(vae.module, pixels.shape))
         masked_latent = vae_lib.encode(vae.module, masked, notes=notes)
         latent = vae_lib.encode(vae.module, pixels, notes=notes)
         positive = _with_fill(positive, masked_latent, m)

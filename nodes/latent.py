@@ -63,7 +63,8 @@ class VAEDecode(io.ComfyNode):
         samples = _samples(latent)
         models.check_vae_latent(vae, samples)
         notes = []
-        host.load_to_device([vae.handle])
+        tile = samples[..., :vae_lib.TILE, :vae_lib.TILE] if TILED[tiled] else samples  # one tile at a time
+        host.load_to_device([vae.handle], memory_required=vae_lib.decode_memory(vae.module, tile.shape))
         image = vae_lib.decode(vae.module, samples, tiled=TILED[tiled], notes=notes)
         return io.NodeOutput(image, ui=ui(notes))
 
@@ -83,7 +84,7 @@ class VAEEncode(io.ComfyNode):
     @classmethod
     def execute(cls, vae, image):
         notes = []
-        host.load_to_device([vae.handle])
+        host.load_to_device([vae.handle], memory_required=vae_lib.encode_memory(vae.module, image.shape))
         samples = vae_lib.encode(vae.module, image, notes=notes)
         return io.NodeOutput({"samples": samples.to(host.intermediate_device())}, ui=ui(notes))
 

@@ -41,7 +41,8 @@ class LoadTransformer(io.ComfyNode):
                                tooltip="default: bf16 on a GPU that does it well, else fp32. fp8: weights kept "
                                        "in fp8, each layer upcast as it runs."),
                 io.Combo.Input("quantize", options=list(models.QUANTIZE), default="none",
-                               tooltip="Weight-only quantization of the Linear layers through torchao "
+                               tooltip="Weight-only quantization of the Linear layers: int8 / fp8 through "
+                                       "torchao, quanto-int8 / quanto-fp8 through optimum-quanto "
                                        "(pip install fluxbridge[quant])."),
             ],
             outputs=[TRANSFORMER.Output(display_name="transformer")],

@@ -11,22 +11,27 @@ from ..runtime import host
 from ..common.errors import BadInput
 from ..pipeline import latents as latents_lib
 from ..pipeline import schedule as schedule_lib
-from ..pipeline.sample import check_conditioning, sample
+from ..pipeline.sample import check_conditioning, sample, working_memory
 from ._common import CATEGORY, MAX_RESOLUTION, MAX_SEED, TRANSFORMER, checked, io, node_id, ui
 
 SAMPLING = CATEGORY + "/sampling"
 SHIFTS = ("auto", "dynamic", "fixed")
 
 
-def uses_dynamic_shift(shift: str, transformer=None) -> bool:
-    """auto: dynamic for dev-type models (guidance embeddings), fixed for schnell; dynamic without a model."""
+def shift_choice(shift: str, transformer=None) -> tuple[bool, str]:
+    """(dynamic shift?, why): auto follows the model as diffusers' pipelines do (dev-type models, with
+    guidance embeddings: dynamic; schnell: fixed shift 1.0). auto without a model is refused rather than
+    guessed: a guess of dev would give a schnell graph the wrong schedule without a word."""
     if shift not in SHIFTS:
         raise BadInput("shift", f"{shift!r}: expected one of {', '.join(SHIFTS)}")
     if shift != "auto":
-        return shift == "dynamic"
+        return shift == "dynamic", f"shift {shift} as chosen"
     if transformer is None:
-        return True
-    return transformer.variant != "schnell" and transformer.guidance_embeds
+        raise BadInput("shift", "auto needs the transformer connected, since the model decides the schedule "
+                                "(dev-type: dynamic shift, schnell: fixed); connect it, or choose dynamic or fixed")
+    if transformer.variant == "schnell" or not transformer.guidance_embeds:
+        return False, f"auto: {transformer.name} is {transformer.variant} (no guidance embedding)"
+    return True, f"auto: {transformer.name} is {transformer.variant} (with guidance embedding)"
 
 
 def flux_sigmas(steps: int, image_seq_len: int, dynamic: bool, denoise: float = 1.0) -> torch.Tensor:
@@ -61,8 +66,9 @@ class Scheduler(io.ComfyNode):
             node_id="FluxBridgeScheduler",
             display_name="FluxBridge Scheduler",
             category=SAMPLING,
-            description="The FLUX.1 flow-matching sigmas, exactly as diffusers computes them. auto: the "
-                        "resolution-dependent (dynamic) shift for dev-type models, none for schnell.",
+            description="The FLUX.1 flow-matching sigmas, exactly as diffusers computes them. auto (needs the "
+                        "transformer): the resolution-dependent (dynamic) shift for dev-type models, none for "
+                        "schnell. The node says which schedule it used and why.",
             inputs=[
                 io.Int.Input("steps", default=28, min=1, max=1000),
                 io.Int.Input("width", default=1024, min=16, max=MAX_RESOLUTION, step=16),
@@ -70,7 +76,8 @@ class Scheduler(io.ComfyNode):
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
                 io.Combo.Input("shift", options=list(SHIFTS), default="auto"),
                 TRANSFORMER.Input("transformer", optional=True,
-                                  tooltip="Decides what auto means (schnell: fixed; dev: dynamic)."),
+                                  tooltip="Decides what auto means (schnell: fixed; dev: dynamic); auto needs "
+                                          "it, dynamic and fixed do not."),
             ],
             outputs=[io.Sigmas.Output(display_name="sigmas")],
         )
@@ -80,13 +87,13 @@ class Scheduler(io.ComfyNode):
         steps, width, height, denoise = checked(cls, steps=steps, width=width, height=height, denoise=denoise)
         notes = []
         w, h, _ = latents_lib.snap_size(int(width), int(height), notes=notes)
-        dynamic = uses_dynamic_shift(shift, transformer)
+        dynamic, why = shift_choice(shift, transformer)
         sigmas = flux_sigmas(steps, schedule_lib.image_tokens(w, h), dynamic, denoise)
         values = [float(s) for s in sigmas.tolist()]
         kind = "dynamic shift" if dynamic else "fixed shift 1.0"
-        notes.insert(0, f"{len(values) - 1} step(s), {kind}, sigmas {values[0]:.4f} → {values[-1]:.4f}")
-        return io.NodeOutput(sigmas, ui=ui(notes, {"sigmas": values, "shift": "dynamic" if dynamic else "fixed"},
-                                           sigmas=values))
+        notes.insert(0, f"{len(values) - 1} step(s), {kind} ({why}), sigmas {values[0]:.4f} → {values[-1]:.4f}")
+        return io.NodeOutput(sigmas, ui=ui(notes, {"sigmas": values, "shift": "dynamic" if dynamic else "fixed",
+                                                   "why": why}, sigmas=values))
 
 
 class AddNoise(io.ComfyNode):
@@ -157,7 +164,7 @@ class SchedulerStep(io.ComfyNode):
         raw = raw.to(torch.float32).cpu()
         if latent.get("noise_mask") is not None:
             notes.append("noise_mask ignored: a single step cannot re-noise the kept area (use the sampler)")
-        host.load_to_device([transformer.handle])
+        host.load_to_device([transformer.handle], memory_required=working_memory(transformer.module, raw.shape))
         host.check_interrupt()
         with transformer.patched() as module:  # one iteration of the sampler's loop
             out = sample(module, positive, {"samples": raw}, sig[step:step + 2], negative=negative,
@@ -207,9 +214,9 @@ class Sampler(io.ComfyNode):
         if sigmas is None:
             h, w = int(samples.shape[2]), int(samples.shape[3])
             tokens = ((h + 1) // 2) * ((w + 1) // 2)
-            sigmas = flux_sigmas(steps, tokens, uses_dynamic_shift("auto", transformer), denoise)
+            sigmas = flux_sigmas(steps, tokens, shift_choice("auto", transformer)[0], denoise)
         sig = _sigmas(sigmas)
-        host.load_to_device([transformer.handle])
+        host.load_to_device([transformer.handle], memory_required=working_memory(transformer.module, samples.shape))
         bar = host.progress(sig.numel() - 1, node_id=node_id(cls))
         with transformer.patched() as module:
             out = sample(module, positive, latent, sig, seed=int(seed), negative=negative, true_cfg=float(true_cfg),

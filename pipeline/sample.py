@@ -18,6 +18,7 @@ import torch
 
 from ..common.errors import BadInput
 from ._notes import note
+from .device import execution_device
 from .fill import _batch, from_native_conditioning
 from .latents import LatentFormat, image_ids, latent_samples, noise as make_noise, pack, text_ids, unpack
 from .schedule import add_noise, euler_step
@@ -30,9 +31,18 @@ def _device_dtype(module):
     """Where the model runs and in which dtype it computes (not its storage dtype: a model stored in fp8
     with upcast on compute reports its compute dtype through diffusers' `.dtype`)."""
     p = next(module.parameters(), None)
-    device = p.device if p is not None else torch.device("cpu")
     dtype = getattr(module, "dtype", None) or (p.dtype if p is not None else torch.float32)
-    return device, dtype
+    return execution_device(module), dtype
+
+
+def working_memory(transformer, latent_shape) -> int:
+    """Bytes the transformer's activations need beside its weights for a step on raw latents of this shape
+    ([B, C, H, W]): ComfyUI's estimate for its own FLUX.1 model (`memory_usage_factor` 3.1: 0.031 MiB per
+    latent pixel and byte of the compute dtype), so its memory manager leaves ours the same room. True CFG
+    runs its two calls one after the other, so the batch is not doubled."""
+    b, _, h, w = (int(n) for n in latent_shape)
+    dtype = _device_dtype(transformer)[1]
+    return int(b * h * w * dtype.itemsize * 0.01 * 3.1 * (1 << 20))
 
 
 def check_conditioning(conditioning, config, which: str = "positive",

@@ -11,14 +11,9 @@ import torch
 
 from ..common.errors import BadInput
 from ._notes import note
+from .device import execution_device
 
 CLIP_MAX_LENGTH = 77
-
-
-def _device_of(module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def _as_list(prompt) -> list[str]:
@@ -46,14 +41,14 @@ def _tokenize(tokenizer, prompts: list[str], max_length: int, which: str, notes)
 def clip_pooled(tokenizer, model, prompts, max_length: int = CLIP_MAX_LENGTH, notes=None) -> torch.Tensor:
     """CLIP pooler_output [B, width] for the prompts (diffusers `_get_clip_prompt_embeds`)."""
     ids = _tokenize(tokenizer, _as_list(prompts), max_length, "CLIP-L", notes)
-    out = model(ids.to(_device_of(model)), output_hidden_states=False)
+    out = model(ids.to(execution_device(model)), output_hidden_states=False)
     return out.pooler_output
 
 
 def t5_hidden(tokenizer, model, prompts, max_sequence_length: int = 512, notes=None) -> torch.Tensor:
     """T5 last hidden state [B, max_sequence_length, d_model] (diffusers `_get_t5_prompt_embeds`)."""
     ids = _tokenize(tokenizer, _as_list(prompts), max_sequence_length, "T5", notes)
-    return model(ids.to(_device_of(model)), output_hidden_states=False)[0]
+    return model(ids.to(execution_device(model)), output_hidden_states=False)[0]
 
 
 @torch.no_grad()

@@ -14,12 +14,28 @@ import torch
 
 from ..common.errors import BadInput
 from ._notes import note
+from .device import execution_device
+
+TILE = 64  # latent pixels per side of a tile of the tiled decode
 
 
 def _device_dtype(module):
-    for p in module.parameters():
-        return p.device, p.dtype
-    return torch.device("cpu"), torch.float32
+    p = next(module.parameters(), None)
+    return execution_device(module), (p.dtype if p is not None else torch.float32)
+
+
+def decode_memory(vae, samples_shape) -> int:
+    """Bytes a whole (untiled) decode of raw latents [B, C, h, w] needs beside the VAE's weights: ComfyUI's
+    estimate for the FLUX VAE (2178 x 64 bytes per latent pixel and byte of the VAE's dtype), per image."""
+    b, _, h, w = (int(n) for n in samples_shape)
+    return b * h * w * 2178 * 64 * _device_dtype(vae)[1].itemsize
+
+
+def encode_memory(vae, image_shape) -> int:
+    """Bytes an encode of an IMAGE [B, H, W, C] needs beside the VAE's weights: ComfyUI's estimate for the
+    FLUX VAE (1767 bytes per pixel and byte of the VAE's dtype), per image."""
+    b, h, w = (int(n) for n in image_shape[:3])
+    return b * h * w * 1767 * _device_dtype(vae)[1].itemsize
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -60,7 +76,7 @@ def _decode_full(vae, z: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode(vae, samples: torch.Tensor, tiled: bool | None = None, tile_size: int = 64, overlap: int = 16,
+def decode(vae, samples: torch.Tensor, tiled: bool | None = None, tile_size: int = TILE, overlap: int = 16,
            notes: list | None = None) -> torch.Tensor:
     """Raw LATENT samples [B, C, h, w] -> IMAGE [B, h*8, w*8, 3] float32 0..1 on the CPU.
 
@@ -103,7 +119,7 @@ def _axis_weights(n: int, lead: int, trail: int, device) -> torch.Tensor:
     return w
 
 
-def _decode_tiled(vae, z: torch.Tensor, tile_size: int = 64, overlap: int = 16) -> torch.Tensor:
+def _decode_tiled(vae, z: torch.Tensor, tile_size: int = TILE, overlap: int = 16) -> torch.Tensor:
     """Decode overlapping latent tiles and blend them with linear ramps (normalised by the weight sum)."""
     if not 0 <= overlap < tile_size:
         raise BadInput("tile_size", f"overlap {overlap} must be between 0 and the tile size {tile_size}")

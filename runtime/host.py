@@ -2,8 +2,9 @@
 
 Inside ComfyUI every service below goes through the host: its device and dtype choices, its model manager
 (`ModelPatcher` + `load_models_gpu`), its progress bar and interrupt flag, its model folders. Standalone (the
-`fluxbridge` command, the tests) the same functions fall back to plain torch, tqdm, a threading.Event and one
-models directory (`set_models_dir()` or `FLUXBRIDGE_MODELS`) with the same sub-folder names.
+`fluxbridge` command, the tests) the same functions fall back to plain torch, tqdm (on a terminal only), a
+threading.Event and one models directory (`set_models_dir()` or `FLUXBRIDGE_MODELS`) with the same sub-folder
+names.
 
 Which host we run in is read once at import (`IN_COMFY`, see `detect_host()`; tests that install stubs call it
 again). torch and tqdm are imported on first use, so importing this module stays cheap.
@@ -22,6 +23,7 @@ from ..common.errors import BadInput
 
 IN_COMFY = False  # set by detect_host(): comfy.model_management, comfy.model_patcher, comfy.utils, folder_paths
 _mm = _patcher = _utils = _folders = _api = None  # the host's modules when IN_COMFY (_api: comfy_api.latest)
+_ops = _extension = None  # comfy.ops and comfy.patcher_extension when IN_COMFY (partial loading; optional)
 
 
 def _optional_import(name):
@@ -38,13 +40,15 @@ def detect_host() -> bool:
     a ComfyUI folder that merely lies on `sys.path` (say, the current directory of `python -m fluxbridge`)
     does not make a host, and is not initialised by us.
     """
-    global IN_COMFY, _mm, _patcher, _utils, _folders, _api
+    global IN_COMFY, _mm, _patcher, _utils, _folders, _api, _ops, _extension
     names = ("comfy.model_management", "comfy.model_patcher", "comfy.utils", "folder_paths")
     running = "comfy.model_management" in sys.modules and "folder_paths" in sys.modules
     mods = [_optional_import(n) for n in names] if running else [None] * len(names)
     IN_COMFY = all(m is not None for m in mods)
     _mm, _patcher, _utils, _folders = mods if IN_COMFY else (None,) * len(names)
     _api = _optional_import("comfy_api.latest") if IN_COMFY else None
+    _ops = _optional_import("comfy.ops") if IN_COMFY else None
+    _extension = _optional_import("comfy.patcher_extension") if IN_COMFY else None
     return IN_COMFY
 
 
@@ -118,8 +122,37 @@ def compute_dtype(device=None):
 
 
 # ------------------------------------------------------------------------------------ memory management
+#
+# Inside ComfyUI our models take part in its memory management like native ones. ComfyUI's partial
+# ("lowvram") loading keeps the layers that do not fit on the offload device and has each of them fetch its
+# weights as it runs; it does that for layers carrying its cast-and-move protocol (`comfy_cast_weights`,
+# `weight_function`, `bias_function`, a forward that takes its weights through `comfy.ops.cast_bias_weight`).
+# `make_castable` gives our diffusers/transformers layers that protocol by turning each standard torch layer
+# into ComfyUI's own `comfy.ops.disable_weight_init` class of the same kind: same parameters, and the same
+# forward (the torch one) until ComfyUI marks the layer to stay behind. What ComfyUI cannot stream (layers of
+# other classes, such as T5's own RMSNorm, and buffers such as CLIP's position ids: all small) is kept on the
+# compute device whenever ComfyUI loads the model (`_keep_on_device`). Standalone, nothing changes here:
+# `load_to_device` moves whole models, or hands a model that does not fit to diffusers' group offloading.
 
-LORA_HEADROOM = 2 << 30  # bytes left free beside kept originals, for the sampler's activations
+HEADROOM = 2 << 30  # bytes left free on the device beside weights, for the sampler's activations
+ROLES = ("diffusion", "text_encoder", "vae")  # which of ComfyUI's device rules a model follows
+
+_lowvram = False  # standalone: group-offload every model that runs on a CUDA device (`fluxbridge run --lowvram`)
+
+
+def devices(role: str = "diffusion"):
+    """(load device, offload device) for a model of this role: ComfyUI's rules for its diffusion models, text
+    encoders (`text_encoder_device`: the GPU only with normal or high VRAM, else the CPU) and VAEs inside
+    ComfyUI; `torch_device()` and the CPU standalone."""
+    if role not in ROLES:
+        raise ValueError(f"unknown model role {role!r}; expected one of {', '.join(ROLES)}")
+    if not IN_COMFY:
+        return torch_device(), offload_device()
+    if role == "text_encoder":
+        return _mm.text_encoder_device(), _mm.text_encoder_offload_device()
+    if role == "vae":
+        return _mm.vae_device(), _mm.vae_offload_device()
+    return _mm.get_torch_device(), _mm.unet_offload_device()
 
 
 def lora_originals_device(device, nbytes: int):
@@ -132,64 +165,150 @@ def lora_originals_device(device, nbytes: int):
     if device.type in ("cpu", "mps"):
         return None
     free = _mm.get_free_memory(device) if IN_COMFY else _free_memory(device)
-    return None if free >= nbytes + LORA_HEADROOM else offload_device()
+    return None if free >= nbytes + HEADROOM else offload_device()
 
 
 def _free_memory(device) -> int:
-    """Standalone: bytes free on a CUDA device, counting what torch holds cached but unused."""
+    """Standalone: bytes free on a CUDA device, counting what torch holds cached but unused, within the
+    process's share of the device (`torch.cuda.set_per_process_memory_fraction`)."""
     import torch
+    device = torch.device(device)
     if device.type != "cuda":
         return 0
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    free += torch.cuda.memory_reserved(device) - allocated
+    share = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if share is not None:
+        free = min(free, int(share(device) * total) - allocated)
+    return max(free, 0)
 
 
-class Handle:
-    """Standalone stand-in for ComfyUI's `ModelPatcher`: the module and the two devices it moves between."""
+def _castable_classes() -> dict:
+    """torch layer class -> ComfyUI's `comfy.ops.disable_weight_init` class of the same name, where that class
+    derives from the torch one (so its plain forward is torch's own)."""
+    import torch
+    found = {}
+    ops = getattr(_ops, "disable_weight_init", None)
+    for name in ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "GroupNorm",
+                 "LayerNorm", "RMSNorm", "Embedding"):
+        torch_class, comfy_class = getattr(torch.nn, name, None), getattr(ops, name, None)
+        if torch_class is not None and isinstance(comfy_class, type) and issubclass(comfy_class, torch_class):
+            found[torch_class] = comfy_class
+    return found
 
-    def __init__(self, model, load_device, offload_device):
-        self.model = model
-        self.load_device = load_device
-        self.offload_device = offload_device
 
-    def __repr__(self):
-        return f"Handle({type(self.model).__name__}, load={self.load_device}, offload={self.offload_device})"
+def _quantized(module) -> bool:
+    """A parameter held as a tensor subclass (torchao): not something ComfyUI's cast can move."""
+    import torch
+    return any(type(p.data) is not torch.Tensor for p in module.parameters(recurse=False))
 
 
-_resident = weakref.WeakSet()  # standalone: handles whose module sits on its load device
-
-
-def wrap(module):
-    """A handle for `module` that `load_to_device` understands (a `ModelPatcher` inside ComfyUI)."""
-    if IN_COMFY:
-        return _patcher.ModelPatcher(_holder(module), load_device=torch_device(),
-                                     offload_device=offload_device())
-    return Handle(module, torch_device(), offload_device())
+def make_castable(module):
+    """Inside ComfyUI: turn every plain torch layer of `module` (Linear, Conv, GroupNorm, LayerNorm, RMSNorm,
+    Embedding; exactly those classes, not subclasses) into ComfyUI's `comfy.ops` class of the same kind, in
+    place, so ComfyUI can leave it on the offload device and cast it in as it runs. Call it before anything
+    wraps the layers' forward (diffusers' layerwise casting): a layer with its own `forward` attribute is
+    left as it is. Standalone (or without `comfy.ops`): the module is returned unchanged. Returns `module`."""
+    if not IN_COMFY or _ops is None:
+        return module
+    classes = _castable_classes()
+    for layer in module.modules():
+        target = classes.get(type(layer))
+        if target is None or "forward" in layer.__dict__ or _quantized(layer):
+            continue
+        layer.__class__ = target
+        layer.weight_function, layer.bias_function = [], []  # per layer (ComfyUI's defaults are class-wide)
+        if not hasattr(layer, "bias"):  # Embedding, RMSNorm: the cast reads `.bias` (ComfyUI's own init sets it)
+            layer.bias = None
+    return module
 
 
 def _holder(module):
     """ComfyUI's ModelPatcher sets attributes such as `device` on the module it manages, and diffusers /
-    transformers models have a read-only `device` property: give it a plain module holding ours."""
+    transformers models have a read-only `device` property: give it a plain module holding ours.
+    `streamable`: whether ComfyUI may load the model partially (no quantized tensor subclass in it, which its
+    cast cannot move: such a model is loaded whole)."""
     import torch
 
     class FluxBridgeModel(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
+            self.streamable = not any(_quantized(m) for m in inner.modules())
 
     return FluxBridgeModel(module)
 
 
-def load_to_device(handles):
-    """Put these models on their load device before use; returns them as a list.
+def _keep_on_device(patcher, device_to, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+    """ComfyUI callback after it loaded a model (fully or partially): the parts it cannot stream (parameters
+    of layers without the cast protocol, and every buffer) go to the compute device too, since those layers
+    use them where they lie. They are small: T5's RMSNorm scales, CLIP's position ids."""
+    if device_to is None:
+        return
+    for layer in patcher.model.modules():
+        if not hasattr(layer, "comfy_cast_weights"):  # (ComfyUI's own layers hold no buffers)
+            layer._apply(lambda t: t.to(device_to), recurse=False)  # this layer's own tensors, as `.to()` moves them
 
-    Inside ComfyUI the model manager does it (fully: our modules are not `comfy.ops` layers, so partial
-    loading would leave weights behind) and frees others as needed. Standalone, the models not named here
-    go back to their offload device, so only the working set occupies the accelerator.
+
+class Handle:
+    """Standalone stand-in for ComfyUI's `ModelPatcher`: the module and the two devices it moves between;
+    `group_offloaded` once diffusers' group offloading runs it (see `load_to_device`)."""
+
+    def __init__(self, model, load_device, offload_device):
+        self.model = model
+        self.load_device = load_device
+        self.offload_device = offload_device
+        self.group_offloaded = False
+
+    def __repr__(self):
+        return f"Handle({type(self.model).__name__}, load={self.load_device}, offload={self.offload_device})"
+
+
+_resident = weakref.WeakSet()  # standalone: handles whose module sits whole on its load device
+
+
+def wrap(module, role: str = "diffusion"):
+    """A handle for `module` that `load_to_device` understands: a `ModelPatcher` inside ComfyUI (with the
+    devices of the model's role, and `make_castable` layers), a `Handle` standalone. The module records its
+    load device as where it computes (`pipeline.device`), since partly loaded it has weights elsewhere."""
+    from ..pipeline.device import set_execution_device
+    load, offload = devices(role)
+    if IN_COMFY:
+        holder = _holder(make_castable(module))
+        handle = _patcher.ModelPatcher(holder, load_device=load, offload_device=offload)
+        if _extension is not None:
+            handle.add_callback(_extension.CallbacksMP.ON_LOAD, _keep_on_device)
+    else:
+        handle = Handle(module, load, offload)
+    set_execution_device(module, load)
+    return handle
+
+
+def set_lowvram(on: bool) -> bool:
+    """Standalone: group-offload every model that runs on a CUDA device, fitting or not (`--lowvram`).
+    Returns the previous setting."""
+    global _lowvram
+    previous, _lowvram = _lowvram, bool(on)
+    return previous
+
+
+def load_to_device(handles, memory_required: int = 0):
+    """Put these models on their load device before use; returns them as a list. `memory_required`: bytes
+    the work about to run needs beside the weights (activations), so the weights leave room for it.
+
+    Inside ComfyUI the model manager does it, as for its native models: it frees other models as needed and
+    loads ours whole or, when they do not fit, partly (the rest is streamed in per layer as it runs; see
+    `make_castable`); the vram-state flags (--lowvram, --novram, --highvram, --gpu-only, --reserve-vram)
+    apply. A model holding quantized tensor subclasses is loaded whole. Standalone, the models not named
+    here go back to their offload device, so only the working set occupies the accelerator; a model that
+    does not fit (or every model on a CUDA device under `set_lowvram(True)`) runs with diffusers' group
+    offloading instead (`runtime/offload.py`).
     """
     handles = list(handles)
     if IN_COMFY:
-        _mm.load_models_gpu(handles, force_full_load=True)
+        whole = not all(getattr(h.model, "streamable", False) for h in handles)
+        _mm.load_models_gpu(handles, memory_required=memory_required, force_full_load=whole)
         return handles
     for h in list(_resident):
         if not any(h is x for x in handles):
@@ -197,10 +316,32 @@ def load_to_device(handles):
                 h.model.to(h.offload_device)
             _resident.discard(h)
     for h in handles:
-        if h not in _resident:
-            h.model.to(h.load_device)
-            _resident.add(h)
+        if h in _resident or h.group_offloaded:  # a group-offloaded model brings its blocks in itself
+            continue
+        if _needs_group_offload(h, memory_required):
+            from . import offload
+            offload.enable(h.model, h.load_device, h.offload_device)
+            h.group_offloaded = True
+            continue
+        h.model.to(h.load_device)
+        _resident.add(h)
     return handles
+
+
+def _needs_group_offload(handle, memory_required: int) -> bool:
+    from . import offload
+    device = handle.load_device
+    return offload.should_offload(device, offload.model_bytes(handle.model), _free_memory(device),
+                                  headroom=max(HEADROOM, memory_required), forced=_lowvram)
+
+
+def weights_changed(module) -> None:
+    """Tell the host that `module`'s weights were changed in place (LoRA applied or removed). Standalone, a
+    group-offloaded module must re-read them (diffusers keeps its own pinned copies); ComfyUI needs nothing:
+    our swaps keep each parameter's device, dtype and size, which is all its bookkeeping records."""
+    if not IN_COMFY:
+        from . import offload
+        offload.refresh(module)
 
 
 def soft_empty_cache():
@@ -245,8 +386,25 @@ def check_interrupt():
         raise Interrupted("interrupted")
 
 
+def terminal_bar(total, **options):
+    """Standalone: a tqdm bar on stderr when stderr is a terminal; else None. A pipe or a log file gets no
+    bar at all (tqdm's carriage-return frames would fill it), so a failing command's stderr is its one
+    error line."""
+    try:
+        interactive = sys.stderr is not None and sys.stderr.isatty()
+    except (AttributeError, ValueError):  # no stderr, or a closed one
+        interactive = False
+    if not interactive:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, **options)
+
+
 class Progress:
-    """A progress bar: ComfyUI's `ProgressBar` in the host, tqdm (on stderr) outside.
+    """A progress bar: ComfyUI's `ProgressBar` in the host, `terminal_bar` (tqdm on a terminal) outside.
 
     Every update also checks for an interrupt, so a loop that reports progress can be stopped.
     """
@@ -257,8 +415,7 @@ class Progress:
         if IN_COMFY:
             self._bar, self._tqdm = _utils.ProgressBar(total, node_id=node_id), None
         else:
-            from tqdm import tqdm
-            self._bar, self._tqdm = None, tqdm(total=total, leave=False, dynamic_ncols=True)
+            self._bar, self._tqdm = None, terminal_bar(total, leave=False, dynamic_ncols=True)
 
     def update(self, n=1):
         self.update_absolute(self.current + n)
@@ -270,7 +427,7 @@ class Progress:
         value = min(value, self.total)
         if self._bar is not None:
             self._bar.update_absolute(value, total, preview)
-        else:
+        elif self._tqdm is not None:
             if total is not None:
                 self._tqdm.total = total
             self._tqdm.update(value - self.current)

@@ -26,11 +26,15 @@ Caching and LoRAs (the design, in short):
   `convert.lora.apply_loras` puts the original tensor objects back (dense weights) or drops its forward
   hooks (fp8 / quantized weights, which stay as they are). While applied, the originals stay on the model's
   device when it has room for them (`host.lora_originals_device`), else they wait on the offload device.
+  A partly loaded model (ComfyUI's lowvram loading, standalone group offloading) is patched where each
+  weight lies, and removal puts each original back where its parameter lies by then;
+  `host.weights_changed` lets diffusers' group offloading re-read the changed weights.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import os
 import threading
 from collections import OrderedDict
@@ -44,7 +48,9 @@ from ..common.errors import BadInput
 # weight_dtype choices ("default": the host's compute dtype for its device) and their torch names
 WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
 TEXT_DTYPES = ("default", "bf16", "fp16", "fp32")
-QUANTIZE = ("none", "int8", "fp8")
+# quantize choices: weight-only quantization of the transformer's Linear layers, int8 / fp8 through torchao,
+# quanto-int8 / quanto-fp8 through optimum-quanto (both in the optional `fluxbridge[quant]` dependency)
+QUANTIZE = ("none", "int8", "fp8", "quanto-int8", "quanto-fp8")
 _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
                 "fp8_e4m3fn": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
@@ -78,9 +84,16 @@ def _apply_stack(module, family: str, loras, strength_of: Callable[[LoraEntry], 
     if not pairs:
         return None
     from ..convert.lora.apply import apply_loras
-    device = next(module.parameters()).device
-    return apply_loras(module, family, pairs,
-                       originals_device=lambda nbytes: host.lora_originals_device(device, nbytes))
+    from ..pipeline.device import execution_device
+    device = execution_device(module)  # partly loaded, its first weight may wait on the offload device
+    handle = apply_loras(module, family, pairs,
+                         originals_device=lambda nbytes: host.lora_originals_device(device, nbytes))
+    try:
+        host.weights_changed(module)
+    except BaseException:  # never leave the cached base patched
+        handle.remove()
+        raise
+    return handle
 
 
 @contextlib.contextmanager
@@ -91,6 +104,7 @@ def _patched(module, family: str, loras, strength_of):
     finally:
         if handle is not None:
             handle.remove()
+            host.weights_changed(module)
 
 
 # --------------------------------------------------------------------------------------- model objects
@@ -106,7 +120,7 @@ class TransformerModel:
     variant: str | None
     config: dict
     dtype: str  # the compute dtype
-    storage: str  # how the weights are held: a dtype, "fp8_e4m3fn (upcast to ...)" or "int8 (torchao)"
+    storage: str  # how the weights are held: a dtype, "fp8_e4m3fn (upcast to ...)", "int8 (torchao, ...)"
     report: dict
     loras: tuple = ()  # LoraEntry, applied in order around use
 
@@ -365,26 +379,34 @@ def component_path(path, sub: str) -> Path:
     return p
 
 
-def _torchao(how: str, path):
+def _quant_library(how: str, path):
+    """The library behind a quantize choice (optimum.quanto or torchao.quantization), imported now so that
+    a missing one is said before a long load."""
+    package, module = ("optimum-quanto", "optimum.quanto") if how.startswith("quanto-") else \
+        ("torchao", "torchao.quantization")
     try:
-        import torchao.quantization as tq
+        return importlib.import_module(module)
     except ImportError:
-        raise BadInput(path, f"quantize={how} needs torchao, which is not installed: "
-                             "pip install 'fluxbridge[quant]' (or pip install torchao)") from None
-    return tq
+        raise BadInput(path, f"quantize={how} needs {package}, which is not installed: "
+                             f"pip install 'fluxbridge[quant]' (or pip install {package})") from None
 
 
-def _quantize(module, how: str, path) -> None:
-    """int8 / fp8 weight-only quantization of the Linear layers through torchao."""
-    tq = _torchao(how, path)
+def _quantize(module, how: str, path) -> str:
+    """Weight-only quantization of the Linear layers, by the library's own API; returns its name."""
+    lib = _quant_library(how, path)
+    if how.startswith("quanto-"):
+        lib.quantize(module, weights=lib.qint8 if how == "quanto-int8" else lib.qfloat8)
+        lib.freeze(module)  # quantized weights now, not at the first forward
+        return "optimum-quanto"
     names = (("Int8WeightOnlyConfig", "int8_weight_only") if how == "int8"
              else ("Float8WeightOnlyConfig", "float8_weight_only"))
-    config = next((getattr(tq, n)() for n in names if hasattr(tq, n)), None)
+    config = next((getattr(lib, n)() for n in names if hasattr(lib, n)), None)
     if config is None:
-        raise BadInput(path, f"quantize={how}: this torchao ({getattr(tq, '__version__', '?')}) has none of "
+        raise BadInput(path, f"quantize={how}: this torchao ({getattr(lib, '__version__', '?')}) has none of "
                              f"{', '.join(names)}")
     import torch
-    tq.quantize_(module, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear))
+    lib.quantize_(module, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear))
+    return "torchao"
 
 
 def _display_name(path) -> str:
@@ -398,7 +420,8 @@ def load_transformer(path, weight_dtype: str = "default", quantize: str = "none"
     weight_dtype: "default" = the host's compute dtype for its device (bf16 on a capable GPU, else fp32);
     fp8_e4m3fn / fp8_e5m2 keep the weights in fp8 and upcast each layer to the compute dtype as it runs
     (diffusers layerwise casting). quantize: int8 / fp8 weight-only quantization of the Linear layers
-    through torchao (the optional `fluxbridge[quant]` dependency).
+    through torchao, or quanto-int8 / quanto-fp8 through optimum-quanto (the optional `fluxbridge[quant]`
+    dependency).
     """
     from ..convert.load import load_model
 
@@ -416,17 +439,17 @@ def load_transformer(path, weight_dtype: str = "default", quantize: str = "none"
 
     def build():
         if quantize != "none":
-            _torchao(quantize, path)  # fail before a long load
+            _quant_library(quantize, path)  # fail before a long load
         loaded = load_model(source, family="flux-transformer", dtype=dtype)
-        module = loaded.model
+        module = host.make_castable(loaded.model)  # before layerwise casting wraps the layers' forward
         storage = dtype_name(dtype)
         if fp8:
             module.enable_layerwise_casting(storage_dtype=_torch_dtype(weight_dtype), compute_dtype=dtype)
             storage = f"{weight_dtype} (computing in {dtype_name(dtype)})"
         elif quantize != "none":
-            _quantize(module, quantize, path)
-            storage = f"{quantize} (torchao, computing in {dtype_name(dtype)})"
-        return TransformerModel(module=module, handle=host.wrap(module), name=_display_name(path),
+            library = _quantize(module, quantize, path)
+            storage = f"{quantize} ({library}, computing in {dtype_name(dtype)})"
+        return TransformerModel(module=module, handle=host.wrap(module, "diffusion"), name=_display_name(path),
                                 path=str(source), family=loaded.family, layout=loaded.layout,
                                 variant=loaded.variant, config=dict(loaded.config), dtype=dtype_name(dtype),
                                 storage=storage, report=loaded.report)
@@ -440,8 +463,8 @@ def _load_encoder(path, family: str, dtype, name: str) -> tuple[Encoder, bool]:
 
     def build():
         loaded = load_model(path, family=family, dtype=dtype)
-        return Encoder(module=loaded.model, handle=host.wrap(loaded.model), name=name, path=str(path),
-                       family=loaded.family, layout=loaded.layout, config=dict(loaded.config),
+        return Encoder(module=loaded.model, handle=host.wrap(loaded.model, "text_encoder"), name=name,
+                       path=str(path), family=loaded.family, layout=loaded.layout, config=dict(loaded.config),
                        dtype=dtype_name(dtype), report=loaded.report)
 
     enc, hit = cached(cache_key(family, path, dtype_name(dtype)), build)
@@ -473,7 +496,7 @@ def load_vae(path, name: str | None = None) -> tuple[VAEModel, bool]:
         loaded = load_model(source, family="flux-vae", dtype=dtype)
         cfg = dict(loaded.config)
         shift = cfg.get("shift_factor")
-        return VAEModel(module=loaded.model, handle=host.wrap(loaded.model), name=_display_name(path),
+        return VAEModel(module=loaded.model, handle=host.wrap(loaded.model, "vae"), name=_display_name(path),
                         path=str(source), layout=loaded.layout, config=cfg, dtype=dtype_name(dtype),
                         report=loaded.report, scaling_factor=float(cfg.get("scaling_factor") or 1.0),
                         shift_factor=float(shift) if shift is not None else 0.0)

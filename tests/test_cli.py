@@ -19,7 +19,7 @@ HELP = {  # sub-command -> words its --help must say
     ("lora",): ["inspect", "convert"],
     ("lora", "inspect"): ["format", "ranks", "--json"],
     ("lora", "convert"): ["{diffusers,bfl,kohya,comfy}", "same weight deltas"],
-    ("run",): ["WORKFLOW.json", "--models", "--output", "API-format"],
+    ("run",): ["WORKFLOW.json", "--models", "--output", "API-format", "--lowvram"],
     ("demo",): ["--output", "random"],
 }
 
@@ -81,13 +81,14 @@ def test_arguments_reach_the_library(monkeypatch, capsys):
         seen["convert"] = (src, dst, to, dtype, loras)
         return {"renamed": 3, "written": {dst}}
 
-    def run_workflow(path, models_dir=None, output_dir=None, input_dir=None):
-        seen["run"] = (path, models_dir, output_dir, input_dir)
+    def run_workflow(path, models_dir=None, output_dir=None, input_dir=None, lowvram=False):
+        seen["run"] = (path, models_dir, output_dir, input_dir, lowvram)
         return {"outputs": []}
 
     fake_library(monkeypatch, "convert.write", convert_file=convert_file)
     fake_library(monkeypatch, "headless.runner", run_workflow=run_workflow)
-    fake_library(monkeypatch, "headless.demo", run_demo=lambda output_dir: seen.setdefault("demo", output_dir) and {})
+    fake_library(monkeypatch, "headless.demo", run_demo=lambda output_dir: seen.setdefault("demo", output_dir) and {},
+                 summary=lambda report: "the summary")
     fake_library(monkeypatch, "convert.lora.write",
                  convert_lora=lambda src, dst, to: seen.setdefault("lora", (src, dst, to)) and {"format": to})
 
@@ -98,8 +99,12 @@ def test_arguments_reach_the_library(monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out) == {"renamed": 3, "written": ["b.safetensors"]}
 
     assert cli.main(["run", "w.json", "--models", "m", "--output", "o", "--input", "i"]) == 0
-    assert seen["run"] == ("w.json", "m", "o", "i")
+    assert seen["run"] == ("w.json", "m", "o", "i", False)
+    assert cli.main(["run", "w.json", "--lowvram"]) == 0 and seen["run"][-1] is True
+    capsys.readouterr()
     assert cli.main(["demo", "--output", "out"]) == 0 and seen["demo"] == "out"
+    assert capsys.readouterr().out == "the summary\n"
+    assert cli.main(["demo", "--output", "out", "--json"]) == 0 and json.loads(capsys.readouterr().out) == {}
     assert cli.main(["lora", "convert", "x", "y", "--to", "kohya"]) == 0 and seen["lora"] == ("x", "y", "kohya")
     capsys.readouterr()
     with pytest.raises(SystemExit):
@@ -136,3 +141,27 @@ def test_python_dash_m(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fluxbridge", "lora", "convert", "a", "b", "--to", "nonsense"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     assert done.returncode == 2 and "invalid choice: 'nonsense'" in done.stderr
+
+
+def test_inspect_text_leaves_out_empty_sections(monkeypatch, capsys, tmp_path):
+    """A plain model file: no quantization block, no empty prefix, one tensor count; --json keeps every key.
+    What is there to say (a quantized file, a bundle holding more tensors) is still said."""
+    from fluxbridge.headless import factory
+
+    path = factory.save_layout(factory.tiny_flux_transformer(width=32, heads=2, double=1, single=1),
+                               tmp_path / "flux.safetensors", "bfl")
+    assert cli.main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "family: flux-transformer" in text and "tensor_count: 52" in text
+    for absent in ("quantization", "prefix", "total_tensors", "scheme", "warnings", ": -"):
+        assert absent not in text, (absent, text)
+    assert cli.main(["inspect", str(path), "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert full["prefix"] == "" and full["total_tensors"] == 52 and full["quantization"]["scheme"] == "none"
+
+    info = dict(full, total_tensors=60, quantization={"scheme": "scaled_fp8", "dequantized": 40})
+    fake_library(monkeypatch, "convert.inspect", inspect_path=lambda p: info)
+    assert cli.main(["inspect", "f.safetensors"]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert "total_tensors: 60" in text and "quantization:" in text and "  scheme: scaled_fp8" in text
+

@@ -79,10 +79,31 @@ def test_cli_demo(tmp_path, cache):
     (pypath / "fluxbridge").symlink_to(Path(fluxbridge.__file__).resolve().parent, target_is_directory=True)
     env = dict(os.environ, FLUXBRIDGE_CACHE=str(cache), PYTHONPATH=os.pathsep.join(
         p for p in (str(pypath), os.environ.get("PYTHONPATH")) if p))
-    result = subprocess.run([sys.executable, "-m", "fluxbridge", "demo", "--output", str(tmp_path / "cli-out")],
-                            capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout)
-    assert report["images"] and (tmp_path / "cli-out" / report["images"][0]).is_file()
-    assert (tmp_path / "cli-out" / REPORT_NAME).is_file()
+    err_file = tmp_path.parent / f"{tmp_path.name}-err.txt"  # stderr into a file, as in `2>err.txt`
+    with open(err_file, "wb") as err:
+        result = subprocess.run([sys.executable, "-m", "fluxbridge", "demo", "--output", str(tmp_path / "cli-out")],
+                                stdout=subprocess.PIPE, stderr=err, text=True, env=env, timeout=300, cwd=tmp_path)
+    stderr = err_file.read_text()
+    assert result.returncode == 0, stderr[-3000:]
+    assert "\r" not in stderr and "%|" not in stderr, repr(stderr[:500])  # no progress frames in a file
+    # a short summary: what ran, where the image is, the seconds, where the full report is
+    lines = result.stdout.splitlines()
+    report = json.loads((tmp_path / "cli-out" / REPORT_NAME).read_text())
+    image = tmp_path / "cli-out" / report["images"][0]
+    assert image.is_file() and len(lines) <= 8
+    size, steps = demo.DEMO_OVERRIDES["5"], demo.DEMO_OVERRIDES["6"]["steps"]
+    assert demo.DEMO_WORKFLOW in lines[0] and "random" in lines[0]
+    assert f"({size['width']}x{size['height']}, {steps} steps)" in lines[0], lines[0]
+    assert f"Image:  {image}" in lines
+    assert any(line.startswith("Time:   ") and line.endswith(" s)") for line in lines)
+    assert f"Report: {tmp_path / 'cli-out' / REPORT_NAME} (`fluxbridge demo --json` prints it)" in lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cli-out"]  # nothing else written in cwd
+
+
+def test_cli_demo_json_prints_the_report(tmp_path, cache, monkeypatch, capsys):
+    from fluxbridge.headless import cli
+    monkeypatch.setenv("FLUXBRIDGE_CACHE", str(cache))
+    assert cli.main(["demo", "--json", "--output", str(tmp_path / "out")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["report"] == str(tmp_path / "out" / REPORT_NAME) and len(report["images"]) == 1
+    assert json.loads((tmp_path / "out" / REPORT_NAME).read_text())["images"] == report["images"]

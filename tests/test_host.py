@@ -1,4 +1,5 @@
 """The host adapter, standalone and inside (stubbed) ComfyUI: devices, memory, progress, interrupt, files."""
+import io
 import os
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ def touch(path: Path, data=b"x") -> Path:
 
 
 class FakeModule:
-    """Records where it is sent."""
+    """Records where it is sent; holds no weights."""
 
     def __init__(self):
         self.moves = []
@@ -25,6 +26,11 @@ class FakeModule:
     def to(self, device):
         self.moves.append(str(device))
         return self
+
+    def parameters(self):
+        return iter(())
+
+    buffers = parameters
 
 
 # ---------------------------------------------------------------------------------------------- standalone
@@ -41,8 +47,9 @@ def test_cpu_device_and_dtype(standalone_host, monkeypatch):
         assert host.torch_device().type in ("cpu", "mps")
 
 
-def test_standalone_handles_keep_only_the_working_set_on_the_device(standalone_host):
+def test_standalone_handles_keep_only_the_working_set_on_the_device(standalone_host, monkeypatch):
     host = standalone_host
+    monkeypatch.setattr(host, "_free_memory", lambda device: 1 << 40)  # a roomy "cuda:0": everything fits
     a, b = FakeModule(), FakeModule()
     ha, hb = host.Handle(a, "cuda:0", "cpu"), host.Handle(b, "cuda:0", "cpu")
     assert host.load_to_device([ha]) == [ha] and a.moves == ["cuda:0"]
@@ -63,7 +70,13 @@ def test_lora_originals_stay_unless_the_device_is_short(standalone_host, monkeyp
     assert host.lora_originals_device("cuda:0", 4 << 30) == torch.device("cpu")  # short: wait offloaded
 
 
-def test_progress_outside_the_host_is_tqdm(standalone_host):
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_outside_the_host_is_tqdm_on_a_terminal(standalone_host, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", _Terminal())
     bar = standalone_host.progress(4)
     assert isinstance(bar._tqdm, tqdm)
     bar.update()
@@ -73,6 +86,21 @@ def test_progress_outside_the_host_is_tqdm(standalone_host):
     assert bar.total == 10 and bar._tqdm.total == 10 and bar._tqdm.n == 9
     bar.update_absolute(50)  # clamped to the total
     assert bar.current == 10
+    assert "\r" in sys.stderr.getvalue()  # tqdm drew its frames on the terminal
+
+
+def test_progress_draws_nothing_into_a_pipe_or_a_file(standalone_host, monkeypatch):
+    """Not a terminal: no bar and nothing written, but the count and the interrupt check still work."""
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    bar = standalone_host.progress(4)
+    assert bar._tqdm is None and standalone_host.terminal_bar(4) is None
+    bar.update(2)
+    bar.update_absolute(4)
+    assert bar.current == 4 and err.getvalue() == ""
+    standalone_host.request_interrupt()
+    with pytest.raises(standalone_host.Interrupted):
+        standalone_host.progress(2).update()
 
 
 def test_interrupt(standalone_host):
@@ -244,22 +272,27 @@ def test_a_comfyui_folder_on_sys_path_alone_is_not_a_host(monkeypatch):
 
 
 
-def test_inside_comfy_the_model_manager_loads_fully(comfy_stubs):
+def test_inside_comfy_the_model_manager_decides_how_much_to_load(comfy_stubs):
     host, mm = comfy_stubs.host, comfy_stubs.mm
     from comfy.model_patcher import ModelPatcher
-    class WithDeviceProperty(torch.nn.Linear):  # as diffusers / transformers models: read-only `device`
+    class WithDeviceProperty(torch.nn.Module):  # as diffusers / transformers models: read-only `device`
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(3, 3)
+
         @property
         def device(self):
-            return self.weight.device
+            return self.proj.weight.device
 
-    module = WithDeviceProperty(3, 3)
+    module = WithDeviceProperty()
     handle = host.wrap(module)
     assert isinstance(handle, ModelPatcher)
     assert handle.model.inner is module and handle.load_device == mm.get_torch_device()
     assert handle.offload_device == mm.unet_offload_device()
-    assert host.load_to_device([handle]) == [handle]
+    assert host.load_to_device([handle], memory_required=123) == [handle]
     name, (models,), kwargs = mm._calls[-1]
-    assert name == "load_models_gpu" and models == [handle] and kwargs["force_full_load"] is True
+    assert name == "load_models_gpu" and models == [handle]
+    assert kwargs["force_full_load"] is False and kwargs["memory_required"] == 123
     host.soft_empty_cache()
     assert mm._calls[-1][0] == "soft_empty_cache"
 

@@ -67,7 +67,8 @@ CATALOGUE = {
 WIDGETS = {  # (node, input) -> expected attributes
     ("FluxBridgeLoadTransformer", "weight_dtype"): dict(
         options=["default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2"], default="default"),
-    ("FluxBridgeLoadTransformer", "quantize"): dict(options=["none", "int8", "fp8"], default="none"),
+    ("FluxBridgeLoadTransformer", "quantize"): dict(options=["none", "int8", "fp8", "quanto-int8", "quanto-fp8"],
+                                                  default="none"),
     ("FluxBridgeLoadTextEncoders", "weight_dtype"): dict(options=["default", "bf16", "fp16", "fp32"],
                                                          default="default"),
     ("FluxBridgeLoadLoRA", "strength_model"): dict(min=-10.0, max=10.0, default=1.0),

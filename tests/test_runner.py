@@ -1,6 +1,7 @@
 """The headless runner: every example's API twin runs on small random models and yields what it should;
 bad workflows are refused before anything runs, with a clear message, and nothing is ever written outside
 the output folder."""
+import io
 import json
 import os
 import shutil
@@ -200,6 +201,11 @@ def test_second_run_counts_up_and_ui_workflow_runs_too(work):
     assert np.array_equal(a, b)  # same seed, same picture: the UI file is the same graph
 
 
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
 def test_models_dir_from_the_environment_and_the_progress_bar(work, monkeypatch, capsys):
     monkeypatch.setenv("FLUXBRIDGE_MODELS", str(work["models"]))
     path = API["flux_dev_text_to_image"]
@@ -208,8 +214,12 @@ def test_models_dir_from_the_environment_and_the_progress_bar(work, monkeypatch,
     report = run_workflow(path, output_dir=work["out"], progress=True, overrides=over)
     assert report["models_dir"] == str(work["models"]) and len(report["outputs"]) == 1
     assert report["warnings"] == ["6 (FluxBridgeSampler): input 'colour' is not an input of FluxBridgeSampler; ignored"]
-    err = capsys.readouterr().err
-    assert "fluxbridge run" in err and "8/8" in err  # one tqdm bar over the nodes
+    assert capsys.readouterr().err == ""  # stderr is not a terminal here: no bar, no frames
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    run_workflow(path, output_dir=work["out"], progress=True, overrides=over)
+    err = terminal.getvalue()
+    assert "fluxbridge run" in err and "8/8" in err and "\r" in err  # on a terminal: the bar over the nodes
 
 
 # --------------------------------------------------------------------------------------- bad input
@@ -351,6 +361,44 @@ def test_cli_run_bad_input_exits_2_with_one_line(work, tmp_path_factory):
     assert len(lines) == 1 and "1 (FluxBridgeLoadTransformer): model_name" in lines[0], result.stderr
     assert not work["out"].exists()
     path.unlink()
+
+
+def test_cli_run_streams_into_files(models, tmp_path_factory):
+    """The command line with stderr into a file (not a terminal), as in `fluxbridge run BAD.json 2>err.txt`:
+    a run that fails while it runs (the transformer file was cut down to a few tensors: it is listed, so the
+    workflow validates, and it fails when it loads) leaves exactly one line, naming the file and the cause;
+    a good run leaves no progress frames (no carriage return, no bar)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("streams")
+    env = _cli_env(folder / "pypath")
+    api = _t2i()
+    for nid, values in small(api).items():
+        api[nid]["inputs"].update(values)
+    workflow = folder / "t2i.json"
+    workflow.write_text(json.dumps(api))
+    cut_models = folder / "models"
+    shutil.copytree(models, cut_models)
+    dev = cut_models / "diffusion_models" / "flux1-dev.safetensors"
+    tensors = load_file(str(dev))
+    save_file({k: tensors[k] for k in sorted(tensors)[:6]}, str(dev))
+
+    def run_cli(models_dir, name):
+        err = folder / f"{name}-err.txt"
+        with open(err, "wb") as stderr:
+            done = subprocess.run([sys.executable, "-m", "fluxbridge", "run", str(workflow), "--models",
+                                   str(models_dir), "--output", str(folder / name)], stdout=subprocess.PIPE,
+                                  stderr=stderr, env=env, timeout=300)
+        return done.returncode, err.read_bytes().decode()
+
+    code, err = run_cli(cut_models, "bad")
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.endswith("\n") and "\r" not in err, repr(err)
+    assert err.startswith("fluxbridge: ") and str(dev) in err and "not a complete Flux transformer" in err, err
+    code, err = run_cli(models, "good")
+    assert code == 0, err
+    assert "\r" not in err and "%|" not in err, repr(err)
+    assert len(list((folder / "good").rglob("*.png"))) == 1
 
 
 def _cli_env(folder: Path) -> dict:

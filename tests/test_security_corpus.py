@@ -3,7 +3,9 @@
 Every case is refused the same way on both roads into the pack:
 
 * the command line (`fluxbridge inspect | convert | lora inspect | lora convert | run`, in-process through
-  `cli.main`) exits 2 with ONE line on stderr that names the file and the cause, and no traceback;
+  `cli.main`) exits 2 with ONE line on stderr that names the file and the cause, and no traceback (and a
+  subset again as real subprocesses, stderr into a file and stdout into closed pipes:
+  `test_cli_subprocess_corpus`);
 * the node path (the node's `execute`, called directly, which also bypasses ComfyUI's and the runner's
   validation; or `run_workflow` for whole workflows) raises `BadInput` with the same cause.
 
@@ -28,14 +30,14 @@ from typing import Callable
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load as safetensors_load, save_file
 
 import fluxbridge
 from fluxbridge.headless import cli, demo, factory, native_nodes, runner
 from fluxbridge.runtime import host, models
 from fluxbridge.common.errors import BadInput
 from fluxbridge.nodes import conditioning, convert, latent, loaders, sampling
-from gguf_bytes import ARCH, gguf_bytes  # tests/helpers
+from gguf_bytes import ARCH, gguf_bytes, gguf_string  # tests/helpers
 
 GOOD = "flux-good.safetensors"  # the tiny transformer every "good request" uses
 GOOD_LORA = "good-lora.safetensors"
@@ -245,6 +247,29 @@ def world(tmp_path_factory) -> World:
                        "expand-bomb-lora.safetensors": st_bytes(expand),
                        "model-as-lora.safetensors": good}.items():
         (loras / name).write_bytes(blob)
+
+    # cut down, misplaced, mislabelled (the message must say what the file is): a transformer cut to a few
+    # tensors (a half-downloaded or hand-cut file), a T5 cut below detection, a GGUF of another architecture,
+    # an empty folder, model weights where a LoRA belongs, a LoRA whose only module has mismatched ranks,
+    # a LoRA made for another width
+    flux_tensors = safetensors_load(good)
+    save_file({k: flux_tensors[k] for k in sorted(flux_tensors)[:6]}, str(dm / "flux-cut.safetensors"))
+    t5_tensors = safetensors_load((w.models / "text_encoders" / "t5xxl.safetensors").read_bytes())
+    save_file({k: t5_tensors[k] for k in sorted(t5_tensors)[:3]}, str(dm / "t5-cut.safetensors"))
+    (dm / "llama.gguf").write_bytes(gguf_bytes(
+        [("general.architecture", struct.pack("<I", 8) + gguf_string("llama"))],
+        [("token_embd.weight", (8, 16), 0, 0), ("blk.0.attn_q.weight", (8, 8), 0, 8 * 16 * 4)],
+        b"\0" * (8 * 16 * 4 + 8 * 8 * 4)))
+    (dm / "empty-folder").mkdir()
+    (w.models / "vae" / "transformer-as-vae.safetensors").write_bytes(good)
+    (loras / "vae-as-lora.safetensors").write_bytes((w.models / "vae" / "ae.safetensors").read_bytes())
+    (loras / "t5-as-lora.safetensors").write_bytes((w.models / "text_encoders" / "t5xxl.safetensors").read_bytes())
+    q_badrank = {f"{peft_q}.lora_A.weight": torch.ones(4, 32) * 0.01,  # rank 4 down, rank 2 up
+                 f"{peft_q}.lora_B.weight": torch.ones(32, 2) * 0.01}
+    q_wide = {f"{peft_q}.lora_A.weight": torch.ones(4, 48) * 0.01,  # made for width 48, the model is 32 wide
+              f"{peft_q}.lora_B.weight": torch.ones(48, 4) * 0.01}
+    (loras / "badrank-lora.safetensors").write_bytes(st_bytes(q_badrank))
+    (loras / "wrongwidth-lora.safetensors").write_bytes(st_bytes(q_wide))
 
     # hostile images
     (w.input / "bomb.png").write_bytes(png(100_000, 100_000))
@@ -532,8 +557,39 @@ CASES = [
     workflow("json-size-bomb", b"", r"over the limit of 64 MB"),  # a sparse file, see _write_workflows
     workflow("not-utf8", b"\xff\xfe{\x00}", r"not valid JSON"),
     workflow("ui-malformed", {"nodes": [1, "two", None], "links": 3}, r"not a valid UI-format workflow"),
+    # --- cut down, misplaced, mislabelled: exit 2 with what the file is, never a traceback or a wrong name ------
+    weights("flux-cut.safetensors", r"flux-transformer \(6 tensors\): not a complete Flux transformer: no "),
+    as_transformer("flux-cut.safetensors", r"flux-transformer \(6 tensors\): not a complete Flux transformer"),
+    weights("t5-cut.safetensors", r"only 3 tensor\(s\) of t5-xxl weights, too few for a whole model"),
+    weights("llama.gguf", r"a GGUF file for the 'llama' architecture"),
+    weights("empty-folder", r"no weights found", node_cause=UNLISTED),  # no weights, no config.json: not listed
+    lora("vae-as-lora.safetensors", r"not a LoRA but model weights: flux-vae weights \(bfl layout, \d+ tensors\); "
+                                    r"load it with a model loader"),
+    lora("t5-as-lora.safetensors", r"not a LoRA but model weights: t5-xxl weights \(comfy layout, \d+ tensors\)"),
+    lora("badrank-lora.safetensors", r"a broken LoRA: none of its adapters can be used: .*lora_down \[4, 32\] and "
+                                     r"lora_up \[32, 2\] have different ranks"),
+    Case("bake:wrongwidth-lora.safetensors",
+         [["convert", "{dm}/" + GOOD, "{conv}/baked.safetensors", "--to", "comfy", "--lora",
+           "{loras}/wrongwidth-lora.safetensors"]], "wrongwidth-lora.safetensors",
+         r"none of (its flux-transformer|the LoRA's 1 transformer) part.* fits.*gives \[48, 48\]",
+         node=lambda w: loaders.LoadLoRA.execute(transformer=good_transformer(),
+                                                 lora_name="wrongwidth-lora.safetensors")),
+    Case("text-encoders:t5-in-the-clip-slot", [], "t5xxl.safetensors", r"not clip-l: found t5-xxl weights",
+         node=lambda w: loaders.LoadTextEncoders.execute(clip_name="t5xxl.safetensors", t5_name="t5xxl.safetensors")),
+    # --- destinations the system refuses: the user's choice of place, exit 2 (not an internal error) --------
+    Case("destination:a-folder", [["convert", "{dm}/" + GOOD, "{conv}", "--to", "comfy"],
+                                  ["lora", "convert", "{loras}/" + GOOD_LORA, "{conv}", "--to", "bfl"]],
+         "converted", r"cannot write there: Is a directory"),
+    Case("destination:under-a-file",
+         [["convert", "{dm}/" + GOOD, "{dm}/empty.safetensors/x.safetensors", "--to", "bfl"],
+          ["convert", "{dm}/" + GOOD, "{dm}/empty.safetensors/folder", "--to", "diffusers"],
+          ["lora", "convert", "{loras}/" + GOOD_LORA, "{dm}/empty.safetensors/l.safetensors", "--to", "kohya"]],
+         "empty.safetensors", r"a file is where this folder \(or one above it\) would go"),
+    Case("vae:transformer-as-vae.safetensors", [], "transformer-as-vae.safetensors",
+         r"not flux-vae: found flux-transformer weights \(bfl layout, 52 tensors\)",
+         node=lambda w: loaders.LoadVAE.execute(vae_name="transformer-as-vae.safetensors")),
 ]
-N_CASES = 66
+N_CASES = 79
 
 
 def _absolute_workflows(w: World) -> dict:
@@ -706,20 +762,85 @@ def test_no_unpickling_anywhere_in_the_pack():
     assert not hits, "\n".join(hits)
 
 
-def test_cli_subprocess_one_line_and_no_payload(workflows_written, tmp_path):
-    """The real `python -m fluxbridge` on a pickle and on a lying header: exit 2, one stderr line."""
+# The real command in a subprocess, stderr into a real file (as `2>err.txt`), stdout a pipe: the exit status
+# and the streams as a user or a script sees them. "{pipe}" runs it with the reader of stdout already gone
+# (as `| head` does). Each entry: (argv, expected exit, the file its one error line names, what it says).
+SUBPROCESS_CORPUS = [
+    (["inspect", "{dm}/zip-inside.safetensors"], 2, "zip-inside.safetensors",  # a pickle: never unpickled
+     "pickle-based checkpoint refused"),
+    (["inspect", "{dm}/terabyte-tensor.safetensors"], 2, "terabyte-tensor.safetensors", "truncated"),
+    (["inspect", "{dm}/flux-cut.safetensors"], 2, "flux-cut.safetensors", "not a complete Flux transformer"),
+    (["convert", "{dm}/flux-cut.safetensors", "{conv}/sub-cut.safetensors", "--to", "diffusers"], 2,
+     "flux-cut.safetensors", "not a complete Flux transformer"),
+    (["inspect", "{dm}/t5-cut.safetensors"], 2, "t5-cut.safetensors", "too few for a whole model"),
+    (["inspect", "{dm}/llama.gguf", "--json"], 2, "llama.gguf", "a GGUF file for the 'llama' architecture"),
+    (["inspect", "{dm}/empty-folder"], 2, "empty-folder", "no weights found"),
+    (["lora", "inspect", "{loras}/vae-as-lora.safetensors"], 2, "vae-as-lora.safetensors",
+     "not a LoRA but model weights: flux-vae"),
+    (["lora", "convert", "{loras}/badrank-lora.safetensors", "{conv}/sub-l.safetensors", "--to", "bfl"], 2,
+     "badrank-lora.safetensors", "a broken LoRA"),
+    (["convert", "{dm}/" + GOOD, "{conv}/sub-baked.safetensors", "--to", "bfl", "--lora",
+      "{loras}/wrongwidth-lora.safetensors:0.5"], 2, "wrongwidth-lora.safetensors",
+     "none of its flux-transformer parts fits"),
+    (["run", "{wf}/transformer-flux-cut.safetensors.json", "--models", "{models}", "--output", "{out}"], 2,
+     "flux-cut.safetensors", "not a complete Flux transformer"),  # fails while running, in the loader
+    (["run", "{wf}/model-dotdot.json", "--models", "{models}", "--output", "{out}"], 2, "model-dotdot.json",
+     "'..' part"),
+    (["inspect", "{dm}/" + GOOD], 0, None, None),
+    (["{pipe}", "inspect", "{dm}/" + GOOD, "--json"], 0, None, None),
+    (["{pipe}", "lora", "inspect", "{loras}/" + GOOD_LORA], 0, None, None),
+    (["{pipe}", "convert", "{dm}/" + GOOD, "{conv}/sub-piped.safetensors", "--to", "comfy"], 0, None, None),
+]
+
+
+def test_cli_subprocess_corpus(workflows_written, tmp_path):
+    """Every entry ends in exit 0, or 2 with exactly one line on stderr that names the file (no traceback, no
+    progress frame); exit 1 (a fault of ours) is never the answer to a bad file. A closed stdout pipe ends
+    the command quietly with 0, its work done. No pickle payload runs."""
+    from concurrent.futures import ThreadPoolExecutor
+
     w = workflows_written
-    env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=os.pathsep.join(
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (str(_package_link(tmp_path)), os.environ.get("PYTHONPATH")) if p))
-    for name, cause in (("zip-inside.safetensors", "pickle-based checkpoint refused"),
-                        ("terabyte-tensor.safetensors", "truncated")):
-        path = w.models / "diffusion_models" / name
-        r = subprocess.run([sys.executable, "-m", "fluxbridge", "inspect", str(path)], capture_output=True,
-                           text=True, env=env, timeout=300)
-        assert r.returncode == 2, r.stderr
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and name in lines[0] and cause in lines[0], r.stderr
+    env.pop("TQDM_DISABLE", None)
+
+    def run(i):
+        argv = [_fill(a, w) for a in SUBPROCESS_CORPUS[i][0]]
+        piped = argv[0] == "{pipe}"
+        argv = argv[1:] if piped else argv
+        err_path = tmp_path / f"err-{i}.txt"
+        read, write = os.pipe()
+        if piped:
+            os.close(read)  # the reader has gone before anything is written
+        try:
+            with open(err_path, "wb") as err:
+                done = subprocess.run([sys.executable, "-m", "fluxbridge", *argv], stdout=write, stderr=err,
+                                      env=env, timeout=300)
+        finally:
+            os.close(write)
+        out = b""
+        if not piped:
+            with os.fdopen(read, "rb") as r:
+                out = r.read()
+        return argv, done.returncode, err_path.read_bytes().decode(), out
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(run, range(len(SUBPROCESS_CORPUS))))
+    counts = {0: 0, 2: 0}
+    for (_, expected, name, cause), (argv, code, err, out) in zip(SUBPROCESS_CORPUS, results):
+        assert code == expected, (argv, code, err)
+        counts[code] += 1
+        assert "\r" not in err and "Traceback" not in err and "Exception ignored" not in err, (argv, err)
+        if code == 2:
+            assert err.count("\n") == 1 and err.startswith("fluxbridge: ") and name in err, (argv, err)
+            assert cause in err, (argv, cause, err)
+            assert out == b"", (argv, out)
+        else:
+            assert err == "", (argv, err)
+    assert (w.converted / "sub-piped.safetensors").is_file()  # the piped convert did its work
+    assert not (w.converted / "sub-baked.safetensors").exists() and not (w.converted / "sub-cut.safetensors").exists()
     assert not w.marker.exists()
+    print(f"CLI subprocess corpus: {len(results)} runs, exit 2 (one line): {counts[2]}, exit 0: {counts[0]}")
 
 
 def _package_link(folder: Path) -> Path:

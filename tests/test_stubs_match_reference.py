@@ -1,8 +1,10 @@
 """The ComfyUI stubs keep the real signatures.
 
-Each expected signature is copied from `reference/comfyui-host.md` (ComfyUI 0.3.64); where that document
-abbreviates one ("...", or a paraphrased parameter name) the ComfyUI 0.3.64 source gives the rest, and the
-row says so. With COMFYUI_PATH set, the stubs are also compared with the real functions (in a subprocess).
+Each expected signature is ComfyUI 0.3.64's. The last column of a row says where it was read: "reference
+N.N" is a section of the team's notes on the ComfyUI host (kept outside this repository), "source" is
+ComfyUI 0.3.64's own code (comfy/model_management.py, comfy/model_patcher.py, comfy/utils.py,
+folder_paths.py, comfy_api/latest). With COMFYUI_PATH set, the stubs are also compared with the real
+functions (in a subprocess), which needs neither.
 """
 import inspect
 import json
@@ -30,8 +32,35 @@ EXPECTED = [
     ("comfy.model_management", "processing_interrupted", "()", "reference 3.1"),
     ("comfy.model_management", "throw_exception_if_processing_interrupted", "()", "reference 3.1"),
     ("comfy.model_management", "interrupt_current_processing", "(value=True)", "reference 3.1 + source"),
+    ("comfy.model_management", "text_encoder_device", "()", "reference 3.1"),
+    ("comfy.model_management", "text_encoder_offload_device", "()", "reference 3.1"),
+    ("comfy.model_management", "vae_device", "()", "reference 3.1"),
+    ("comfy.model_management", "vae_offload_device", "()", "reference 3.1"),
+    ("comfy.model_management", "is_device_cpu", "(device)", "reference 3.1"),
+    ("comfy.model_management", "module_size", "(module)", "source (l.440)"),
+    ("comfy.model_management", "extra_reserved_memory", "()", "source (l.563)"),
+    ("comfy.model_management", "minimum_inference_memory", "()", "source (l.566)"),
+    ("comfy.model_management", "cast_to",
+     "(weight, dtype=None, device=None, non_blocking=False, copy=False, stream=None)", "source (l.1055)"),
     ("comfy.model_patcher", "ModelPatcher",
      "(model, load_device, offload_device, size=0, weight_inplace_update=False)", "reference 3.2"),
+    ("comfy.model_patcher", "ModelPatcher.load",
+     "(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False)",
+     "reference 3.2 (l.636) + source"),
+    ("comfy.model_patcher", "ModelPatcher.partially_unload", "(self, device_to, memory_to_free=0)", "source (l.800)"),
+    ("comfy.model_patcher", "ModelPatcher.detach", "(self, unpatch_all=True)", "source (l.890)"),
+    ("comfy.model_patcher", "ModelPatcher.add_callback", "(self, call_type, callback)", "source (l.913)"),
+    ("comfy.model_patcher", "ModelPatcher.model_size", "(self)", "source (l.272)"),
+    ("comfy.model_patcher", "ModelPatcher.loaded_size", "(self)", "source (l.278)"),
+    ("comfy.ops", "cast_bias_weight", "(s, input=None, dtype=None, device=None, bias_dtype=None)",
+     "reference 3.2 + source (comfy/ops.py l.61)"),
+    ("comfy.ops", "disable_weight_init.Linear.forward_comfy_cast_weights", "(self, input)", "source"),
+    ("comfy.ops", "disable_weight_init.Conv2d.forward_comfy_cast_weights", "(self, input)", "source"),
+    ("comfy.ops", "disable_weight_init.GroupNorm.forward_comfy_cast_weights", "(self, input)", "source"),
+    ("comfy.ops", "disable_weight_init.LayerNorm.forward_comfy_cast_weights", "(self, input)", "source"),
+    ("comfy.ops", "disable_weight_init.RMSNorm.forward_comfy_cast_weights", "(self, input)", "source"),
+    ("comfy.ops", "disable_weight_init.Embedding.forward_comfy_cast_weights", "(self, input, out_dtype=None)",
+     "source"),
     ("comfy.utils", "ProgressBar", "(total, node_id=None)", "reference 3.3"),
     ("comfy.utils", "ProgressBar.update", "(self, value)", "reference 3.3 ('n') + source"),
     ("comfy.utils", "ProgressBar.update_absolute", "(self, value, total=None, preview=None)", "reference 3.3"),
@@ -72,7 +101,13 @@ MUST_EXIST = [  # names the host or nodes use whose signature does not matter (c
     ("comfy_api.latest", "io.Custom"), ("comfy_api.latest", "io.Boolean.Input"),
     ("comfy_api.latest", "io.Mask.Input"), ("comfy_api.latest", "io.Conditioning.Input"),
     ("comfy_api.latest", "io.Sigmas.Output"),
+    ("comfy.model_management", "VRAMState.NO_VRAM"), ("comfy.model_management", "VRAMState.NORMAL_VRAM"),
+    ("comfy.model_management", "vram_state"), ("comfy.model_management", "MIN_WEIGHT_MEMORY_RATIO"),
+    ("comfy.ops", "CastWeightBiasOp.comfy_cast_weights"), ("comfy.ops", "CastWeightBiasOp.weight_function"),
+    ("comfy.patcher_extension", "CallbacksMP.ON_LOAD"),
 ]
+# ComfyUI's layer classes derive from the torch layer of the same name (what `host.make_castable` relies on)
+OPS_BASES = ("Linear", "Conv2d", "GroupNorm", "LayerNorm", "RMSNorm", "Embedding")
 
 
 def resolve(module, path):
@@ -104,8 +139,13 @@ def test_stub_signature_matches_the_reference(comfy_stubs, module_name, path, ex
 
 def test_stub_surface_exists(comfy_stubs):
     import importlib
+    import torch
     for module_name, path in MUST_EXIST:
         resolve(importlib.import_module(module_name), path)
+    ops = importlib.import_module("comfy.ops")
+    for name in OPS_BASES:
+        assert issubclass(getattr(ops.disable_weight_init, name), getattr(torch.nn, name)), name
+    assert importlib.import_module("comfy.patcher_extension").CallbacksMP.ON_LOAD == "on_load_after"
     assert inspect.isabstract(comfy_stubs.api.ComfyExtension)
     assert inspect.iscoroutinefunction(comfy_stubs.api.ComfyExtension.get_node_list)
     assert issubclass(comfy_stubs.mm.InterruptProcessingException, Exception)

@@ -88,8 +88,10 @@ class LoraHandle:
         self._undo: list = []
 
     def remove(self) -> None:
+        # Each original goes back to the device its parameter is on now: a host may have moved the layer
+        # while the LoRA was applied (ComfyUI's partial loading and unloading move layers one by one).
         for param, original in reversed(self._originals):
-            param.data = original.back() if hasattr(original, "back") else original
+            param.data = original.to(param.device)
         for h in self._hooks:
             h.remove()
         for undo in reversed(self._undo):
@@ -215,19 +217,9 @@ def apply_loras(model: torch.nn.Module, family: str | None = None, loras=(),
 def _assign(handle: LoraHandle, param: torch.nn.Parameter, tensor: torch.Tensor, keep_on=None) -> None:
     original = param.data
     if keep_on is not None and torch.device(keep_on) != original.device:
-        original = _Offloaded(original.to(keep_on), original.device)
+        original = original.to(keep_on)  # `remove()` copies it back to the parameter's device
     handle._originals.append((param, original))
     param.data = tensor
-
-
-class _Offloaded:
-    """An original kept on another device; `.back()` is a bitwise copy on its own device."""
-
-    def __init__(self, tensor: torch.Tensor, device: torch.device):
-        self.tensor, self.device = tensor, device
-
-    def back(self) -> torch.Tensor:
-        return self.tensor.to(self.device)
 
 
 def _expand_module(handle, model, modules, name: str, width: int) -> None:

@@ -55,6 +55,7 @@ class LoraSet:
         """
         shapes = {name: tuple(step.shape) for name, step in plan_b.items()}
         plan = self.plan(family, shapes)
+        _refuse_if_nothing_fits(self.items, plan, family)
         touched = plan.params
         cache: dict[str, torch.Tensor] = {}
 
@@ -78,12 +79,17 @@ def patch_tensors(loras, family: str, weights: Mapping[str, torch.Tensor]) -> di
     items = [(load_lora(x[0]), float(x[1])) if isinstance(x, tuple) else (load_lora(x), 1.0) for x in loras]
     shapes = {k: tuple(v.shape) for k, v in weights.items()}
     plan = Plan(family, items, shapes, allow_expand=False)
-    for (lora, _), report in zip(items, plan.reports):
-        if report["parts"] and not report["patched"] and report["not_placed"]:
-            first = report["not_placed"][0]
-            raise BadInput(lora.path, f"none of its {family} parts fits: {first['key']}: {first['reason']}")
+    _refuse_if_nothing_fits(items, plan, family)
     out = {}
     for group in plan.closures():
         out.update(plan.compute(group, weights.__getitem__))
     return out
 
+
+def _refuse_if_nothing_fits(items, plan: Plan, family: str) -> None:
+    """A LoRA with parts for this family of which none fits (another width, another model) would bake
+    nothing: `BadInput`, as the LoRA loader node refuses it."""
+    for (lora, _), report in zip(items, plan.reports):
+        if report["parts"] and not report["patched"] and report["not_placed"]:
+            first = report["not_placed"][0]
+            raise BadInput(lora.path, f"none of its {family} parts fits: {first['key']}: {first['reason']}")

@@ -449,26 +449,32 @@ def parse(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path
         styles.setdefault(loc, Counter())[style] += 1
 
     parts: list[Part] = []
+    broken: list[dict] = []  # adapters found in their place whose tensors do not fit together
     labels: Counter = Counter()
     control = any(r == "value" for g in groups.values() for r in g) or any(
         "up_bias" in g for loc, g in groups.items() if loc.prefix == "")
     for loc, group in groups.items():
         label = _label(loc, styles[loc], control, software)
         made, refused = _make_parts(loc, group, peft_configs, label)
-        not_placed += refused
+        broken += refused
         for p in made:
             parts += _expand_covers(p, loc, not_placed)
         if made and loc.family == FLUX:
             labels[label] += sum(len(p.keys) for p in made)
+    not_placed += broken
 
     weights = [d["key"] for d in not_placed if d["reason"] == _FULL_WEIGHT]
-    if weights and not looks_like_lora(tensors):  # a model file given as a LoRA (its norms would read as `set`)
-        raise BadInput(path, f"not a LoRA but model weights ({', '.join(weights[:2])}, ...): load it with "
-                             "a model loader")
     flux_parts = [p for p in parts if p.family == FLUX]
+    if (weights or not flux_parts) and not looks_like_lora(tensors):
+        # model weights given as a LoRA (their norms would read as `set`), or no LoRA at all
+        raise BadInput(path, _not_a_lora(tensors, metadata))
     if not flux_parts:
         foreign = [d["key"] for d in not_placed if d["reason"].startswith("wrong architecture")]
         if foreign or not parts:
+            if broken and not foreign:  # a Flux (or text-encoder) LoRA, but none of its adapters is usable
+                more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
+                raise BadInput(path, f"a broken LoRA: none of its adapters can be used: {broken[0]['key']}: "
+                                     f"{broken[0]['reason']}{more}")
             sample = foreign[:3] or sorted(tensors)[:3]
             why = f" ({not_placed[0]['reason']})" if not foreign and not_placed else ""
             raise BadInput(path, f"not a Flux LoRA: {', '.join(sample)}{why}")
@@ -479,6 +485,15 @@ def parse(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path
     convention = (scaled[0] if len(scaled) == 1 else " or ".join(scaled) if scaled else "1") + (
         ", 1 where the file has no alpha" if scaled and "1" in conventions else "")
     return Lora(path, parts, not_placed, fmt, dict(labels), dict(metadata), dict(dtypes), convention)
+
+
+def _not_a_lora(tensors: Mapping, metadata: Mapping) -> str:
+    """Why a file without LoRA tensors is refused, saying what it holds instead."""
+    from ..detect import components, what_it_holds
+    held = what_it_holds(tensors, metadata)
+    if components(tensors, min_keys=1):
+        return f"not a LoRA but model weights: {held}; load it with a model loader"
+    return f"neither a LoRA nor model weights FluxBridge knows: {held}"
 
 
 def _text_label(parts) -> str:

@@ -75,8 +75,8 @@ def convert_lora(src, dst, to: str) -> dict:
     if not tensors:
         raise BadInput(lora.path, f"nothing of this LoRA can be written as {to}: "
                                   + "; ".join(f"{d['module']}: {d['reason']}" for d in report["not_written"][:3]))
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    from ..safetensors_io import write_safetensors
+    from ..safetensors_io import make_folder, write_safetensors
+    make_folder(dst.parent)
     write_safetensors(dst, {k: v.contiguous() for k, v in tensors.items()}, metadata)
     report["destination"] = str(dst)
     return report
