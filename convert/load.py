@@ -116,6 +116,10 @@ def load_model(path, family: str | None = None, dtype: torch.dtype | None = None
         raise BadInput(path, f"not {family or 'a model FluxBridge knows'}: found "
                              f"{what_it_holds(source.keys(), source.metadata)}")
     module = comp.module
+    foreign = getattr(module, "foreign", None)  # keys beside the family's that show it is another model
+    why = foreign(comp.unplaced) if foreign is not None else None
+    if why:
+        raise BadInput(path, why)
     plan, config, report = diffusers_plan(source, comp, getattr(source, "config", None))
     if dtype is None:
         dtype = storage_dtype(source, comp.names.values())

@@ -32,16 +32,22 @@ CACHE_ENV = "FLUXBRIDGE_CACHE"
 DEMO_OVERRIDES = {"5": {"width": 256, "height": 256}, "6": {"steps": 8}}
 # Files whose code decides what the cached models look like: a change to any of them rebuilds the cache.
 _KEY_SOURCES = ("headless/factory.py", "headless/demo.py", "convert/write.py", "convert/table.py", "convert/families/flux.py",
-                "convert/families/vae.py", "convert/families/clip.py", "convert/families/t5.py")
+                "convert/families/vae.py", "convert/families/clip.py", "convert/families/t5.py",
+                "convert/families/redux.py", "convert/families/siglip.py", "convert/lora/synth.py")
 MODEL_FILES = {
     "dev": "diffusion_models/flux1-dev.safetensors",
     "schnell": "diffusion_models/flux1-schnell.safetensors",
     "fill": "diffusion_models/flux1-fill-dev.safetensors",
+    "kontext": "diffusion_models/flux1-kontext-dev.safetensors",
+    "depth": "diffusion_models/flux1-depth-dev.safetensors",
     "vae": "vae/ae.safetensors",
     "clip": "text_encoders/clip_l.safetensors",
     "t5": "text_encoders/t5xxl_fp16.safetensors",
+    "redux": "style_models/flux1-redux-dev.safetensors",
+    "siglip": "clip_vision/sigclip_vision_patch14_384.safetensors",
 }
 LORA_FILES = ("loras/flux_lora_style.safetensors", "loras/flux_lora_detail.safetensors")
+CONTROL_LORA_FILE = "loras/flux1-canny-dev-lora.safetensors"
 
 
 def cache_root() -> Path:
@@ -52,10 +58,10 @@ def cache_root() -> Path:
     return Path(base) / "fluxbridge"
 
 
-def models_key(variants=("dev",), loras: bool = False) -> str:
+def models_key(variants=("dev",), loras: bool = False, family: bool = False) -> str:
     """A short hash of the code that builds the models and of what is asked for."""
     here = Path(__file__).resolve().parents[1]  # the pack
-    h = hashlib.sha256(repr((sorted(variants), loras)).encode())
+    h = hashlib.sha256(repr((sorted(variants), loras, family)).encode())
     for rel in _KEY_SOURCES:
         p = here / rel
         h.update(rel.encode())
@@ -63,22 +69,23 @@ def models_key(variants=("dev",), loras: bool = False) -> str:
     return h.hexdigest()[:16]
 
 
-def demo_models(cache_dir=None, variants=("dev",), loras: bool = False) -> Path:
+def demo_models(cache_dir=None, variants=("dev",), loras: bool = False, family: bool = False) -> Path:
     """A models folder with the small random models, built once: `<cache>/demo-models/<key>/`.
 
-    variants: which transformers ("dev", "schnell", "fill"); loras: also two small LoRAs (one kohya, one
-    diffusers/PEFT format) for the dev transformer. Built in a temporary folder beside the target and
-    renamed into place, so an interrupted build never leaves a half-written cache behind.
+    variants: which transformers ("dev", "schnell", "fill", "kontext", "depth"); loras: also two small LoRAs
+    (one kohya, one diffusers/PEFT format) for the dev transformer; family: also a Canny control LoRA for
+    dev (BFL layout), the Redux encoder and its SigLIP vision tower. Built in a temporary folder beside the
+    target and renamed into place, so an interrupted build never leaves a half-written cache behind.
     """
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    target = root / "demo-models" / models_key(variants, loras)
+    target = root / "demo-models" / models_key(variants, loras, family)
     if (target / "READY").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        build_models(work, variants=variants, loras=loras)
-        (work / "READY").write_text(json.dumps({"variants": list(variants), "loras": loras}))
+        build_models(work, variants=variants, loras=loras, family=family)
+        (work / "READY").write_text(json.dumps({"variants": list(variants), "loras": loras, "family": family}))
         try:
             work.rename(target)
         except OSError:  # built meanwhile by someone else
@@ -90,7 +97,7 @@ def demo_models(cache_dir=None, variants=("dev",), loras: bool = False) -> Path:
     return target
 
 
-def build_models(root, variants=("dev",), loras: bool = False, seed: int = 0) -> dict:
+def build_models(root, variants=("dev",), loras: bool = False, seed: int = 0, family: bool = False) -> dict:
     """Write the small random models into the models folder `root` in their usual layouts and names.
     Returns {part: path}."""
     from safetensors.torch import save_file
@@ -118,7 +125,78 @@ def build_models(root, variants=("dev",), loras: bool = False, seed: int = 0) ->
     write(parts["vae"], "vae", "bfl")
     write(parts["text_encoder"], "clip", "comfy")
     write(parts["text_encoder_2"], "t5", "comfy")
+    if family:
+        dev = factory.tiny_pipeline_components("dev", seed=seed)["transformer"]
+        dst = root / CONTROL_LORA_FILE
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tiny_control_lora(dev, seed=seed + 20), str(dst))
+        written[Path(CONTROL_LORA_FILE).stem] = dst
+        text_width = parts["transformer"].config.joint_attention_dim
+        siglip = factory.tiny_siglip(seed=seed + 21)
+        write(siglip, "siglip", "bfl")
+        write(factory.tiny_redux(redux_dim=siglip.config.hidden_size, text_width=text_width, seed=seed + 22),
+              "redux", "bfl")
     return written
+
+
+# A control LoRA's modules beside `img_in`, named as BFL writes them, with the diffusers names of the same
+# modules: the ones a layout renames without splitting or swapping (the split and swap of LoRA rows are
+# tested on their own), so a test can hand diffusers the same file in its own layout.
+CONTROL_LORA_MODULES = {
+    "img_in": "x_embedder",
+    "double_blocks.{i}.img_mlp.0": "transformer_blocks.{i}.ff.net.0.proj",
+    "double_blocks.{i}.txt_attn.proj": "transformer_blocks.{i}.attn.to_add_out",
+    "single_blocks.{i}.linear2": "single_transformer_blocks.{i}.proj_out",
+    "final_layer.linear": "proj_out",
+}
+CONTROL_LORA_NORMS = {  # set (replaced) by a control LoRA
+    "double_blocks.{i}.img_attn.norm.query_norm.scale": "transformer_blocks.{i}.attn.norm_q.weight",
+    "double_blocks.{i}.txt_attn.norm.key_norm.scale": "transformer_blocks.{i}.attn.norm_added_k.weight",
+    "single_blocks.{i}.norm.key_norm.scale": "single_transformer_blocks.{i}.attn.norm_k.weight",
+}
+
+
+def tiny_control_lora(transformer, rank: int = 4, seed: int = 0, layout: str = "bfl-control") -> dict:
+    """A small random Depth/Canny control LoRA for the diffusers `transformer` (dev, `img_in` 4C wide): `img_in`
+    widened to twice its input (the control latent's channels after the latent's), LoRA pairs with
+    `lora_B.bias` on the modules of `CONTROL_LORA_MODULES` of every block, and new q/k norm scales, as BFL's
+    FLUX.1-Canny/Depth-dev-lora files hold them (`layout="bfl-control"`), or the same tensors under diffusers'
+    names (`layout="diffusers"`: `transformer.<module>.lora_A.weight`, norms `transformer.<param>`)."""
+    import torch
+
+    from ..convert.lora.synth import Entry, write_keys
+
+    if layout not in ("bfl-control", "diffusers"):
+        raise ValueError(f"unknown control LoRA layout {layout!r}")
+    gen = torch.Generator().manual_seed(seed)
+    modules = dict(transformer.named_modules())
+    params = dict(transformer.named_parameters())
+    blocks = {"double_blocks.{i}": len(transformer.transformer_blocks),
+              "single_blocks.{i}": len(transformer.single_transformer_blocks)}
+
+    def expand(table):
+        for a, b in table.items():
+            kind = next((k for k in blocks if a.startswith(k)), None)
+            for i in range(blocks[kind] if kind else 1):
+                yield a.format(i=i), b.format(i=i)
+
+    entries, norms = [], {}
+    for a, b in expand(CONTROL_LORA_MODULES):
+        mod = modules[b]
+        width = mod.in_features * (2 if a == "img_in" else 1)
+        tensors = {"down": torch.randn(rank, width, generator=gen) * 0.1,
+                   "up": torch.randn(mod.out_features, rank, generator=gen) * 0.1,
+                   "up_bias": torch.randn(mod.out_features, generator=gen) * 0.05}
+        entries.append(Entry(a if layout == "bfl-control" else b, "lora", tensors))
+    for a, b in expand(CONTROL_LORA_NORMS):
+        value = params[b].detach() * (1 + 0.2 * torch.randn(params[b].shape, generator=gen))
+        norms[a if layout == "bfl-control" else b] = value
+    if layout == "bfl-control":
+        sd, _ = write_keys(entries + [Entry(n, "set", {"value": v}) for n, v in norms.items()], layout)
+    else:
+        sd, _ = write_keys(entries, "diffusers")
+        sd.update({f"transformer.{n}": v for n, v in norms.items()})
+    return {k: v.contiguous() for k, v in sd.items()}
 
 
 def tiny_lora(transformer, fmt: str = "peft", rank: int = 4, seed: int = 0) -> dict:

@@ -29,6 +29,7 @@ VARIANTS = {
     "schnell": dict(in_channels=64, guidance=False),
     "fill": dict(in_channels=384, guidance=True),
     "depth": dict(in_channels=128, guidance=True),
+    "kontext": dict(in_channels=64, guidance=True),  # dev's shapes (only the weights differ)
 }
 
 
@@ -193,6 +194,34 @@ def tiny_sd15_unet(block_out_channels: tuple[int, ...] = (32, 32, 64, 64), layer
     return _finish(model, dtype)
 
 
+def tiny_siglip(hidden_size: int = 48, layers: int = 2, intermediate_size: int = 96, image_size: int = 32,
+                patch_size: int = 8, heads: int | None = None, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A random transformers `SiglipVisionModel` with the SigLIP tower's structure (the so400m one Redux reads
+    is 1152 wide, 27 layers, 384 pixels in 14-pixel patches), with its pooling head. Heads default to the
+    loader's rule (they are not stored in a checkpoint)."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+    from ..convert.families.siglip import HIDDEN_ACT, LAYER_NORM_EPS, default_heads
+
+    _not_full_size(hidden_size, "tiny_siglip")
+    config = SiglipVisionConfig(
+        hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=layers,
+        num_attention_heads=heads or default_heads(hidden_size), image_size=image_size, patch_size=patch_size,
+        hidden_act=HIDDEN_ACT, layer_norm_eps=LAYER_NORM_EPS)
+    with _seeded(seed):
+        model = SiglipVisionModel(config)
+    return _finish(model, dtype)
+
+
+def tiny_redux(redux_dim: int = 48, text_width: int = 32, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A random diffusers `ReduxImageEncoder`: SigLIP features (`redux_dim` wide) -> tokens as wide as the
+    transformer's text input (`text_width`, its `joint_attention_dim`)."""
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+
+    with _seeded(seed):
+        model = ReduxImageEncoder(redux_dim=redux_dim, txt_in_features=text_width)
+    return _finish(model, dtype)
+
+
 def tiny_scheduler(variant: str = "dev"):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -290,6 +319,7 @@ def save_diffusers(component, directory) -> Path:
 
 __all__ = [
     "tiny_flux_transformer", "tiny_flux_vae", "tiny_clip_l", "tiny_t5", "tiny_sd15_unet", "tiny_scheduler",
+    "tiny_siglip", "tiny_redux",
     "tiny_pipeline_components", "save_diffusers", "rope_axes",
     "FLUX_VAE_SCALING", "FLUX_VAE_SHIFT", "DEV_SCHEDULER", "SCHNELL_SCHEDULER", "VARIANTS",
 ]

@@ -184,8 +184,7 @@ def empty_sd3_latent(ctx: RunContext, width=1024, height=1024, batch_size=1):
 
 
 def image_scale_by(ctx: RunContext, image, upscale_method="nearest-exact", scale_by=1.0):
-    import torch
-    import torch.nn.functional as F
+    from ..pipeline.images import scale
 
     width = round(image.shape[2] * scale_by)
     height = round(image.shape[1] * scale_by)
@@ -193,23 +192,64 @@ def image_scale_by(ctx: RunContext, image, upscale_method="nearest-exact", scale
     if width > MAX_RESOLUTION or height > MAX_RESOLUTION:  # chained upscales grow without bound otherwise
         raise BadInput("scale_by", f"{image.shape[2]}x{image.shape[1]} scaled by {scale_by} is {width}x{height}, "
                                    f"over {MAX_RESOLUTION} pixels a side")
-    x = image.movedim(-1, 1).float()
-    if upscale_method == "lanczos":
-        import numpy as np
-        from PIL import Image
-        out = []
-        for frame in x:
-            arr = (frame.movedim(0, -1).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-            pil = Image.fromarray(arr).resize((width, height), resample=Image.Resampling.LANCZOS)
-            out.append(torch.from_numpy(np.array(pil).astype(np.float32) / 255.0).movedim(-1, 0))
-        y = torch.stack(out)
-    elif upscale_method == "area":
-        y = F.interpolate(x, size=(height, width), mode="area")
-    elif upscale_method == "nearest-exact":
-        y = F.interpolate(x, size=(height, width), mode="nearest-exact")
-    else:
-        y = F.interpolate(x, size=(height, width), mode=upscale_method, align_corners=False, antialias=True)
-    return (y.movedim(1, -1).clamp(0, 1).contiguous(),), {}
+    return (scale(image, width, height, upscale_method).clamp(0, 1),), {}
+
+
+def reference_latent(ctx: RunContext, conditioning, latent=None):
+    """ReferenceLatent (comfy_extras/nodes_edit_model.py): appends the latent to `reference_latents`."""
+    from ..pipeline.kontext import add_reference
+
+    return (conditioning if latent is None else add_reference(conditioning, latent["samples"]),), {}
+
+
+def canny(ctx: RunContext, image, low_threshold=0.4, high_threshold=0.8):
+    """Canny (comfy_extras/nodes_canny.py, kornia's `canny` with its defaults): grey (ITU-R 601), a 5x5
+    Gaussian blur (sigma 1, reflected border), unnormalised Sobel gradients (replicated border), non-maximum
+    suppression along the gradient rounded to 45 degrees (ties kept on the left / upper side), thresholds
+    on the magnitude, then hysteresis through the 8 neighbours. Returns the edges as a grey IMAGE."""
+    import torch
+    import torch.nn.functional as F
+
+    if low_threshold > high_threshold:
+        raise BadInput("low_threshold", f"{low_threshold} is above high_threshold {high_threshold}")
+    r, g, b = image[..., :3].movedim(-1, 1).float().unbind(1)
+    blurred = torch.addcmul(torch.addcmul(r * 0.299, g, torch.tensor(0.587)), b, torch.tensor(0.114))[:, None]
+    kernel = torch.exp(-(torch.arange(5.0) - 2) ** 2 / 2)
+    kernel = kernel / kernel.sum()
+    for axis in (-1, -2):  # separable, tap by tap, in kornia's order (rows, then columns)
+        size = blurred.shape[axis]
+        padded = F.pad(blurred, (2, 2, 0, 0) if axis == -1 else (0, 0, 2, 2), mode="reflect")
+        blurred = padded.narrow(axis, 0, size) * kernel[0]
+        for tap in range(1, 5):
+            blurred = blurred.addcmul(padded.narrow(axis, tap, size), kernel[tap])
+    sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    padded = F.pad(blurred, (1, 1, 1, 1), mode="replicate")
+    gx = F.conv2d(padded, sobel[None, None])
+    gy = F.conv2d(padded, sobel.t()[None, None])
+    mag = torch.sqrt(F.pad(gx, (1, 1, 1, 1)) ** 2 + F.pad(gy, (1, 1, 1, 1)) ** 2 + 1e-6)
+    h, w = gx.shape[-2:]
+    offsets = ((0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1), (-1, 0), (-1, 1))
+    window = torch.stack([mag[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy, dx in offsets], 2)
+    centre = mag[..., 1:1 + h, 1:1 + w]
+    octant = (torch.nan_to_num(torch.atan2(gy, gx)) * (4 / torch.pi)).round()
+    keep = torch.ones_like(centre, dtype=torch.bool)
+    for idx in (octant % 8, (octant + 4) % 8):
+        idx = idx.long()
+        other = torch.gather(window, 2, idx[:, :, None]).squeeze(2)
+        keep &= (centre > other) | (((idx == 0) | (idx == 2)) & (centre == other))
+    centre = centre * (keep & (centre > mag[..., :1, :1]))
+    edges = (centre > low_threshold).float() * 0.5 + (centre > high_threshold).float() * 0.5
+    links = torch.zeros(8, 1, 3, 3)
+    for k, (dy, dx) in enumerate(offsets):
+        links[k, 0, 1 + dy, 1 + dx] = 1.0
+    while True:  # weak edges touching a strong one become strong, until nothing changes
+        weak, strong = (edges == 0.5).float(), (edges == 1).float()
+        grown = (F.conv2d(edges, links, padding=1) == 1).any(1, keepdim=True).float() * weak + strong
+        grown = grown + (grown == 0) * weak * 0.5
+        if torch.equal(grown, edges):
+            break
+        edges = grown
+    return ((edges == 1).float().repeat(1, 3, 1, 1).movedim(1, -1).contiguous(),), {}
 
 
 def solid_mask(ctx: RunContext, value=1.0, width=512, height=512):
@@ -254,6 +294,14 @@ def native_specs(input_dir=None) -> dict[str, NodeSpec]:
                   InputSpec("height", "INT", default=1024, min=16, max=MAX_RESOLUTION, step=16),
                   InputSpec("batch_size", "INT", default=1, min=1, max=4096)],
                  [("LATENT", "LATENT")], display_name="EmptySD3LatentImage", native=True, run=empty_sd3_latent),
+        NodeSpec("ReferenceLatent", [InputSpec("conditioning", "CONDITIONING"),
+                                     InputSpec("latent", "LATENT", optional=True)],
+                 [("CONDITIONING", "CONDITIONING")], display_name="ReferenceLatent", native=True,
+                 run=reference_latent),
+        NodeSpec("Canny", [InputSpec("image", "IMAGE"),
+                           InputSpec("low_threshold", "FLOAT", default=0.4, min=0.01, max=0.99, step=0.01),
+                           InputSpec("high_threshold", "FLOAT", default=0.8, min=0.01, max=0.99, step=0.01)],
+                 [("IMAGE", "IMAGE")], display_name="Canny", native=True, run=canny),
         NodeSpec("ImageScaleBy",
                  [InputSpec("image", "IMAGE"),
                   InputSpec("upscale_method", "COMBO", options=list(UPSCALE_METHODS)),

@@ -150,9 +150,12 @@ def ui_widget_values(spec: NodeSpec, values: list) -> tuple[dict, list[str]]:
     take a slot of their own right after their input). Returns (values by name, problems)."""
     named, problems, pos = {}, [], 0
     values = list(values or [])
-    for inp in spec.widgets():
+    widgets = spec.widgets()
+    for k, inp in enumerate(widgets):
         if pos >= len(values):
-            problems.append(f"widgets_values has no value for {inp.name!r}")
+            # a workflow saved before optional widgets were added: the frontend leaves them at their defaults
+            if not all(w.optional for w in widgets[k:]):
+                problems.append(f"widgets_values has no value for {inp.name!r}")
             break
         named[inp.name] = values[pos]
         pos += 1

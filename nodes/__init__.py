@@ -4,13 +4,14 @@
 the V3 `io` namespace through `host.comfy_io()` when they are imported (lazily, by `comfy_entrypoint`).
 The model objects they pass around, the load cache and the LoRA design are in `models.py`.
 """
-from . import conditioning, convert, latent, loaders, sampling
+from . import conditioning, convert, image, latent, loaders, sampling
 
 NODE_LIST = [
     loaders.LoadTransformer,
     loaders.LoadTextEncoders,
     loaders.LoadVAE,
     loaders.LoadLoRA,
+    loaders.LoadRedux,
     conditioning.TextEncode,
     latent.EmptyLatent,
     sampling.Scheduler,
@@ -20,6 +21,10 @@ NODE_LIST = [
     latent.VAEDecode,
     latent.VAEEncode,
     conditioning.FillConditioning,
+    conditioning.ControlConditioning,
+    conditioning.KontextReference,
+    image.KontextImageScale,
+    conditioning.ReduxConditioning,
     convert.SaveTransformer,
     convert.SaveVAE,
     convert.ConvertLoRA,

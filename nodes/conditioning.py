@@ -1,13 +1,18 @@
-"""Conditioning: prompt encoding (CLIP-L + T5 → native Flux CONDITIONING) and FLUX.1 Fill inputs."""
+"""Conditioning: prompt encoding (CLIP-L + T5 → native Flux CONDITIONING) and the image inputs of the FLUX.1
+family, each set on the CONDITIONING in ComfyUI's native form: Fill (`concat_latent_image` + `concat_mask`),
+Depth/Canny (`concat_latent_image`), Kontext (`reference_latents`), Redux (tokens after the text tokens)."""
 from __future__ import annotations
 
 import torch
 
 from ..runtime import host
 from ..common.errors import BadInput
+from ..pipeline import kontext as kontext_lib
+from ..pipeline import latents as latents_lib
+from ..pipeline import redux as redux_lib
 from ..pipeline import text as text_lib
 from ..pipeline import vae as vae_lib
-from ._common import CATEGORY, TEXT_ENCODERS, VAE, checked, io, ui
+from ._common import CATEGORY, REDUX, TEXT_ENCODERS, VAE, checked, io, ui
 
 CONDITIONING = CATEGORY + "/conditioning"
 
@@ -64,6 +69,29 @@ def _mask_like(mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     return m
 
 
+def _image(image) -> torch.Tensor:
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4 or image.shape[-1] < 3:
+        raise BadInput("image", f"expected IMAGE [B, H, W, 3], got shape {list(image.shape)}")
+    return image
+
+
+def _crop_to_patches(vae, notes, image, *alike):
+    """The image (and pixel-aligned masks) cropped, centred, to a multiple of 16 pixels: the VAE's 8 x the
+    transformer's 2x2 patches, which extra input channels need."""
+    step = vae.downscale * 2
+    _, h, w, _ = image.shape
+    h2, w2 = h // step * step, w // step * step
+    if h2 == 0 or w2 == 0:
+        raise BadInput("image", f"{w}x{h} is smaller than {step}x{step} pixels")
+    if (h2, w2) != (h, w):
+        notes.append(f"image {w}x{h} is not a multiple of {step}; cropped to {w2}x{h2} (centred)")
+        oy, ox = (h - h2) // 2, (w - w2) // 2
+        image, alike = image[:, oy:oy + h2, ox:ox + w2], [t[:, oy:oy + h2, ox:ox + w2] for t in alike]
+    return (image, *alike)
+
+
 def _with_fill(conditioning, latent_image: torch.Tensor, mask: torch.Tensor):
     return [[c, dict(d, concat_latent_image=latent_image, concat_mask=mask)] for c, d in conditioning]
 
@@ -91,21 +119,8 @@ class FillConditioning(io.ComfyNode):
     @classmethod
     def execute(cls, vae, positive, image, mask, negative=None):
         notes = []
-        if image.ndim == 3:
-            image = image[None]
-        if image.ndim != 4 or image.shape[-1] < 3:
-            raise BadInput("image", f"expected IMAGE [B, H, W, 3], got shape {list(image.shape)}")
-        m = _mask_like(mask, image)
-        # crop (centred) to a multiple of 16: the VAE's 8 x the transformer's 2x2 patches
-        step = vae.downscale * 2
-        _, h, w, _ = image.shape
-        h2, w2 = h // step * step, w // step * step
-        if h2 == 0 or w2 == 0:
-            raise BadInput("image", f"{w}x{h} is smaller than {step}x{step} pixels")
-        if (h2, w2) != (h, w):
-            notes.append(f"image {w}x{h} is not a multiple of {step}; cropped to {w2}x{h2} (centred)")
-            oy, ox = (h - h2) // 2, (w - w2) // 2
-            image, m = image[:, oy:oy + h2, ox:ox + w2], m[:, oy:oy + h2, ox:ox + w2]
+        image = _image(image)
+        image, m = _crop_to_patches(vae, notes, image, _mask_like(mask, image))
         m = (m >= 0.5).float()
         if image.shape[0] != m.shape[0]:
             if m.shape[0] == 1:
@@ -125,4 +140,110 @@ class FillConditioning(io.ComfyNode):
         return io.NodeOutput(positive, negative, {"samples": latent}, ui=ui(notes))
 
 
-NODES = [TextEncode, FillConditioning]
+class ControlConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxBridgeControlConditioning",
+            display_name="FluxBridge Control Conditioning",
+            category=CONDITIONING,
+            description="FLUX.1 Depth / Canny: the control image (a depth map, an edge map: any IMAGE, e.g. from a "
+                        "preprocessor node) encoded with the VAE and set on the conditioning as native "
+                        "concat_latent_image, and an empty latent of its size. For the full Depth/Canny models and "
+                        "for dev with a Depth/Canny control LoRA.",
+            inputs=[
+                VAE.Input("vae"),
+                io.Conditioning.Input("positive"),
+                io.Image.Input("control_image"),
+                io.Conditioning.Input("negative", optional=True),
+            ],
+            outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative"),
+                     io.Latent.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def execute(cls, vae, positive, control_image, negative=None):
+        notes = []
+        (image,) = _crop_to_patches(vae, notes, _image(control_image))
+        host.load_to_device([vae.handle], memory_required=vae_lib.encode_memory(vae.module, image.shape))
+        latent = vae_lib.encode(vae.module, image, notes=notes)  # the posterior mean, as ComfyUI's VAEEncode
+        positive = _with_control(positive, latent)
+        negative = _with_control(negative, latent) if negative is not None else None
+        empty = {"samples": torch.zeros_like(latent, device=host.intermediate_device())}
+        return io.NodeOutput(positive, negative, empty, ui=ui(notes))
+
+
+def _with_control(conditioning, latent_image: torch.Tensor):
+    return [[c, dict(d, concat_latent_image=latent_image)] for c, d in conditioning]
+
+
+class KontextReference(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxBridgeKontextReference",
+            display_name="FluxBridge Kontext Reference",
+            category=CONDITIONING,
+            description="FLUX.1 Kontext: adds a reference image to the conditioning (native reference_latents, as "
+                        "ComfyUI's ReferenceLatent does; chain the node for several references). Also gives an "
+                        "empty latent of the reference's size, to generate the edited image at that size.",
+            inputs=[
+                VAE.Input("vae"),
+                io.Conditioning.Input("conditioning"),
+                io.Image.Input("image", tooltip="Best at a preferred Kontext size: see FluxBridge Kontext Image Scale."),
+            ],
+            outputs=[io.Conditioning.Output(display_name="conditioning"), io.Latent.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def execute(cls, vae, conditioning, image):
+        notes = []
+        image = _image(image)
+        host.load_to_device([vae.handle], memory_required=vae_lib.encode_memory(vae.module, image.shape))
+        latent = vae_lib.encode(vae.module, image, notes=notes)  # cropped to the VAE's 8-pixel grid, like VAEEncode
+        conditioning = kontext_lib.add_reference(conditioning, latent)
+        refs = len(conditioning[0][1][kontext_lib.REFERENCE_KEY]) if conditioning else 0
+        h, w = latent.shape[-2] * vae.downscale, latent.shape[-1] * vae.downscale
+        empty = latents_lib.empty_latent(w, h, batch=latent.shape[0], channels=vae.latent_channels,
+                                         downscale=vae.downscale, notes=notes)
+        empty["samples"] = empty["samples"].to(host.intermediate_device())
+        notes.insert(0, f"reference {refs}: {w}x{h} pixels")
+        return io.NodeOutput(conditioning, empty, ui=ui(notes))
+
+
+class ReduxConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxBridgeReduxConditioning",
+            display_name="FluxBridge Redux Conditioning",
+            category=CONDITIONING,
+            description="FLUX.1 Redux: the image's Redux tokens (SigLIP features through the Redux encoder), times "
+                        "strength, appended to the conditioning's text tokens (as diffusers' FluxPriorReduxPipeline "
+                        "and ComfyUI's StyleModelApply with strength_type multiply).",
+            inputs=[
+                io.Conditioning.Input("conditioning"),
+                REDUX.Input("redux"),
+                io.Image.Input("image"),
+                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01),
+                io.Combo.Input("crop", options=list(redux_lib.CROPS), default="center",
+                               tooltip="center: the shorter side to the tower's size and a centred square, as "
+                                       "CLIPVisionEncode crops; none: the whole image squeezed to a square."),
+            ],
+            outputs=[io.Conditioning.Output(display_name="conditioning")],
+        )
+
+    @classmethod
+    def execute(cls, conditioning, redux, image, strength=1.0, crop="center"):
+        strength = checked(cls, strength=strength)
+        source = f"the Redux encoder {redux.encoder.name!r}"
+        redux_lib.check_width(conditioning, redux.text_width, source=source)  # before any work
+        pixels = redux_lib.preprocess(_image(image), redux.image_size, redux.mean, redux.std, crop)
+        host.load_to_device(redux.handles)
+        tokens = redux_lib.image_tokens(redux.vision.module, redux.encoder.module, pixels)
+        out = redux_lib.append_tokens(conditioning, tokens, strength, source=source)
+        return io.NodeOutput(out, ui=ui([f"{tokens.shape[0] * tokens.shape[1]} Redux token(s) x {strength:g} "
+                                         f"after {conditioning[0][0].shape[1]} text token(s)"]))
+
+
+NODES = [TextEncode, FillConditioning, ControlConditioning, KontextReference, ReduxConditioning]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..runtime import host, models
 from ..common.errors import BadInput
-from ._common import CATEGORY, TEXT_ENCODERS, TRANSFORMER, VAE, checked, files, io, name_errors, ui
+from ._common import CATEGORY, REDUX, TEXT_ENCODERS, TRANSFORMER, VAE, checked, files, io, name_errors, ui
 
 LOADERS = CATEGORY + "/loaders"
 
@@ -44,6 +44,10 @@ class LoadTransformer(io.ComfyNode):
                                tooltip="Weight-only quantization of the Linear layers: int8 / fp8 through "
                                        "torchao, quanto-int8 / quanto-fp8 through optimum-quanto "
                                        "(pip install fluxbridge[quant])."),
+                io.Combo.Input("variant", options=list(models.VARIANT_CHOICES), default="auto", optional=True,
+                               tooltip="auto: detected from the weights and the file name. kontext: a FLUX.1 "
+                                       "Kontext model whose file name does not say so (its weights look like "
+                                       "dev's)."),
             ],
             outputs=[TRANSFORMER.Output(display_name="transformer")],
         )
@@ -53,9 +57,9 @@ class LoadTransformer(io.ComfyNode):
         return name_errors(model_name=("diffusion_models", model_name))
 
     @classmethod
-    def execute(cls, model_name, weight_dtype="default", quantize="none"):
+    def execute(cls, model_name, weight_dtype="default", quantize="none", variant="auto"):
         path = host.model_path("diffusion_models", model_name)
-        model, hit = models.load_transformer(path, weight_dtype, quantize, name=model_name)
+        model, hit = models.load_transformer(path, weight_dtype, quantize, name=model_name, variant=variant)
         info = {"family": model.family, "layout": model.layout, "variant": model.variant, "dtype": model.storage,
                 "config": model.config, "warnings": _warnings(model.report), "cached": hit}
         line = (f"{model_name}: {model.family}, layout {model.layout}, variant {model.variant}, "
@@ -197,4 +201,44 @@ class LoadLoRA(io.ComfyNode):
         return io.NodeOutput(transformer, text_encoders, ui=ui(lines, payload))
 
 
-NODES = [LoadTransformer, LoadTextEncoders, LoadVAE, LoadLoRA]
+class LoadRedux(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxBridgeLoadRedux",
+            display_name="FluxBridge Load Redux",
+            category=LOADERS,
+            description="Loads FLUX.1 Redux: its image encoder (models/style_models) and the SigLIP vision tower "
+                        "it reads (models/clip_vision: a single file, or a transformers folder).",
+            inputs=[
+                io.Combo.Input("redux_name", options=files("style_models"),
+                               tooltip="The Redux encoder, e.g. flux1-redux-dev.safetensors in models/style_models."),
+                io.Combo.Input("clip_vision_name", options=files("clip_vision"),
+                               tooltip="SigLIP (so400m, patch 14, 384), e.g. sigclip_vision_patch14_384.safetensors "
+                                       "in models/clip_vision."),
+            ],
+            outputs=[REDUX.Output(display_name="redux")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, redux_name=None, clip_vision_name=None):
+        return name_errors(("style_models", redux_name), ("clip_vision", clip_vision_name))
+
+    @classmethod
+    def execute(cls, redux_name, clip_vision_name):
+        redux, hit = models.load_redux(host.model_path("style_models", redux_name),
+                                       host.model_path("clip_vision", clip_vision_name),
+                                       redux_name=redux_name, vision_name=clip_vision_name)
+        parts, lines = [], []
+        for enc in (redux.encoder, redux.vision):
+            parts.append({"name": enc.name, "family": enc.family, "layout": enc.layout, "dtype": enc.dtype,
+                          "warnings": _warnings(enc.report)})
+            lines.append(f"{enc.name}: {enc.family}, layout {enc.layout}, {enc.dtype}")
+            lines += parts[-1]["warnings"]
+        lines.append(f"{redux.image_size}x{redux.image_size} pixels in, {redux.text_width}-wide tokens out "
+                     f"{_cached_note(hit)}".strip())
+        return io.NodeOutput(redux, ui=ui(lines, {"components": parts, "image_size": redux.image_size,
+                                                  "text_width": redux.text_width, "cached": hit}))
+
+
+NODES = [LoadTransformer, LoadTextEncoders, LoadVAE, LoadLoRA, LoadRedux]

@@ -11,6 +11,7 @@ from ..runtime import host
 from ..common.errors import BadInput
 from ..pipeline import latents as latents_lib
 from ..pipeline import schedule as schedule_lib
+from ..pipeline.kontext import REFERENCE_KEY
 from ..pipeline.sample import check_conditioning, sample, working_memory
 from ._common import CATEGORY, MAX_RESOLUTION, MAX_SEED, TRANSFORMER, checked, io, node_id, ui
 
@@ -53,10 +54,28 @@ def _named(transformer) -> str:
 
 
 def _check_conditionings(transformer, positive, negative) -> None:
-    """Before the model loads: the conditionings' widths fit the transformer (both parts named)."""
-    check_conditioning(positive, transformer.config, "positive", _named(transformer))
-    if negative is not None:
-        check_conditioning(negative, transformer.config, "negative", _named(transformer))
+    """Before the model loads: the conditionings fit the transformer (both parts named): their widths, and
+    their image inputs (a control image needs the input channels a Depth/Canny model or control LoRA
+    gives; Kontext references need a Kontext model)."""
+    config = dict(transformer.config, in_channels=transformer.input_channels())
+    for which, cond in (("positive", positive), ("negative", negative)):
+        if cond is None:
+            continue
+        _, extra = check_conditioning(cond, config, which, _named(transformer))
+        refs = extra.get(REFERENCE_KEY)
+        if refs and transformer.variant != "kontext":
+            raise BadInput(which, f"the {which} conditioning carries {len(refs)} Kontext reference image(s), but "
+                                  f"{_named(transformer)} is FLUX.1 {transformer.variant} (detected from its "
+                                  f"weights and name); if it is FLUX.1 Kontext, set the loader's variant to kontext")
+
+
+def _working_memory(transformer, latent_shape, positive) -> int:
+    """The activations' room for a step: the latent's tokens and the Kontext references' (which ComfyUI also
+    counts for its own Flux model)."""
+    refs = positive[0][1].get(REFERENCE_KEY) or []
+    b = int(latent_shape[0])
+    return working_memory(transformer.module, latent_shape) + sum(
+        working_memory(transformer.module, (b, *ref.shape[1:])) for ref in refs)
 
 
 class Scheduler(io.ComfyNode):
@@ -164,7 +183,7 @@ class SchedulerStep(io.ComfyNode):
         raw = raw.to(torch.float32).cpu()
         if latent.get("noise_mask") is not None:
             notes.append("noise_mask ignored: a single step cannot re-noise the kept area (use the sampler)")
-        host.load_to_device([transformer.handle], memory_required=working_memory(transformer.module, raw.shape))
+        host.load_to_device([transformer.handle], memory_required=_working_memory(transformer, raw.shape, positive))
         host.check_interrupt()
         with transformer.patched() as module:  # one iteration of the sampler's loop
             out = sample(module, positive, {"samples": raw}, sig[step:step + 2], negative=negative,
@@ -216,7 +235,7 @@ class Sampler(io.ComfyNode):
             tokens = ((h + 1) // 2) * ((w + 1) // 2)
             sigmas = flux_sigmas(steps, tokens, shift_choice("auto", transformer)[0], denoise)
         sig = _sigmas(sigmas)
-        host.load_to_device([transformer.handle], memory_required=working_memory(transformer.module, samples.shape))
+        host.load_to_device([transformer.handle], memory_required=_working_memory(transformer, samples.shape, positive))
         bar = host.progress(sig.numel() - 1, node_id=node_id(cls))
         with transformer.patched() as module:
             out = sample(module, positive, latent, sig, seed=int(seed), negative=negative, true_cfg=float(true_cfg),

@@ -5,11 +5,11 @@ noise at sigma 1) -> pack -> per step: transformer(hidden_states, timestep=sigma
 encoder_hidden_states, txt_ids, img_ids) [-> true CFG: neg + scale*(pos - neg)] -> Euler step -> unpack ->
 process_out -> native LATENT.
 
-The arithmetic follows diffusers FluxPipeline / FluxImg2ImgPipeline / FluxFillPipeline / FluxInpaintPipeline
-step for step (same operations, same order), so float32 results match them. One deliberate difference: the
+The arithmetic follows diffusers FluxPipeline / FluxImg2ImgPipeline / FluxFillPipeline / FluxInpaintPipeline /
+FluxControlPipeline / FluxKontextPipeline step for step (same operations, same order), so float32 results match them. One deliberate difference: the
 running sample stays float32 between steps (diffusers rounds it to the model's dtype after each step; for a
-float32 model the two are identical). Everything the loop needs (ids, guidance, timesteps, the Fill input
-buffer) is built once; a step allocates two latent-sized tensors (dt * v and the next sample) beyond what the
+float32 model the two are identical). Everything the loop needs (ids, guidance, timesteps, the input buffer
+holding the Fill / control channels and the Kontext reference tokens) is built once; a step allocates two latent-sized tensors (dt * v and the next sample) beyond what the
 transformer does.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ from ..common.errors import BadInput
 from ._notes import note
 from .device import execution_device
 from .fill import _batch, from_native_conditioning
+from .kontext import METHOD_KEY, REFERENCE_KEY, check_references, reference_tokens
 from .latents import LatentFormat, image_ids, latent_samples, noise as make_noise, pack, text_ids, unpack
 from .schedule import add_noise, euler_step
 
@@ -69,7 +70,26 @@ def check_conditioning(conditioning, config, which: str = "positive",
     if pooled.shape[-1] != config["pooled_projection_dim"]:
         raise BadInput(which, f"the {which} pooled output is {pooled.shape[-1]} wide, {model} expects "
                               f"{config['pooled_projection_dim']} (its CLIP width)")
+    in_channels = int(config["in_channels"])
+    _check_image_inputs(extra, in_channels, int(config.get("out_channels") or in_channels) // 4, which, model)
     return hidden, extra
+
+
+def _check_image_inputs(extra: dict, in_channels: int, channels: int, which: str, model: str) -> None:
+    """The conditioning's image inputs fit the model: Kontext references have its latent channels and
+    need a model without extra input channels; a control image (`concat_latent_image` without an inpaint
+    `concat_mask`) needs a model with them (a Depth/Canny model, or a control LoRA applied)."""
+    base = 4 * channels
+    refs = extra.get(REFERENCE_KEY)
+    if refs is not None:
+        check_references(refs, channels, which, model)
+        if refs and in_channels != base:
+            raise BadInput(which, f"{len(refs)} Kontext reference image(s), but {model} takes {in_channels} input "
+                                  f"channels (a Fill or control model): reference images need a Kontext model")
+    if extra.get("concat_latent_image") is not None and extra.get("concat_mask") is None and in_channels == base:
+        raise BadInput(which, f"the {which} conditioning carries a control image (concat_latent_image), but {model} "
+                              f"takes no control input ({in_channels} input channels: not a Depth/Canny model; "
+                              f"load one, or apply a Depth/Canny control LoRA)")
 
 
 def _text_inputs(transformer, conditioning, which, batch, device, dtype, notes):
@@ -125,6 +145,8 @@ def sample(transformer, conditioning, latent: dict, sigmas, seed: int = 0, guida
     true_cfg: with a `negative`, > 1 runs the model twice per step: neg + true_cfg * (pos - neg).
     fill: packed extra inputs for Fill (320 features) or Depth/Canny (64) models (`pipeline.fill`); when None
         they are built from native `concat_latent_image`/`concat_mask` keys of the positive conditioning.
+    Kontext reference images come from the positive conditioning's native `reference_latents` (see
+        `pipeline.kontext`): their tokens follow the latent's at every step (the negative pass too).
     denoise_mask: native noise_mask (1 = denoise; default: `latent["noise_mask"]`): the rest is kept, re-noised
         to each step's sigma like FluxInpaintPipeline.
     progress: a factory `progress(total)` or an object with `.update(n)` / `.update_absolute(v, total, preview)`.
@@ -227,29 +249,39 @@ def sample(transformer, conditioning, latent: dict, sigmas, seed: int = 0, guida
         mask = pack(mask.contiguous()).to(device)
 
     img_ids = image_ids(hh // 2, ww // 2, device=device)
+    n = x.shape[1]  # the latent's tokens; Kontext reference tokens follow them
+    refs = pos_extra.get(REFERENCE_KEY) or []
+    if refs:
+        ref_x, ref_ids = reference_tokens(refs, pos_extra.get(METHOD_KEY) or "offset", b, (hh // 2, ww // 2), fmt,
+                                          device, dtype, notes)
+        img_ids = torch.cat([img_ids, ref_ids])
     t_in = (sig[:-1] * 1000 / 1000).to(device)  # what the pipeline passes: (sigma * 1000) / 1000
     sig_list = sig.tolist()
-    if fill is not None:
-        buf = torch.empty(b, x.shape[1], in_ch, device=device, dtype=dtype)
-        buf[..., base:] = _batch(fill, b, "fill").to(device=device, dtype=dtype)
+    buf = None
+    if fill is not None or refs:  # the model's input, built once: [latent | fill] tokens, then references
+        buf = torch.empty(b, n + (ref_x.shape[1] if refs else 0), in_ch, device=device, dtype=dtype)
+        if fill is not None:
+            buf[:, :n, base:] = _batch(fill, b, "fill").to(device=device, dtype=dtype)
+        if refs:
+            buf[:, n:] = ref_x
 
     bar = _progress_bar(progress, steps)
     for i in range(steps):
         if check_interrupt is not None:
             check_interrupt()
-        if fill is not None:
-            buf[..., :base].copy_(x)
+        if buf is not None:
+            buf[:, :n, :base].copy_(x)
             inp = buf
         else:
             inp = x if x.dtype == dtype else x.to(dtype)
         t = t_in[i].expand(b)
         v = transformer(hidden_states=inp, timestep=t, guidance=guidance_vec, pooled_projections=pos_pooled,
                         encoder_hidden_states=pos_hidden, txt_ids=txt_ids, img_ids=img_ids,
-                        return_dict=False)[0]
+                        return_dict=False)[0][:, :n]
         if do_cfg:
             v_neg = transformer(hidden_states=inp, timestep=t, guidance=guidance_vec,
                                 pooled_projections=neg_pooled, encoder_hidden_states=neg_hidden,
-                                txt_ids=neg_txt_ids, img_ids=img_ids, return_dict=False)[0]
+                                txt_ids=neg_txt_ids, img_ids=img_ids, return_dict=False)[0][:, :n]
             v = v_neg + true_cfg * (v - v_neg)
         shown = None
         if preview is not None:

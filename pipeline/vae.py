@@ -163,7 +163,9 @@ def _pixels(image: torch.Tensor, ds: int, notes) -> torch.Tensor:
         note(f"image {w}x{h} is not a multiple of {ds}; cropped to {w2}x{h2} (centred)", notes)
         oy, ox = (h - h2) // 2, (w - w2) // 2
         image = image[:, oy:oy + h2, ox:ox + w2]
-    return 2.0 * image[..., :3].permute(0, 3, 1, 2) - 1.0
+    # contiguous: the same pixels must give the same latents whatever the IMAGE's memory layout (a BHWC view
+    # of a BCHW tensor, as native nodes return, would otherwise reach the convolutions channels-last)
+    return (2.0 * image[..., :3].permute(0, 3, 1, 2) - 1.0).contiguous()
 
 
 @torch.no_grad()

@@ -451,6 +451,8 @@ KINDS = {  # kind -> its sub-folders of a standalone models directory (inside Co
     "text_encoders": ("text_encoders", "clip"),
     "vae": ("vae",),
     "loras": ("loras",),
+    "style_models": ("style_models",),  # FLUX.1 Redux (ComfyUI's folder for it)
+    "clip_vision": ("clip_vision",),  # the SigLIP vision tower Redux reads
     "tokenizers/clip_l": (os.path.join("tokenizers", "clip_l"),),
     "tokenizers/t5xxl": (os.path.join("tokenizers", "t5xxl"),),
 }

@@ -9,6 +9,8 @@ Model objects (the custom socket types):
   detected), their tokenizers and where those came from, and the LoRA stack for their parts.
 * `VAEModel` (`FLUXBRIDGE_VAE`): the diffusers `AutoencoderKL`, its handle and latent format (scale, shift,
   channels).
+* `ReduxModel` (`FLUXBRIDGE_REDUX`): the FLUX.1 Redux image encoder and the SigLIP vision tower it reads (each
+  an `Encoder`), and the tower's pixel size, mean and std.
 
 Caching and LoRAs (the design, in short):
 
@@ -51,6 +53,9 @@ TEXT_DTYPES = ("default", "bf16", "fp16", "fp32")
 # quantize choices: weight-only quantization of the transformer's Linear layers, int8 / fp8 through torchao,
 # quanto-int8 / quanto-fp8 through optimum-quanto (both in the optional `fluxbridge[quant]` dependency)
 QUANTIZE = ("none", "int8", "fp8", "quanto-int8", "quanto-fp8")
+# What a transformer is, when its file name does not say: "auto" reads the weights (and the name, for the
+# variants only a name tells apart: Kontext has dev's keys and shapes).
+VARIANT_CHOICES = ("auto", "kontext")
 _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
                 "fp8_e4m3fn": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
@@ -140,6 +145,18 @@ class TransformerModel:
         """`with model.patched() as module:` the module with the LoRA stack applied, removed on exit."""
         return _patched(self.module, self.family, self.loras, lambda e: e.strength)
 
+    def input_channels(self) -> int:
+        """The packed input channels the model takes while its LoRA stack is applied: a Depth/Canny control
+        LoRA widens `img_in` (64 -> 128), worked out from the shapes without touching the weights."""
+        pairs = [(e.lora, e.strength) for e in self.loras if e.strength]
+        if not pairs:
+            return int(self.config["in_channels"])
+        from ..convert.lora.apply import logical_shapes
+        from ..convert.lora.patch import Plan
+        widths = Plan(self.family, pairs, logical_shapes(self.module)).expand
+        return max([int(self.config["in_channels"])] + [int(w) for n, w in widths.items()
+                                                          if n.startswith("x_embedder.")])
+
 
 @dataclass(frozen=True)
 class Encoder:
@@ -195,6 +212,26 @@ def _has_family(lora, family: str) -> bool:
 
 
 @dataclass(frozen=True)
+class ReduxModel:
+    """FLUX.1 Redux (`FLUXBRIDGE_REDUX`): the Redux image encoder and the SigLIP vision tower it reads,
+    each an `Encoder`, plus how the tower wants its pixels (size, mean, std)."""
+    encoder: Encoder  # diffusers ReduxImageEncoder
+    vision: Encoder  # transformers SigLIP vision tower
+    image_size: int
+    mean: tuple
+    std: tuple
+
+    @property
+    def handles(self) -> list:
+        return [self.vision.handle, self.encoder.handle]
+
+    @property
+    def text_width(self) -> int:
+        """The width of the tokens it makes: the T5 width of the transformer they are for."""
+        return int(self.encoder.config["txt_in_features"])
+
+
+@dataclass(frozen=True)
 class VAEModel:
     module: Any  # diffusers AutoencoderKL
     handle: Any
@@ -224,7 +261,8 @@ class VAEModel:
 
 # ----------------------------------------------------------------------------------------------- cache
 
-CACHE_LIMITS = {"transformer": 2, "clip-l": 2, "t5-xxl": 2, "vae": 2, "lora": 8, "tokenizer": 8}
+CACHE_LIMITS = {"transformer": 2, "clip-l": 2, "t5-xxl": 2, "vae": 2, "lora": 8, "tokenizer": 8, "flux-redux": 2,
+                "siglip-vision": 2}
 _cache: OrderedDict = OrderedDict()
 _cache_lock = threading.RLock()
 stats = {"hits": 0, "loads": 0}
@@ -414,14 +452,15 @@ def _display_name(path) -> str:
 
 
 def load_transformer(path, weight_dtype: str = "default", quantize: str = "none",
-                     name: str | None = None) -> tuple[TransformerModel, bool]:
+                     name: str | None = None, variant: str = "auto") -> tuple[TransformerModel, bool]:
     """(TransformerModel, was_cached) for a Flux transformer file or diffusers folder.
 
     weight_dtype: "default" = the host's compute dtype for its device (bf16 on a capable GPU, else fp32);
     fp8_e4m3fn / fp8_e5m2 keep the weights in fp8 and upcast each layer to the compute dtype as it runs
     (diffusers layerwise casting). quantize: int8 / fp8 weight-only quantization of the Linear layers
     through torchao, or quanto-int8 / quanto-fp8 through optimum-quanto (the optional `fluxbridge[quant]`
-    dependency).
+    dependency). variant: "auto" (detected), or "kontext" for a FLUX.1 Kontext file whose name does not say
+    so (its weights are shaped like dev's).
     """
     from ..convert.load import load_model
 
@@ -429,6 +468,8 @@ def load_transformer(path, weight_dtype: str = "default", quantize: str = "none"
         raise BadInput(path, f"weight_dtype {weight_dtype!r}: expected one of {', '.join(WEIGHT_DTYPES)}")
     if quantize not in QUANTIZE:
         raise BadInput(path, f"quantize {quantize!r}: expected one of {', '.join(QUANTIZE)}")
+    if variant not in VARIANT_CHOICES:
+        raise BadInput(path, f"variant {variant!r}: expected one of {', '.join(VARIANT_CHOICES)}")
     fp8 = weight_dtype.startswith("fp8")
     if fp8 and quantize != "none":
         raise BadInput(path, f"weight_dtype {weight_dtype} and quantize {quantize} both set how the weights are "
@@ -455,7 +496,17 @@ def load_transformer(path, weight_dtype: str = "default", quantize: str = "none"
                                 storage=storage, report=loaded.report)
 
     model, hit = cached(cache_key("transformer", source, dtype_name(dtype), weight_dtype, quantize), build)
-    return (dataclasses.replace(model, name=name) if name and name != model.name else model), hit
+    if name and name != model.name:
+        model = dataclasses.replace(model, name=name)
+    if variant == "kontext" and model.variant != "kontext":
+        cfg = model.config
+        if cfg["in_channels"] != cfg["out_channels"] or not cfg.get("guidance_embeds"):
+            raise BadInput(path, f"variant kontext: this is a {model.variant} model ({cfg['in_channels']} input "
+                                 f"channels, {'with' if cfg.get('guidance_embeds') else 'no'} guidance embedding); "
+                                 f"FLUX.1 Kontext is shaped like dev ({cfg['out_channels']} input channels, "
+                                 f"guidance embedding)")
+        model = dataclasses.replace(model, variant="kontext")
+    return model, hit
 
 
 def _load_encoder(path, family: str, dtype, name: str) -> tuple[Encoder, bool]:
@@ -503,6 +554,43 @@ def load_vae(path, name: str | None = None) -> tuple[VAEModel, bool]:
 
     vae, hit = cached(cache_key("vae", source, dtype_name(dtype)), build)
     return (dataclasses.replace(vae, name=name) if name and name != vae.name else vae), hit
+
+
+def _image_processor(folder) -> dict:
+    """A transformers folder's preprocessor_config.json (SigLIP image size, mean, std), or {}."""
+    import json
+    cfg = Path(folder) / "preprocessor_config.json"
+    if not (Path(folder).is_dir() and cfg.is_file()):
+        return {}
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise BadInput(cfg, f"corrupt preprocessor_config.json: {exc}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def load_redux(redux_path, vision_path, redux_name: str | None = None,
+               vision_name: str | None = None) -> tuple[ReduxModel, bool]:
+    """(ReduxModel, both_were_cached): the Redux encoder file (`style_models`) and the SigLIP vision tower
+    (`clip_vision`: a single file as ComfyUI keeps it, or a transformers folder). Their widths must meet:
+    the tower's features are what the encoder takes."""
+    from ..convert.families import siglip
+
+    dtype = host.compute_dtype(host.torch_device())
+    redux_name, vision_name = redux_name or _display_name(redux_path), vision_name or _display_name(vision_path)
+    encoder, hit_encoder = _load_encoder(Path(redux_path), "flux-redux", dtype, redux_name)
+    vision, hit_vision = _load_encoder(Path(vision_path), "siglip-vision", dtype, vision_name)
+    tower = siglip.vision_config(vision.module.config.to_dict())
+    if int(tower["hidden_size"]) != int(encoder.config["redux_dim"]):
+        raise BadInput(redux_name, f"the Redux encoder takes {encoder.config['redux_dim']}-wide image features, "
+                                   f"but the vision tower {vision_name!r} makes {tower['hidden_size']}-wide ones")
+    proc = _image_processor(vision_path)
+    size = proc.get("size") or {}
+    image_size = int(size.get("height") or size.get("shortest_edge") or tower["image_size"]) \
+        if isinstance(size, dict) else int(size)
+    return ReduxModel(encoder=encoder, vision=vision, image_size=image_size,
+                      mean=tuple(proc.get("image_mean") or siglip.IMAGE_MEAN),
+                      std=tuple(proc.get("image_std") or siglip.IMAGE_STD)), hit_encoder and hit_vision
 
 
 def open_lora(path):

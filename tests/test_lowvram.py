@@ -60,7 +60,7 @@ def leaves_with_weights(module):
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
-    """The demo's models (dev transformer, VAE, CLIP-L, T5, two LoRAs, small tokenizers) in a models folder."""
+    """The demo's models (dev transformer, VAE, CLIP-L, T5, two LoRAs) in a models folder."""
     root = tmp_path_factory.mktemp("lowvram-models")
     demo.build_models(root, loras=True)
     return root

@@ -20,7 +20,8 @@ from fluxbridge.runtime import host, models
 from fluxbridge.convert.write import convert_file
 from fluxbridge.common.errors import BadInput
 from fluxbridge.nodes import conditioning, convert, latent, loaders, sampling
-from model_state import assert_same_state, snapshot
+from model_state import assert_same_state, snapshot  # tests/helpers
+from node_graph import copy_tokenizers, run  # tests/helpers
 
 TOKENIZERS = models.PACK_TOKENIZERS
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407], [3, 9, 1202, 13, 3, 9, 1712, 1]  # CLIP-L, T5
@@ -69,8 +70,7 @@ def tiny_models(tmp_path_factory):
     (root / "loras").mkdir()
     lora = {k: v * 20 for k, v in tiny_lora(dev, "kohya", seed=8).items() if not k.endswith(".alpha")}
     save_file(lora, str(root / "loras" / NAMES["lora_name"]))
-    shutil.copytree(TOKENIZERS / "clip_l", root / "tokenizers" / "clip_l")
-    shutil.copytree(TOKENIZERS / "t5xxl", root / "tokenizers" / "t5xxl")
+    copy_tokenizers(TOKENIZERS, root)
     return root
 
 
@@ -78,12 +78,6 @@ def tiny_models(tmp_path_factory):
 def models_dir(tiny_models):
     """The standalone host fixture (conftest `standalone_host`) points at this module's models."""
     return tiny_models
-
-
-def run(cls, **inputs):
-    """Execute one node; returns (outputs tuple, ui dict)."""
-    out = cls.execute(**inputs)
-    return out.args, (out.ui or {})
 
 
 def load(lora_strength=None, weight_dtype="default"):

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # id -> (category, [(input, type, optional)], [(output name, type)], output node)
 CATALOGUE = {
     "FluxBridgeLoadTransformer": ("loaders", [("model_name", "COMBO", False), ("weight_dtype", "COMBO", False),
-                                              ("quantize", "COMBO", False)],
+                                              ("quantize", "COMBO", False), ("variant", "COMBO", True)],
                                   [("transformer", "FLUXBRIDGE_TRANSFORMER")], False),
     "FluxBridgeLoadTextEncoders": ("loaders", [("clip_name", "COMBO", False), ("t5_name", "COMBO", False),
                                                ("weight_dtype", "COMBO", False)],
@@ -24,6 +24,8 @@ CATALOGUE = {
                                        ("text_encoders", "FLUXBRIDGE_TEXT_ENCODERS", True)],
                            [("transformer", "FLUXBRIDGE_TRANSFORMER"), ("text_encoders", "FLUXBRIDGE_TEXT_ENCODERS")],
                            False),
+    "FluxBridgeLoadRedux": ("loaders", [("redux_name", "COMBO", False), ("clip_vision_name", "COMBO", False)],
+                            [("redux", "FLUXBRIDGE_REDUX")], False),
     "FluxBridgeTextEncode": ("conditioning", [("text_encoders", "FLUXBRIDGE_TEXT_ENCODERS", False),
                                               ("clip_text", "STRING", False), ("t5_text", "STRING", False),
                                               ("guidance", "FLOAT", False), ("max_sequence_length", "INT", False)],
@@ -55,6 +57,20 @@ CATALOGUE = {
                                                     ("mask", "MASK", False), ("negative", "CONDITIONING", True)],
                                    [("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                                     ("latent", "LATENT")], False),
+    "FluxBridgeControlConditioning": ("conditioning", [("vae", "FLUXBRIDGE_VAE", False),
+                                                       ("positive", "CONDITIONING", False),
+                                                       ("control_image", "IMAGE", False),
+                                                       ("negative", "CONDITIONING", True)],
+                                      [("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                                       ("latent", "LATENT")], False),
+    "FluxBridgeKontextReference": ("conditioning", [("vae", "FLUXBRIDGE_VAE", False),
+                                                    ("conditioning", "CONDITIONING", False), ("image", "IMAGE", False)],
+                                   [("conditioning", "CONDITIONING"), ("latent", "LATENT")], False),
+    "FluxBridgeKontextImageScale": ("image", [("image", "IMAGE", False)], [("image", "IMAGE")], False),
+    "FluxBridgeReduxConditioning": ("conditioning", [("conditioning", "CONDITIONING", False),
+                                                     ("redux", "FLUXBRIDGE_REDUX", False), ("image", "IMAGE", False),
+                                                     ("strength", "FLOAT", False), ("crop", "COMBO", False)],
+                                    [("conditioning", "CONDITIONING")], False),
     "FluxBridgeSaveTransformer": ("convert", [("transformer", "FLUXBRIDGE_TRANSFORMER", False),
                                               ("layout", "COMBO", False), ("dtype", "COMBO", False),
                                               ("filename_prefix", "STRING", False)], [], True),
@@ -69,6 +85,9 @@ WIDGETS = {  # (node, input) -> expected attributes
         options=["default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2"], default="default"),
     ("FluxBridgeLoadTransformer", "quantize"): dict(options=["none", "int8", "fp8", "quanto-int8", "quanto-fp8"],
                                                   default="none"),
+    ("FluxBridgeLoadTransformer", "variant"): dict(options=["auto", "kontext"], default="auto"),
+    ("FluxBridgeReduxConditioning", "strength"): dict(min=0.0, max=10.0, default=1.0),
+    ("FluxBridgeReduxConditioning", "crop"): dict(options=["center", "none"], default="center"),
     ("FluxBridgeLoadTextEncoders", "weight_dtype"): dict(options=["default", "bf16", "fp16", "fp32"],
                                                          default="default"),
     ("FluxBridgeLoadLoRA", "strength_model"): dict(min=-10.0, max=10.0, default=1.0),
@@ -135,8 +154,12 @@ def test_entrypoint_registers_every_node(comfy_stubs):
 
 def test_combos_list_the_model_folders(standalone_host, models_dir):
     for rel in ("diffusion_models/flux1-dev.safetensors", "unet/old.safetensors", "text_encoders/clip_l.safetensors",
-                "clip/t5xxl_fp16.safetensors", "vae/ae.safetensors", "loras/style.safetensors"):
+                "clip/t5xxl_fp16.safetensors", "vae/ae.safetensors", "loras/style.safetensors",
+                "style_models/flux1-redux-dev.safetensors", "clip_vision/sigclip_vision_patch14_384.safetensors"):
+        (models_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         (models_dir / rel).write_bytes(b"")
+    (models_dir / "clip_vision" / "siglip-so400m").mkdir()
+    (models_dir / "clip_vision" / "siglip-so400m" / "config.json").write_text("{}")
     (models_dir / "diffusion_models" / "FLUX.1-dev").mkdir()
     (models_dir / "diffusion_models" / "FLUX.1-dev" / "model_index.json").write_text("{}")
     by_id = {c.GET_SCHEMA().node_id: c.GET_SCHEMA() for c in NODE_LIST}
@@ -151,6 +174,9 @@ def test_combos_list_the_model_folders(standalone_host, models_dir):
     assert options("FluxBridgeLoadVAE", "vae_name") == ["ae.safetensors"]
     assert options("FluxBridgeLoadLoRA", "lora_name") == ["style.safetensors"]
     assert options("FluxBridgeConvertLoRA", "lora_name") == ["style.safetensors"]
+    assert options("FluxBridgeLoadRedux", "redux_name") == ["flux1-redux-dev.safetensors"]
+    assert options("FluxBridgeLoadRedux", "clip_vision_name") == ["sigclip_vision_patch14_384.safetensors",
+                                                                  "siglip-so400m"]
 
 
 def test_names_are_refused_when_the_prompt_is_validated(standalone_host):

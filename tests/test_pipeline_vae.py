@@ -29,7 +29,7 @@ def test_encode_is_the_posterior_mean_or_a_seeded_sample(vae):
     image = torch.rand(1, 64, 48, 4)  # an alpha channel is ignored, like VAEEncode
     raw = P.encode(vae, image)
     assert raw.shape == (1, 16, 8, 6)
-    dist = vae.encode(2 * image[..., :3].permute(0, 3, 1, 2) - 1).latent_dist
+    dist = vae.encode((2 * image[..., :3].permute(0, 3, 1, 2) - 1).contiguous()).latent_dist  # as pipelines pass it
     assert torch.equal(raw, dist.mean)
     s1 = P.encode(vae, image, sample_mode="sample", generator=torch.Generator().manual_seed(3))
     ref = dist.sample(torch.Generator().manual_seed(3))
@@ -42,6 +42,13 @@ def test_encode_crops_to_the_vae_block_with_a_note(vae):
     notes = []
     raw = P.encode(vae, torch.rand(1, 70, 45, 3), notes=notes)
     assert raw.shape == (1, 16, 8, 5) and len(notes) == 1
+
+
+def test_encode_does_not_depend_on_the_image_memory_layout(vae):
+    """Native nodes return BHWC views of BCHW tensors; the convolutions must see the same layout either way
+    (channels-last input rounds differently: 6e-6 here, a pixel level after sampling)."""
+    x = torch.rand(1, 3, 128, 96)
+    assert torch.equal(P.encode(vae, x.permute(0, 2, 3, 1)), P.encode(vae, x.permute(0, 2, 3, 1).contiguous()))
 
 
 def test_decode_round_trip_shape_and_native_layout(vae):

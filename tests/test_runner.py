@@ -28,12 +28,13 @@ API = {ui.stem: api for ui, api in example_pairs()}
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory):
-    """dev, schnell and fill transformers, VAE, CLIP-L, T5 and two LoRAs, in their usual
-    layouts and names (built once per session)."""
+    """dev, schnell, fill, kontext and depth transformers, VAE, CLIP-L, T5, two LoRAs, a Canny control LoRA,
+    Redux and its SigLIP tower, in their usual layouts and names (built once per session)."""
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):  # one build for all workers of this run (built atomically)
         base = base.parent
-    return demo.demo_models(base / "fluxbridge-cache", variants=("dev", "schnell", "fill"), loras=True)
+    return demo.demo_models(base / "fluxbridge-cache", variants=("dev", "schnell", "fill", "kontext", "depth"),
+                            loras=True, family=True)
 
 
 def _write_inputs(folder: Path) -> Path:
@@ -76,8 +77,9 @@ def _snapshot(roots, exclude: Path):
 
 def small(api: dict) -> dict:
     """Overrides that keep the examples quick: 64x64 everywhere, 3 sampler steps, 32 T5 tokens (the custom
-    loop keeps its 4 scheduler steps: it has one node per step). The Fill example's mask keeps its size
-    (FluxBridgeFillConditioning scales a mask to the image)."""
+    loop keeps its 4 scheduler steps: it has one node per step). The Kontext reference takes the loaded image
+    as it is: the preferred Kontext sizes are around a megapixel (the scale node is tested on its own). The
+    Fill example's mask keeps its size (FluxBridgeFillConditioning scales a mask to the image)."""
     over = {}
     for nid, node in api.items():
         inputs, cls = node["inputs"], node["class_type"]
@@ -87,6 +89,9 @@ def small(api: dict) -> dict:
             over[nid] = {"steps": 3}
         if cls == "FluxBridgeTextEncode":
             over[nid] = {"max_sequence_length": 32}
+        if cls == "FluxBridgeKontextReference":
+            scale = api[str(inputs["image"][0])]
+            over[nid] = {"image": scale["inputs"]["image"]}
     return over
 
 
@@ -131,6 +136,27 @@ def _fill_checks(report, api, out):
     assert api[ids["LoadImage"]]["inputs"]["image"] == "example.png"
 
 
+def _kontext_checks(report, api, out):
+    ref = next(n for n, v in api.items() if v["class_type"] == "FluxBridgeKontextReference")
+    assert report["nodes"][ref]["outputs"][1]["shape"] == [1, 16, SIZE // 8, SIZE // 8]
+    loader = next(n for n, v in api.items() if v["class_type"] == "FluxBridgeLoadTransformer")
+    assert report["nodes"][loader]["ui"]["fluxbridge"][0]["variant"] == "kontext"
+
+
+def _control_checks(report, api, out):
+    cond = next(n for n, v in api.items() if v["class_type"] == "FluxBridgeControlConditioning")
+    assert report["nodes"][cond]["outputs"][2]["shape"] == [1, 16, SIZE // 8, SIZE // 8]
+    loras = [n for n in report["nodes"].values() if n["class_type"] == "FluxBridgeLoadLoRA"]
+    assert all(n["ui"]["fluxbridge"][0]["format"] == "bfl-control" for n in loras)
+
+
+def _redux_checks(report, api, out):
+    node = next(n for n, v in api.items() if v["class_type"] == "FluxBridgeReduxConditioning")
+    encode = next(n for n, v in api.items() if v["class_type"] == "FluxBridgeTextEncode")
+    tokens = report["nodes"][encode]["outputs"][0]["shape"][1]
+    assert report["nodes"][node]["outputs"][0]["shape"] == [1, tokens + 16, 32]  # 16 Redux tokens after the text
+
+
 IMAGE_EXAMPLES = {  # example -> (SaveImage size, extra checks)
     "flux_dev_text_to_image": (SIZE, None),
     "flux_schnell_text_to_image": (SIZE, _schedule_checks),
@@ -139,6 +165,10 @@ IMAGE_EXAMPLES = {  # example -> (SaveImage size, extra checks)
     "flux_dev_lora_stack": (SIZE, _lora_checks),
     "flux_dev_custom_sampling": (SIZE, _schedule_checks),
     "flux_dev_with_native_nodes": (SIZE // 2, _mixed_checks),
+    "flux_kontext_edit": (SIZE, _kontext_checks),
+    "flux_depth": (SIZE, _control_checks),
+    "flux_canny_lora": (SIZE, _control_checks),
+    "flux_redux_variation": (SIZE, _redux_checks),
 }
 
 
@@ -147,7 +177,8 @@ def test_example_runs_and_saves_its_image(name, work):
     report = run(name, work)
     api = json.loads(API[name].read_text())
     size, extra = IMAGE_EXAMPLES[name]
-    assert report["skipped"] == [] and sorted(report["executed"]) == sorted(api)
+    skipped = sorted(n for n, v in api.items() if v["class_type"] == "FluxBridgeKontextImageScale")  # see small()
+    assert report["skipped"] == skipped and sorted(report["executed"] + skipped) == sorted(api)
     saved = [p for p in _pngs(report, work["out"]) if "temp" not in p.parts]
     assert len(saved) == 1, report["outputs"]
     with Image.open(saved[0]) as img:
@@ -466,3 +497,23 @@ def test_solid_mask_and_mask_composite_follow_native_conventions():
     assert results["or"].tolist() == [[0.0, 1.0, 1.0]] * 2
     assert results["xor"].tolist() == [[0.0, 1.0, 1.0]] * 2
 
+
+def test_canny_and_reference_latent_follow_native_conventions():
+    ctx = RunContext(output_dir=Path("unused"))
+    image = torch.zeros(1, 48, 64, 3)
+    image[:, 12:36, 16:48] = 1.0  # a white box
+    (edges,), _ = native_specs()["Canny"].run(ctx, image, 0.4, 0.8)
+    assert edges.shape == (1, 48, 64, 3) and set(edges.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(edges[..., 0], edges[..., 2])  # grey, in three channels
+    rows, cols = edges[0, ..., 0].nonzero().unbind(1)
+    assert rows.min() >= 10 and rows.max() <= 37 and cols.min() >= 14 and cols.max() <= 49  # around the box
+    assert edges[0, 24, 32, 0] == 0 and edges[0, 2, 2, 0] == 0  # nothing inside or far outside
+    with pytest.raises(BadInput, match="above high_threshold"):
+        native_specs()["Canny"].run(ctx, image, 0.8, 0.4)
+    cond = [[torch.zeros(1, 4, 8), {"pooled_output": torch.zeros(1, 8)}]]
+    latent = {"samples": torch.ones(1, 16, 6, 8)}
+    (once,), _ = native_specs()["ReferenceLatent"].run(ctx, cond, latent)
+    (twice,), _ = native_specs()["ReferenceLatent"].run(ctx, once, latent)
+    assert [r.shape for r in twice[0][1]["reference_latents"]] == [(1, 16, 6, 8)] * 2
+    assert "reference_latents" not in cond[0][1] and len(once[0][1]["reference_latents"]) == 1  # copies
+    assert native_specs()["ReferenceLatent"].run(ctx, cond)[0][0] is cond  # no latent: unchanged, as ComfyUI

@@ -20,12 +20,16 @@ PACK = Path(__file__).resolve().parent.parent
 EXPECTED = {
     "flux_dev_text_to_image", "flux_schnell_text_to_image", "flux_dev_img2img", "flux_fill_inpaint",
     "flux_dev_lora_stack", "flux_dev_custom_sampling", "flux_convert_and_save", "flux_dev_with_native_nodes",
+    "flux_kontext_edit", "flux_depth", "flux_canny_lora", "flux_redux_variation",
 }
 MODEL_NAMES = {  # every model file name the examples use, by folder
-    "diffusion_models": ["flux1-dev.safetensors", "flux1-schnell.safetensors", "flux1-fill-dev.safetensors"],
+    "diffusion_models": ["flux1-dev.safetensors", "flux1-schnell.safetensors", "flux1-fill-dev.safetensors",
+                         "flux1-kontext-dev.safetensors", "flux1-depth-dev.safetensors"],
     "vae": ["ae.safetensors"],
     "text_encoders": ["clip_l.safetensors", "t5xxl_fp16.safetensors"],
-    "loras": ["flux_lora_style.safetensors", "flux_lora_detail.safetensors"],
+    "loras": ["flux_lora_style.safetensors", "flux_lora_detail.safetensors", "flux1-canny-dev-lora.safetensors"],
+    "style_models": ["flux1-redux-dev.safetensors"],
+    "clip_vision": ["sigclip_vision_patch14_384.safetensors"],
 }
 INPUT_IMAGES = ["example.png"]  # the one input image ComfyUI ships (input/example.png)
 
@@ -118,6 +122,20 @@ def test_examples_use_the_usual_file_names():
     assert {"EmptySD3LatentImage", "ImageScaleBy", "SaveImage", "FluxBridgeSampler", "FluxBridgeVAEDecode"} <= kinds
     convert = json.loads((examples_dir() / "api" / "flux_convert_and_save.json").read_text())
     assert {"FluxBridgeSaveTransformer", "FluxBridgeConvertLoRA"} <= {n["class_type"] for n in convert.values()}
+    # the family: the file names BFL publishes them under, in ComfyUI's folders; input images ComfyUI ships
+    family = {name: json.loads((examples_dir() / "api" / f"{name}.json").read_text())
+              for name in ("flux_kontext_edit", "flux_depth", "flux_canny_lora", "flux_redux_variation")}
+    kinds = {name: {n["class_type"] for n in api.values()} for name, api in family.items()}
+    assert "flux1-kontext-dev.safetensors" in text["flux_kontext_edit"]
+    assert {"FluxBridgeKontextImageScale", "FluxBridgeKontextReference"} <= kinds["flux_kontext_edit"]
+    assert "flux1-depth-dev.safetensors" in text["flux_depth"] and "FluxBridgeControlConditioning" in kinds["flux_depth"]
+    assert "flux1-dev.safetensors" in text["flux_canny_lora"] and "flux1-canny-dev-lora.safetensors" in text["flux_canny_lora"]
+    assert {"Canny", "FluxBridgeLoadLoRA", "FluxBridgeControlConditioning"} <= kinds["flux_canny_lora"]
+    assert "flux1-redux-dev.safetensors" in text["flux_redux_variation"]
+    assert "sigclip_vision_patch14_384.safetensors" in text["flux_redux_variation"]
+    assert {"FluxBridgeLoadRedux", "FluxBridgeReduxConditioning"} <= kinds["flux_redux_variation"]
+    for api in family.values():
+        assert [n["inputs"]["image"] for n in api.values() if n["class_type"] == "LoadImage"] == ["example.png"]
 
 
 # --------------------------------------------------------------------------------- the check catches

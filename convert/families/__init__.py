@@ -1,9 +1,9 @@
 """The model families: one module each, with its layout table, config inference and builder."""
 from __future__ import annotations
 
-from . import clip, flux, sd15_unet, t5, vae
+from . import clip, flux, redux, sd15_unet, siglip, t5, vae
 
-FAMILIES = {m.FAMILY: m for m in (flux, vae, clip, t5, sd15_unet)}
+FAMILIES = {m.FAMILY: m for m in (flux, vae, clip, t5, sd15_unet, redux, siglip)}
 
 
 def layout_name(family, side: str, prefix: str) -> str:
