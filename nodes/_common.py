@@ -58,7 +58,8 @@ def name_errors(**inputs: tuple[str, object]) -> bool | str:
     ComfyUI reports a failed `validate_inputs` against *every* input the function takes, so a node's
     `validate_inputs` takes only the names that must be checked before the run, one wherever it can (a node
     with a model name and a filename_prefix checks the prefix when it runs, before it writes anything).
-    Where a node must check two (CLIP-L and T5), the message starts with the input at fault."""
+    Where a node must check two (CLIP-L and T5; Redux and its vision tower), the message starts with the
+    input at fault."""
     for input_name, (kind, name) in inputs.items():
         if name is None:
             continue

@@ -222,7 +222,7 @@ class LoadRedux(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, redux_name=None, clip_vision_name=None):
-        return name_errors(("style_models", redux_name), ("clip_vision", clip_vision_name))
+        return name_errors(redux_name=("style_models", redux_name), clip_vision_name=("clip_vision", clip_vision_name))
 
     @classmethod
     def execute(cls, redux_name, clip_vision_name):

@@ -196,13 +196,19 @@ def test_names_are_refused_when_the_prompt_is_validated(standalone_host):
     assert encoders.validate_inputs(clip_name=None, t5_name=None) is True
     assert encoders.validate_inputs(clip_name="../c", t5_name=None).startswith("clip_name: ../c: a '..' part")
     assert encoders.validate_inputs(clip_name=None, t5_name="/t5").startswith("t5_name: /t5: an absolute path")
+    redux = nodes["FluxBridgeLoadRedux"]
+    assert redux.validate_inputs(redux_name=None, clip_vision_name=None) is True
+    assert redux.validate_inputs(redux_name="../r", clip_vision_name=None).startswith("redux_name: ../r: a '..' part")
+    assert redux.validate_inputs(redux_name=None, clip_vision_name="x.safetensors").startswith(
+        "clip_vision_name: x.safetensors: not found in the clip_vision folder")
 
 
 def test_a_validation_error_is_reported_against_its_own_input():
     """ComfyUI (0.3.64 `execution.validate_inputs`) reports a `validate_inputs` that does not return True
     against every input the function takes. So each node's `validate_inputs` takes only the one input it
-    checks; FluxBridgeConvertLoRA checks its filename_prefix when it runs. The one exception,
-    FluxBridgeLoadTextEncoders (two model names), names the input at fault in its message (test above)."""
+    checks; FluxBridgeConvertLoRA checks its filename_prefix when it runs. The exceptions, the loaders of two
+    model files (FluxBridgeLoadTextEncoders, FluxBridgeLoadRedux), name the input at fault in their message
+    (test above)."""
     from fluxbridge.nodes import NODE_LIST
     taken = {}
     for node in NODE_LIST:
@@ -213,4 +219,4 @@ def test_a_validation_error_is_reported_against_its_own_input():
         "FluxBridgeLoadTransformer": ["model_name"], "FluxBridgeLoadTextEncoders": ["clip_name", "t5_name"],
         "FluxBridgeLoadVAE": ["vae_name"], "FluxBridgeLoadLoRA": ["lora_name"],
         "FluxBridgeSaveTransformer": ["filename_prefix"], "FluxBridgeSaveVAE": ["filename_prefix"],
-        "FluxBridgeConvertLoRA": ["lora_name"]}
+        "FluxBridgeConvertLoRA": ["lora_name"], "FluxBridgeLoadRedux": ["redux_name", "clip_vision_name"]}
