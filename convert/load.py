@@ -16,7 +16,7 @@ from ..common.errors import BadInput
 from .detect import Component, components, pick, what_it_holds
 from .lora.formats import looks_like_lora
 from .families import FAMILIES
-from .table import B, materialize
+from .table import A, B, materialize
 from .safetensors_io import open_weights
 from .quant import logical_weights
 
@@ -52,15 +52,25 @@ def diffusers_plan(source, comp: Component, config_hint: Mapping | None = None):
     shapes = {n: tuple(source.shape(k)) for n, k in comp.names.items()}
     if config_hint:
         _check_config_hint(source, comp, shapes, config_hint)
-    config = dict(config_hint) if config_hint else None
     try:
-        if config is None:
-            config = family.infer_config(shapes, comp.side)
+        config = _with_hint(family, shapes, comp.side, config_hint) if config_hint else \
+            family.infer_config(shapes, comp.side)
         plan, report = family.TABLE.convert(shapes, comp.side, B, config)
     except ValueError as exc:
         raise BadInput(_path_of(source), f"{comp.family} ({len(shapes)} tensors): {exc}") from None
     report["unplaced"] = list(comp.unplaced) + [comp.names[n] for n in report["unplaced"]]
     return plan, config, report
+
+
+def _with_hint(family, shapes, side: str, hint: Mapping) -> dict:
+    """A folder's config.json over what the shapes tell: its values win, and what it leaves out or sets to
+    null (diffusers writes `"out_channels": null` for "as in_channels"; FLUX.1-dev's own config has no
+    out_channels at all) comes from the shapes."""
+    try:
+        inferred = family.infer_config(shapes, side)
+    except (ValueError, KeyError, TypeError, IndexError):
+        return dict(hint)  # the tensors say too little: the plan and the build say what is wrong
+    return {**inferred, **{k: v for k, v in hint.items() if v is not None}}
 
 
 def _path_of(source):
@@ -103,11 +113,10 @@ def _absurd(told, seen) -> bool:
     return False
 
 
-def load_model(path, family: str | None = None, dtype: torch.dtype | None = None,
-               device: torch.device | str = "cpu", keep_fp8: bool = False) -> Loaded:
-    """Load a weights file (or diffusers folder) into its diffusers/transformers model."""
-    path = Path(path)
-    source = logical_weights(open_weights(path), keep_fp8=keep_fp8)
+def _open_component(path: Path, family: str | None, **view):
+    """(logical weights of the file, the component a loader wants, its plan to the diffusers side, config,
+    report); BadInput for a LoRA, a file without that family, or a configuration that does not fit."""
+    source = logical_weights(open_weights(path), **view)
     if looks_like_lora(source.keys()):
         raise BadInput(path, "this is a LoRA, not model weights: load it with the LoRA loader")
     found = components(source.keys())
@@ -121,9 +130,13 @@ def load_model(path, family: str | None = None, dtype: torch.dtype | None = None
     if why:
         raise BadInput(path, why)
     plan, config, report = diffusers_plan(source, comp, getattr(source, "config", None))
-    if dtype is None:
-        dtype = storage_dtype(source, comp.names.values())
+    return source, comp, plan, config, report
 
+
+def _build_checked(path: Path, comp: Component, plan, config, report):
+    """The model on meta and the shapes it expects, after checking that the plan gives every tensor it
+    needs in its shape (BadInput naming what is missing or misshapen)."""
+    module = comp.module
     try:
         model = module.build(config)
     except (TypeError, ValueError) as exc:  # a config.json the model class does not take
@@ -139,6 +152,19 @@ def load_model(path, family: str | None = None, dtype: torch.dtype | None = None
         if k in expected and tuple(step.shape) != expected[k]:
             raise BadInput(path, f"{comp.family}: tensor {k} has shape {list(step.shape)}, "
                                  f"the model expects {list(expected[k])}")
+    return model, expected
+
+
+def load_model(path, family: str | None = None, dtype: torch.dtype | None = None,
+               device: torch.device | str = "cpu", keep_fp8: bool = False) -> Loaded:
+    """Load a weights file (or diffusers folder) into its diffusers/transformers model."""
+    path = Path(path)
+    source, comp, plan, config, report = _open_component(path, family, keep_fp8=keep_fp8)
+    module = comp.module
+    if dtype is None:
+        dtype = storage_dtype(source, comp.names.values())
+    model, expected = _build_checked(path, comp, plan, config, report)
+    tied = getattr(module, "TIED", {})
     unexpected = sorted(k for k in plan if k not in expected)
 
     get = lambda name: source[comp.names[name]]
@@ -181,3 +207,34 @@ def _get_tensor(model, name):
 def _set_tensor(model, name, value):
     mod, _, attr = name.rpartition(".")
     setattr(model.get_submodule(mod), attr, value)
+
+
+def load_original(path, family: str = "flux-transformer", dtype: torch.dtype | None = None) -> Loaded:
+    """A file's (or diffusers folder's) weights as a state dict in the family's original layout (BFL for Flux,
+    no prefix): what ComfyUI's own model builders take. `Loaded.model` is that dict.
+
+    The weights are checked as `load_model` checks them (every tensor the model needs, in its shape); tensors
+    are views of the file where nothing changes (a BFL or ComfyUI file passes through as it is). `dtype` None
+    keeps the stored dtypes, fp8 included, and dequantizes scaled fp8 and GGUF weights to bf16 (the class of
+    dtype such weights compute in); a dtype casts every floating tensor to it.
+    """
+    path = Path(path)
+    target = dtype or torch.bfloat16
+    source, comp, plan_b, config, report = _open_component(path, family, dtype=target, keep_fp8=dtype is None)
+    _build_checked(path, comp, plan_b, config, report)  # the meta model is only the checklist
+    module = comp.module
+    shapes = {n: tuple(source.shape(k)) for n, k in comp.names.items()}
+    plan, _ = module.TABLE.convert(shapes, comp.side, A, config)
+    get = lambda name: source[comp.names[name]]
+    state = {}
+    for k, step in plan.items():
+        t = materialize(step, get)
+        if not isinstance(t, torch.Tensor):  # a GGUF quantized tensor (rows already split)
+            t = t.dequantize(target)
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        state[k] = t
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state.values() if t.is_floating_point()})
+    report.update(dtype=", ".join(dtypes), tensor_count=len(comp.names), quant=getattr(source, "report", {}))
+    variant = module.variant(config, path.name) if hasattr(module, "variant") else None
+    return Loaded(state, comp.family, comp.layout, config, variant, report)

@@ -6,6 +6,9 @@ here loads there, and implemented in the native data conventions (IMAGE `[B,H,W,
 `[B,H,W]`, LATENT `{"samples": [B,16,H/8,W/8]}`).
 
 Only these types are allowed in workflows besides ours: `NATIVE_NODES` is the allow-list.
+The nodes of ComfyUI's own model graph (UNETLoader, DualCLIPLoader, CLIPTextEncode(Flux), FluxGuidance,
+ConditioningZeroOut, KSampler, VAELoader, VAEDecode) are declared only (`needs_comfy`), so that workflows for
+native models are checked too: the runner refuses to run them ("needs ComfyUI"), it has no ComfyUI sampler.
 Files: `LoadImage` reads only names inside the input folder; `SaveImage` and `PreviewImage` write only
 inside the output folder (previews in its `temp/` subfolder), never elsewhere. "Inside" is by the name's
 spelling (`host.check_name`): links the user made in these folders are the user's and are followed.
@@ -319,7 +322,70 @@ def native_specs(input_dir=None) -> dict[str, NodeSpec]:
                   InputSpec("operation", "COMBO", options=list(MASK_OPERATIONS))],
                  [("MASK", "MASK")], display_name="MaskComposite", native=True, run=mask_composite),
     ]
-    return {s.node_id: s for s in specs}
+    return {s.node_id: s for s in specs + comfy_only_specs()}
+
+
+# ComfyUI 0.3.64's comfy.samplers.KSampler.SAMPLERS and .SCHEDULERS
+SAMPLERS = ["euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2",
+            "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp",
+            "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
+            "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm",
+            "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
+            "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde",
+            "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2"]
+SCHEDULERS = ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
+              "linear_quadratic", "kl_optimal"]
+CLIP_TYPES = ["sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image"]  # DualCLIPLoader's `type`
+
+
+def comfy_only_specs() -> list[NodeSpec]:
+    """ComfyUI's native model nodes, with 0.3.64's input names, types, ranges and outputs (the file lists
+    are the models folder's, as the host lists them). Checked, never run headless."""
+    def spec(node_id, inputs, outputs, display_name):
+        return NodeSpec(node_id, inputs, outputs, display_name=display_name, native=True, needs_comfy=True)
+
+    text = lambda name: InputSpec(name, "STRING", multiline=True)  # noqa: E731
+    guidance = InputSpec("guidance", "FLOAT", default=3.5, min=0.0, max=100.0, step=0.1)
+    return [
+        spec("UNETLoader", [InputSpec("unet_name", "COMBO", options=_listed("diffusion_models")),
+                            InputSpec("weight_dtype", "COMBO",
+                                      options=["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"])],
+             [("MODEL", "MODEL")], "Load Diffusion Model"),
+        spec("DualCLIPLoader", [InputSpec("clip_name1", "COMBO", options=_listed("text_encoders")),
+                                InputSpec("clip_name2", "COMBO", options=_listed("text_encoders")),
+                                InputSpec("type", "COMBO", options=list(CLIP_TYPES)),
+                                InputSpec("device", "COMBO", optional=True, options=["default", "cpu"])],
+             [("CLIP", "CLIP")], "DualCLIPLoader"),
+        spec("CLIPTextEncode", [text("text"), InputSpec("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")],
+             "CLIP Text Encode (Prompt)"),
+        spec("CLIPTextEncodeFlux", [InputSpec("clip", "CLIP"), text("clip_l"), text("t5xxl"), guidance],
+             [("CONDITIONING", "CONDITIONING")], "CLIPTextEncodeFlux"),
+        spec("FluxGuidance", [InputSpec("conditioning", "CONDITIONING"), guidance],
+             [("CONDITIONING", "CONDITIONING")], "FluxGuidance"),
+        spec("ConditioningZeroOut", [InputSpec("conditioning", "CONDITIONING")], [("CONDITIONING", "CONDITIONING")],
+             "ConditioningZeroOut"),
+        spec("KSampler", [InputSpec("model", "MODEL"),
+                          InputSpec("seed", "INT", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control=True),
+                          InputSpec("steps", "INT", default=20, min=1, max=10000),
+                          InputSpec("cfg", "FLOAT", default=8.0, min=0.0, max=100.0, step=0.1),
+                          InputSpec("sampler_name", "COMBO", options=list(SAMPLERS)),
+                          InputSpec("scheduler", "COMBO", options=list(SCHEDULERS)),
+                          InputSpec("positive", "CONDITIONING"), InputSpec("negative", "CONDITIONING"),
+                          InputSpec("latent_image", "LATENT"),
+                          InputSpec("denoise", "FLOAT", default=1.0, min=0.0, max=1.0, step=0.01)],
+             [("LATENT", "LATENT")], "KSampler"),
+        spec("VAELoader", [InputSpec("vae_name", "COMBO", options=_listed("vae") + ["pixel_space"])],
+             [("VAE", "VAE")], "Load VAE"),
+        spec("VAEDecode", [InputSpec("samples", "LATENT"), InputSpec("vae", "VAE")], [("IMAGE", "IMAGE")],
+             "VAE Decode"),
+    ]
+
+
+def _listed(kind: str) -> list[str]:
+    try:
+        return host.list_models(kind)
+    except BadInput:
+        return []
 
 
 NATIVE_NODES = tuple(native_specs())

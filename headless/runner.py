@@ -6,8 +6,9 @@
 Order of work: read the file → apply overrides → read the node specs (our V3 schemas, with the models
 folder set, and the native allow-list) → validate everything (unknown node types, links to missing nodes
 or outputs, link types, missing required inputs, numbers out of range, combo values, file name prefixes
-that would leave the output folder, cycles) → only then run, in dependency order, just the nodes that the
-output nodes need. Every problem with the workflow is an `errors.BadInput(workflow, "<node id> (<class>):
+that would leave the output folder, cycles) → refuse a workflow that needs ComfyUI's own models (UNETLoader,
+KSampler, our native-model nodes: "needs ComfyUI") → only then run, in dependency order, just the nodes that
+the output nodes need. Every problem with the workflow is an `errors.BadInput(workflow, "<node id> (<class>):
 <cause>")` raised before anything runs. Model names resolve only inside the models folder (through
 `host`), images only inside the input folder, and files are written only inside the output folder.
 
@@ -111,6 +112,12 @@ def _run(path, prompt, ui_workflow, models, out_dir, in_dir, overrides, progress
         raise BadInput(path, f"{nid} ({prompt[nid]['class_type']}): the workflow has a cycle "
                              f"({' -> '.join(cycle)})")
     order, _ = execution_order(prompt, sorted(outputs, key=_id_key))
+    comfy_only = [nid for nid in order if specs[prompt[nid]["class_type"]].needs_comfy]
+    if comfy_only:  # refused before anything runs: the runner has no ComfyUI model, sampler or CLIP
+        nid = comfy_only[0]
+        more = f" (and {len(comfy_only) - 1} more such node(s))" if len(comfy_only) > 1 else ""
+        raise BadInput(path, f"{nid} ({prompt[nid]['class_type']}): needs ComfyUI: it works on ComfyUI's own "
+                             f"models, which the headless runner does not have{more}; run this workflow in ComfyUI")
 
     make_folder(out_dir)
     before = _files(out_dir)

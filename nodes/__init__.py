@@ -4,7 +4,7 @@
 the V3 `io` namespace through `host.comfy_io()` when they are imported (lazily, by `comfy_entrypoint`).
 The model objects they pass around, the load cache and the LoRA design are in `models.py`.
 """
-from . import conditioning, convert, image, latent, loaders, sampling
+from . import conditioning, convert, image, latent, loaders, native, sampling
 
 NODE_LIST = [
     loaders.LoadTransformer,
@@ -28,4 +28,6 @@ NODE_LIST = [
     convert.SaveTransformer,
     convert.SaveVAE,
     convert.ConvertLoRA,
+    native.LoadNativeModel,
+    native.NativeLoRA,
 ]

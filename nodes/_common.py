@@ -41,6 +41,14 @@ def ui(lines=(), payload: dict | None = None, **extra) -> dict | None:
     return out or None
 
 
+def refuse_if_nothing_fits(lora_name: str, report: dict, placed, what: str) -> None:
+    """BadInput when a LoRA has parts for a model (`report["parts"]`) and none of them fits it (`placed` is
+    empty), naming the first part not placed and why; `what` names the parts and the model."""
+    if report["parts"] and not placed:
+        first = report["not_placed"][0] if report["not_placed"] else {"key": "?", "reason": "nothing fits"}
+        raise BadInput(lora_name, f"none of the LoRA's {report['parts']} {what}: {first['key']}: {first['reason']}")
+
+
 def files(kind: str) -> list:
     """Combo choices: the model files and folders of one kind (empty when none)."""
     try:

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from ..runtime import host, models
-from ..common.errors import BadInput
-from ._common import CATEGORY, REDUX, TEXT_ENCODERS, TRANSFORMER, VAE, checked, files, io, name_errors, ui
+from ._common import (CATEGORY, REDUX, TEXT_ENCODERS, TRANSFORMER, VAE, checked, files, io, name_errors,
+                      refuse_if_nothing_fits, ui)
 
 LOADERS = CATEGORY + "/loaders"
 
@@ -170,19 +170,15 @@ class LoadLoRA(io.ComfyNode):
         lora = models.open_lora(path)
         lines, notes = [], []
         report = models.lora_report(transformer.module, transformer.family, lora, strength_model)
-        if report["parts"] and not report["patched"]:
-            first = report["not_placed"][0] if report["not_placed"] else {"key": "?", "reason": "no module fits"}
-            raise BadInput(lora_name, f"none of the LoRA's {report['parts']} transformer part(s) fits the "
-                                      f"transformer {transformer.name!r}: {first['key']}: {first['reason']}")
+        refuse_if_nothing_fits(lora_name, report, report["patched"],
+                               f"transformer part(s) fits the transformer {transformer.name!r}")
         text_reports = {}
         if text_encoders is not None:
             for enc in (text_encoders.clip, text_encoders.t5):
                 if lora.family_parts(enc.family):
                     r = models.lora_report(enc.module, enc.family, lora, strength_text)
-                    if r["parts"] and not r["patched"]:
-                        first = r["not_placed"][0] if r["not_placed"] else {"key": "?", "reason": "no module fits"}
-                        raise BadInput(lora_name, f"none of the LoRA's {r['parts']} {enc.family} part(s) fits the "
-                                                  f"text encoder {enc.name!r}: {first['key']}: {first['reason']}")
+                    refuse_if_nothing_fits(lora_name, r, r["patched"],
+                                           f"{enc.family} part(s) fits the text encoder {enc.name!r}")
                     text_reports[enc.family] = r
             text_encoders = text_encoders.with_lora(lora_name, lora, strength_text)
         elif any(lora.family_parts(f) for f in ("clip-l", "t5-xxl")):

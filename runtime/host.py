@@ -354,6 +354,91 @@ def soft_empty_cache():
         torch.cuda.empty_cache()
 
 
+# ------------------------------------------------------------------------------ ComfyUI's native models
+
+def _need_comfy(what: str) -> None:
+    if not IN_COMFY:
+        raise BadInput(what, "needs ComfyUI: it works on ComfyUI's native MODEL / CLIP (run the workflow in ComfyUI)")
+
+
+def native_state_shapes(native) -> dict:
+    """State-dict key -> logical shape of a native MODEL (a `ModelPatcher`) or CLIP (its `.patcher`); a
+    quantized tensor (ComfyUI-GGUF) gives its unpacked shape."""
+    _need_comfy("native model")
+    patcher = getattr(native, "patcher", native)
+    return {k: tuple(getattr(v, "tensor_shape", None) or v.shape) for k, v in patcher.model_state_dict().items()}
+
+
+def patched_clone(native, batches, strength: float):
+    """(clone, number of patches ComfyUI took): a clone of a native MODEL or CLIP with our patches added
+    (`convert.lora.native.NativePatch`, in `add_patches` calls as `NativePlan.batches()` splits them).
+    ComfyUI's ModelPatcher applies them when it loads the model, keeps the backups and restores them."""
+    _need_comfy("native model")
+    clone = native.clone()
+    taken = 0
+    for batch in batches:
+        taken += len(clone.add_patches({_patch_key(p): _comfy_patch(p) for p in batch}, strength))
+    return clone, taken
+
+
+def _patch_key(p):
+    """ComfyUI's patch key: the tensor's key, or (key, (dim, start, length)[, function on the delta])."""
+    if p.swap:
+        from ..convert.table import swap_halves
+        return (p.key, (0, *p.rows) if p.rows else None, swap_halves)
+    return (p.key, (0, *p.rows)) if p.rows else p.key
+
+
+def _comfy_patch(p):
+    if p.kind in ("diff", "set"):
+        return (p.kind, p.weights)
+    adapters = importlib.import_module("comfy.weight_adapter")
+    if p.kind == "dora":
+        return _dora_adapter(adapters)(set(), p.weights)
+    cls = {"lora": adapters.LoRAAdapter, "loha": adapters.LoHaAdapter, "lokr": adapters.LoKrAdapter}[p.kind]
+    return cls(set(), p.weights)
+
+
+_DORA = None
+
+
+def _dora_adapter(adapters):
+    """A ComfyUI weight adapter whose arithmetic is ours (`native.dora_update`): see convert/lora/native.py."""
+    global _DORA
+    if _DORA is None or not issubclass(_DORA, adapters.WeightAdapterBase):
+        from ..convert.lora.native import dora_update
+
+        class FluxBridgeDoRA(adapters.WeightAdapterBase):
+            name = "fluxbridge_dora"
+
+            def __init__(self, loaded_keys, weights):
+                self.loaded_keys = loaded_keys
+                self.weights = weights  # (part, swap)
+
+            def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                                 intermediate_dtype=None, original_weight=None):
+                part, swap = self.weights
+                return dora_update(weight, part, strength, swap)
+
+        _DORA = FluxBridgeDoRA
+    return _DORA
+
+
+def native_diffusion_model(state_dict, dtype=None, fp8_fast: bool = False, name: str = "model"):
+    """ComfyUI's own MODEL built from a diffusion model's state dict in its original layout (what UNETLoader
+    does with a file): `dtype` (a torch dtype or None for ComfyUI's choice) is UNETLoader's weight_dtype."""
+    _need_comfy(name)
+    options = {}
+    if dtype is not None:
+        options["dtype"] = dtype
+    if fp8_fast:
+        options["fp8_optimizations"] = True
+    model = importlib.import_module("comfy.sd").load_diffusion_model_state_dict(state_dict, model_options=options)
+    if model is None:
+        raise BadInput(name, "ComfyUI does not recognise these weights as a diffusion model it can build")
+    return model
+
+
 # ------------------------------------------------------------------------------- progress and interrupt
 
 class Interrupted(Exception):

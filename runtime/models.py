@@ -56,6 +56,8 @@ QUANTIZE = ("none", "int8", "fp8", "quanto-int8", "quanto-fp8")
 # What a transformer is, when its file name does not say: "auto" reads the weights (and the name, for the
 # variants only a name tells apart: Kontext has dev's keys and shapes).
 VARIANT_CHOICES = ("auto", "kontext")
+# the native loader's weight_dtype: ours (the dtype the weights are read into) and UNETLoader's fp8 choices
+NATIVE_DTYPES = ("default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
 _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
                 "fp8_e4m3fn": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
@@ -507,6 +509,28 @@ def load_transformer(path, weight_dtype: str = "default", quantize: str = "none"
                                  f"guidance embedding)")
         model = dataclasses.replace(model, variant="kontext")
     return model, hit
+
+
+def load_native_transformer(path, weight_dtype: str = "default", name: str | None = None):
+    """(ComfyUI's native MODEL, what was read) for a Flux transformer file or diffusers folder in any layout:
+    the weights in the BFL layout (`convert.load.load_original`), built by ComfyUI's own loader.
+
+    weight_dtype: "default" keeps the stored dtypes (scaled fp8 and GGUF dequantized to bf16) and lets ComfyUI
+    choose; bf16 / fp16 / fp32 read the weights in that dtype and have ComfyUI keep it; the fp8 choices are
+    UNETLoader's (ComfyUI stores the weights in fp8; `_fast` also computes in fp8 where it can).
+    """
+    from ..convert.load import load_original
+
+    if weight_dtype not in NATIVE_DTYPES:
+        raise BadInput(path, f"weight_dtype {weight_dtype!r}: expected one of {', '.join(NATIVE_DTYPES)}")
+    fp8 = weight_dtype.startswith("fp8")
+    dtype = None if weight_dtype == "default" or fp8 else _torch_dtype(weight_dtype)
+    loaded = load_original(component_path(path, TRANSFORMER_DIR), family="flux-transformer", dtype=dtype)
+    comfy_dtype = _torch_dtype(weight_dtype.removesuffix("_fast")) if fp8 else dtype
+    model = host.native_diffusion_model(loaded.model, comfy_dtype, fp8_fast=weight_dtype.endswith("_fast"),
+                                        name=name or _display_name(path))
+    loaded.model = None  # ComfyUI holds its own copy now
+    return model, loaded
 
 
 def _load_encoder(path, family: str, dtype, name: str) -> tuple[Encoder, bool]:

@@ -50,6 +50,7 @@ class NodeSpec:
     native: bool = False
     run: Callable | None = None  # native nodes: run(ctx, **inputs) -> (outputs tuple, ui dict)
     node_class: type | None = None  # our nodes: the V3 class
+    needs_comfy: bool = False  # works on ComfyUI's own models: declared for the checker, never run headless
 
     def input(self, name: str) -> InputSpec | None:
         return next((i for i in self.inputs if i.name == name), None)
@@ -89,7 +90,7 @@ def spec_from_schema(node_class) -> NodeSpec:
         outputs.append((out.display_name or io_type, io_type))
     return NodeSpec(node_id=schema.node_id, inputs=inputs, outputs=outputs,
                     output_node=bool(schema.is_output_node), display_name=schema.display_name,
-                    node_class=node_class)
+                    node_class=node_class, needs_comfy=bool(getattr(node_class, "NEEDS_COMFY", False)))
 
 
 def fmt_value(value) -> str:

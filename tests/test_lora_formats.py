@@ -566,3 +566,24 @@ def test_inspect_and_convert_files(tmp_path):
     assert report["tensors"] == len(load_file(dst)) and "lora_adapter_metadata" in __import__(
         "safetensors").safe_open(dst, "pt").metadata()
     assert_same_deltas(deltas(load_lora(src)), deltas(load_lora(dst)), "file round trip")
+
+
+def test_norm_differences_and_comfy_set_weight_of_a_norm():
+    """`<norm>.scale.diff` (ComfyUI's key for a norm difference) adds to the norm weight; ComfyUI's BFL-control
+    conversion writes `<norm>.scale.set_weight`, which sets it."""
+    gen = torch.Generator().manual_seed(18)
+    model = tiny()
+    diff, value = torch.randn(16, generator=gen), torch.randn(16, generator=gen)
+    sd = {"diffusion_model.double_blocks.0.img_attn.norm.query_norm.scale.diff": diff,
+          "diffusion_model.single_blocks.0.norm.key_norm.scale.set_weight": value}
+    lora = load_lora(sd, name="norms")
+    assert not lora.not_placed and sorted(p.kind for p in lora.parts) == ["full", "set"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with apply_loras(model, FLUX, [(lora, 0.5)]) as handle:
+        assert handle.reports[0]["applied"]["not_placed"] == []
+        after = model.state_dict()
+        assert torch.equal(after["transformer_blocks.0.attn.norm_q.weight"],
+                           before["transformer_blocks.0.attn.norm_q.weight"] + 0.5 * diff)
+        assert torch.equal(after["single_transformer_blocks.0.attn.norm_k.weight"], value)
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        assert changed == {"transformer_blocks.0.attn.norm_q.weight", "single_transformer_blocks.0.attn.norm_k.weight"}

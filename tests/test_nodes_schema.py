@@ -78,6 +78,11 @@ CATALOGUE = {
                                       ("filename_prefix", "STRING", False)], [], True),
     "FluxBridgeConvertLoRA": ("convert", [("lora_name", "COMBO", False), ("to", "COMBO", False),
                                           ("filename_prefix", "STRING", False)], [], True),
+    "FluxBridgeLoadNativeModel": ("native", [("model_name", "COMBO", False), ("weight_dtype", "COMBO", False)],
+                                  [("MODEL", "MODEL")], False),
+    "FluxBridgeNativeLoRA": ("native", [("model", "MODEL", False), ("lora_name", "COMBO", False),
+                                        ("strength_model", "FLOAT", False), ("strength_clip", "FLOAT", False),
+                                        ("clip", "CLIP", True)], [("MODEL", "MODEL"), ("CLIP", "CLIP")], False),
 }
 
 WIDGETS = {  # (node, input) -> expected attributes
@@ -117,6 +122,10 @@ WIDGETS = {  # (node, input) -> expected attributes
     ("FluxBridgeSaveVAE", "filename_prefix"): dict(default="fluxbridge/vae"),
     ("FluxBridgeConvertLoRA", "to"): dict(options=["diffusers", "bfl", "kohya", "comfy"]),
     ("FluxBridgeConvertLoRA", "filename_prefix"): dict(default="fluxbridge/lora"),
+    ("FluxBridgeLoadNativeModel", "weight_dtype"): dict(
+        options=["default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"], default="default"),
+    ("FluxBridgeNativeLoRA", "strength_model"): dict(min=-10.0, max=10.0, default=1.0),
+    ("FluxBridgeNativeLoRA", "strength_clip"): dict(min=-10.0, max=10.0, default=1.0),
 }
 
 
@@ -174,6 +183,8 @@ def test_combos_list_the_model_folders(standalone_host, models_dir):
     assert options("FluxBridgeLoadVAE", "vae_name") == ["ae.safetensors"]
     assert options("FluxBridgeLoadLoRA", "lora_name") == ["style.safetensors"]
     assert options("FluxBridgeConvertLoRA", "lora_name") == ["style.safetensors"]
+    assert options("FluxBridgeNativeLoRA", "lora_name") == ["style.safetensors"]
+    assert options("FluxBridgeLoadNativeModel", "model_name") == options("FluxBridgeLoadTransformer", "model_name")
     assert options("FluxBridgeLoadRedux", "redux_name") == ["flux1-redux-dev.safetensors"]
     assert options("FluxBridgeLoadRedux", "clip_vision_name") == ["sigclip_vision_patch14_384.safetensors",
                                                                   "siglip-so400m"]
@@ -219,4 +230,5 @@ def test_a_validation_error_is_reported_against_its_own_input():
         "FluxBridgeLoadTransformer": ["model_name"], "FluxBridgeLoadTextEncoders": ["clip_name", "t5_name"],
         "FluxBridgeLoadVAE": ["vae_name"], "FluxBridgeLoadLoRA": ["lora_name"],
         "FluxBridgeSaveTransformer": ["filename_prefix"], "FluxBridgeSaveVAE": ["filename_prefix"],
-        "FluxBridgeConvertLoRA": ["lora_name"], "FluxBridgeLoadRedux": ["redux_name", "clip_vision_name"]}
+        "FluxBridgeConvertLoRA": ["lora_name"], "FluxBridgeLoadRedux": ["redux_name", "clip_vision_name"],
+        "FluxBridgeNativeLoRA": ["lora_name"], "FluxBridgeLoadNativeModel": ["model_name"]}

@@ -204,6 +204,24 @@ def test_example_runs_and_saves_its_image(name, work):
     json.dumps(report)  # JSON-able
 
 
+@pytest.mark.parametrize("name", ["flux_dev_native_lora", "flux_dev_native_diffusers_loader"])
+def test_native_model_examples_are_checked_then_refused_with_needs_comfyui(name, work):
+    """Workflows on ComfyUI's own MODEL / CLIP validate here (the native nodes are declared with their
+    ComfyUI signatures) but are not run: the runner has no ComfyUI sampler. Nothing is written."""
+    api = json.loads(API[name].read_text())
+    over = {nid: {"model_name": "flux1-dev.safetensors"} for nid, n in api.items()
+            if n["class_type"] == "FluxBridgeLoadNativeModel"}  # the example names a diffusers folder
+    with pytest.raises(BadInput, match=r"^.*: 1 \((UNETLoader|FluxBridgeLoadNativeModel)\): needs ComfyUI: .* "
+                                       r"\(and \d+ more such node\(s\)\); run this workflow in ComfyUI$"):
+        run_workflow(API[name], models_dir=work["models"], output_dir=work["out"], input_dir=work["input"],
+                     progress=False, overrides=over)
+    assert not work["out"].exists()
+    bad = dict(over)
+    bad["7"] = {"steps": 0}  # an invalid value is still reported first, as for any workflow
+    with pytest.raises(BadInput, match=r"7 \(KSampler\): steps: 0 is below the minimum 1"):
+        run_workflow(API[name], models_dir=work["models"], output_dir=work["out"], progress=False, overrides=bad)
+
+
 def test_convert_example_writes_transformer_and_lora(work):
     report = run("flux_convert_and_save", work)
     written = report["outputs"]
@@ -327,8 +345,8 @@ def test_the_users_links_in_the_output_and_input_folders_are_followed(work, tmp_
 
 def test_unknown_node_is_refused(work):
     api = _t2i()
-    api["9"] = {"class_type": "KSampler", "inputs": {}}
-    _bad(work, api, "9 (KSampler): unknown node type 'KSampler'")
+    api["9"] = {"class_type": "KSamplerAdvancedPlus", "inputs": {}}
+    _bad(work, api, "9 (KSamplerAdvancedPlus): unknown node type 'KSamplerAdvancedPlus'")
 
 
 def test_wrong_link_type_is_refused(work):

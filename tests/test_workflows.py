@@ -21,6 +21,7 @@ EXPECTED = {
     "flux_dev_text_to_image", "flux_schnell_text_to_image", "flux_dev_img2img", "flux_fill_inpaint",
     "flux_dev_lora_stack", "flux_dev_custom_sampling", "flux_convert_and_save", "flux_dev_with_native_nodes",
     "flux_kontext_edit", "flux_depth", "flux_canny_lora", "flux_redux_variation",
+    "flux_dev_native_lora", "flux_dev_native_diffusers_loader",
 }
 MODEL_NAMES = {  # every model file name the examples use, by folder
     "diffusion_models": ["flux1-dev.safetensors", "flux1-schnell.safetensors", "flux1-fill-dev.safetensors",
@@ -32,6 +33,7 @@ MODEL_NAMES = {  # every model file name the examples use, by folder
     "clip_vision": ["sigclip_vision_patch14_384.safetensors"],
 }
 INPUT_IMAGES = ["example.png"]  # the one input image ComfyUI ships (input/example.png)
+DIFFUSERS_FOLDERS = {"diffusion_models": ["FLUX.1-dev"]}  # diffusers pipeline folders the examples name
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +45,10 @@ def specs(tmp_path_factory):
         (root / "models" / folder).mkdir(parents=True)
         for name in names:
             (root / "models" / folder / name).write_bytes(b"")
+    for folder, names in DIFFUSERS_FOLDERS.items():
+        for name in names:
+            (root / "models" / folder / name).mkdir()
+            (root / "models" / folder / name / "model_index.json").write_text("{}")
     (root / "input").mkdir()
     for name in INPUT_IMAGES:
         (root / "input" / name).write_bytes(b"")
@@ -136,6 +142,18 @@ def test_examples_use_the_usual_file_names():
     assert {"FluxBridgeLoadRedux", "FluxBridgeReduxConditioning"} <= kinds["flux_redux_variation"]
     for api in family.values():
         assert [n["inputs"]["image"] for n in api.values() if n["class_type"] == "LoadImage"] == ["example.png"]
+    for name in ("flux1-dev.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors"):
+        assert name in text["flux_dev_native_lora"]
+    native = json.loads((examples_dir() / "api" / "flux_dev_native_lora.json").read_text())
+    kinds = {n["class_type"]: n for n in native.values()}
+    assert {"UNETLoader", "DualCLIPLoader", "CLIPTextEncodeFlux", "KSampler", "VAELoader", "VAEDecode",
+            "SaveImage", "FluxBridgeNativeLoRA"} <= set(kinds)
+    assert kinds["KSampler"]["inputs"]["model"] == [next(i for i, n in native.items()
+                                                         if n["class_type"] == "FluxBridgeNativeLoRA"), 0]
+    loader = json.loads((examples_dir() / "api" / "flux_dev_native_diffusers_loader.json").read_text())
+    kinds = {n["class_type"]: n for n in loader.values()}
+    assert kinds["FluxBridgeLoadNativeModel"]["inputs"]["model_name"] == "FLUX.1-dev"  # a diffusers folder
+    assert {"CLIPTextEncode", "FluxGuidance", "KSampler", "UNETLoader"} - set(kinds) == {"UNETLoader"}
 
 
 # --------------------------------------------------------------------------------- the check catches
@@ -186,10 +204,12 @@ def test_check_catches_mismatched_links(specs):
 def test_check_catches_unknown_nodes_and_missing_inputs(specs):
     ui, api = _t2i()
     bad = copy.deepcopy(api)
-    bad["99"] = {"class_type": "KSampler", "inputs": {}}
+    bad["99"] = {"class_type": "KSamplerAdvancedPlus", "inputs": {}}
     problems = workflow_check(ui, bad, specs)
-    assert any("unknown node type 'KSampler'" in p for p in problems)
+    assert any("unknown node type 'KSamplerAdvancedPlus'" in p for p in problems)
     assert any("node ids differ" in p for p in problems)
+    bad["99"] = {"class_type": "KSampler", "inputs": {}}  # declared (ComfyUI's signature): its inputs are checked
+    assert any("99 (KSampler): required input 'latent_image' is missing" in p for p in workflow_check(ui, bad, specs))
     bad = copy.deepcopy(api)
     del _node(bad, "FluxBridgeSampler")["inputs"]["positive"]
     assert any("required input 'positive' is missing" in p for p in workflow_check(ui, bad, specs))
@@ -267,5 +287,6 @@ def test_web_extension_names_our_node_ids(specs):
         assert block, const
         named |= set(re.findall(r'"([^"]+)"', block.group(1)))
     assert named == {"FluxBridgeLoadTransformer", "FluxBridgeLoadTextEncoders", "FluxBridgeLoadVAE",
-                     "FluxBridgeLoadLoRA", "FluxBridgeScheduler"}
+                     "FluxBridgeLoadLoRA", "FluxBridgeScheduler", "FluxBridgeLoadNativeModel",
+                     "FluxBridgeNativeLoRA"}
     assert named <= set(specs)

@@ -7,15 +7,16 @@
 // UI payloads read (the `ui` dict a node returns arrives as the `executed` message's `output`):
 //   output.fluxbridge: [ {...}, ... ]  JSON objects (or JSON strings) sent by our nodes; merged in order.
 //       loaders: {family, layout, variant, dtype | dtypes, config?, warnings?}
-//       FluxBridgeLoadLoRA: {format, patched, zero_filled, not_placed, keys?}  (counts or lists; a
+//       FluxBridgeLoadLoRA, FluxBridgeNativeLoRA: {format, patched, zero_filled, not_placed, keys?}  (counts or lists; a
 //           not_placed entry may be {key, reason})
 //       FluxBridgeScheduler: {sigmas: [...]}
 //   output.sigmas: [...] (or [[...]])  also accepted for the scheduler.
 //   output.text: ["..."]  shown as is when nothing structured came.
 
 export const EXTENSION_NAME = "FluxBridge.ui";
-export const LOADER_NODES = ["FluxBridgeLoadTransformer", "FluxBridgeLoadTextEncoders", "FluxBridgeLoadVAE"];
-export const LORA_NODES = ["FluxBridgeLoadLoRA"];
+export const LOADER_NODES = ["FluxBridgeLoadTransformer", "FluxBridgeLoadTextEncoders", "FluxBridgeLoadVAE",
+  "FluxBridgeLoadNativeModel"];
+export const LORA_NODES = ["FluxBridgeLoadLoRA", "FluxBridgeNativeLoRA"];
 export const SCHEDULER_NODES = ["FluxBridgeScheduler"];
 export const CURVE_HEIGHT = 90;
 const INFO_WIDGET = "fluxbridge_info";

@@ -427,11 +427,13 @@ def parse(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path
                 continue
             stem, role, style = key, "value", "set"
             loc = _resolve(key, is_tensor=True)
-        elif split[1] == "value":  # ComfyUI `<module>.set_weight`: the module's norm scale / weight
+        elif split[1] == "value":  # ComfyUI `<module>.set_weight` / `<tensor>.set_weight`: a norm scale / weight
             stem, role, style = split
             loc = _resolve(stem + ".scale", is_tensor=True)
             if not isinstance(loc, _Loc):
                 loc = _resolve(stem + ".weight", is_tensor=True)
+            if not isinstance(loc, _Loc):  # ComfyUI's BFL-control conversion names the tensor itself
+                loc = _resolve(stem, is_tensor=True)
         else:
             stem, role, style = split
             loc = _resolve(stem, is_tensor=False)

@@ -124,7 +124,8 @@ def resolve(part: Part, shapes: Mapping[str, tuple], allow_expand: bool = True) 
     for mod, rows, swap in mods:
         n_rows = rows[1] if rows else (src[0] if src else part.out_features)
         if part.has_weight:
-            name = mod + ".weight"
+            # a tensor-level rule (a norm's scale) names the tensor itself: a 1-D difference goes there
+            name = mod if mod in shapes else mod + ".weight"
             have = _shape(shapes, name)
             if have is None:
                 return f"not in this model: {mod}"

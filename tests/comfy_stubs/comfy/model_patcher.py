@@ -1,4 +1,6 @@
-"""Stub of `comfy.model_patcher`: wrapping a foreign module, and loading it fully or partly.
+"""Stub of `comfy.model_patcher`: wrapping a foreign module, and loading it fully or partly; the patch store of
+a native MODEL (clone, add_patches, patch_model / unpatch_model through `comfy.lora.calculate_weight` in
+float32).
 
 `load` follows ComfyUI 0.3.64's `ModelPatcher.load`: every module that holds its own parameters (or carries
 the cast protocol of `comfy.ops`) is a unit; the biggest go first onto the load device while the budget
@@ -6,8 +8,15 @@ the cast protocol of `comfy.ops`) is a unit; the biggest go first onto the load 
 with `comfy_cast_weights` set, so it casts its weights in as it runs; a unit without it that does not fit
 simply stays where it is. `_left_behind` (a test helper) names the units that stayed behind in the last load.
 """
+import torch
+
 from . import model_management
 from .patcher_extension import CallbacksMP
+
+
+def _param(model, key):
+    mod, _, leaf = key.rpartition(".")
+    return (model.get_submodule(mod) if mod else model), leaf
 
 
 class ModelPatcher:
@@ -25,6 +34,8 @@ class ModelPatcher:
         self.parent = None
         self.callbacks = {}
         self._left_behind = []  # tests: names of the units the last load left on the offload device
+        self.patches = {}  # key -> [(strength_patch, patch, strength_model, offset, function)]
+        self.backup = {}
 
     def model_size(self):
         if self.size > 0:
@@ -121,3 +132,42 @@ class ModelPatcher:
         if self in model_management.current_loaded_models:
             model_management.current_loaded_models.remove(self)
         return self.model
+
+    def clone(self):
+        n = self.__class__(self.model, self.load_device, self.offload_device, self.size,
+                           weight_inplace_update=self.weight_inplace_update)
+        n.patches = {k: v[:] for k, v in self.patches.items()}
+        n.backup = self.backup
+        n.parent = self
+        return n
+
+    def model_state_dict(self, filter_prefix=None):
+        sd = self.model.state_dict()
+        return {k: v for k, v in sd.items() if filter_prefix is None or k.startswith(filter_prefix)}
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        model_sd = self.model.state_dict()
+        taken = []
+        for k in patches:
+            key, offset, function = (k, None, None) if isinstance(k, str) else (k[0], k[1], k[2] if len(k) > 2 else None)
+            if key in model_sd:
+                taken.append(k)
+                self.patches.setdefault(key, []).append((strength_patch, patches[k], strength_model, offset, function))
+        return taken
+
+    def patch_model(self, device_to=None, lowvram_model_memory=0, load_weights=True, force_patch_weights=False):
+        from .lora import calculate_weight
+        for key, patches in self.patches.items():
+            mod, leaf = _param(self.model, key)
+            weight = getattr(mod, leaf)
+            if key not in self.backup:
+                self.backup[key] = weight
+            out = calculate_weight(patches, weight.detach().to(torch.float32, copy=True), key)
+            setattr(mod, leaf, torch.nn.Parameter(out.to(weight.dtype), requires_grad=False))
+        return self.model
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        for key, weight in self.backup.items():
+            mod, leaf = _param(self.model, key)
+            setattr(mod, leaf, weight)
+        self.backup.clear()
