@@ -2,11 +2,11 @@
 
 Small random FLUX.1-structured models (transformer width 256 = 2 heads of 128, 2 double + 4 single blocks;
 CLIP-L and T5 towers 64 wide; the tiny Flux VAE) are written once into a models folder in the layouts
-users download (transformer and VAE in BFL layout, CLIP-L and T5 as ComfyUI's text_encoders files) with our
-small tokenizers, then loaded once through our loaders. diffusers' FluxPipeline is built from those very
-modules and tokenizers, so both sides run the same weights. Model loading is outside every timed call.
-Same settings on both sides: prompt, 256x256, 28 steps, guidance 3.5, seed, max_sequence_length 64,
-CPU, float32. Timed, interleaved (the order of the four rotates every round):
+users download (transformer and VAE in BFL layout, CLIP-L and T5 as ComfyUI's text_encoders files; the
+tokenizers are the real ones the pack carries), then loaded once through our loaders. diffusers'
+FluxPipeline is built from those very modules and tokenizers, so both sides run the same weights. Model
+loading is outside every timed call. Same settings on both sides: prompt, 256x256, 28 steps, guidance 3.5,
+seed, max_sequence_length 64, CPU, float32. Timed, interleaved (the order of the four rotates every round):
 
   nodes      our node classes executed directly, in graph order, each with the previous one's outputs:
              FluxBridgeTextEncode -> FluxBridgeEmptyLatent -> FluxBridgeSampler -> FluxBridgeVAEDecode
@@ -59,12 +59,11 @@ PNG_COMPRESS_LEVEL = 4  # what SaveImage uses
 # ------------------------------------------------------------------------------------------------ models
 
 def write_models(root: Path, width: int, double: int, single: int, text_width: int) -> None:
-    """Small random models in the usual files and layouts, plus our small tokenizers (models-folder layout)."""
+    """Small random models in the usual files and layouts (the tokenizers are the pack's own)."""
     from safetensors.torch import save_file
 
-    factory.small_tokenizers(root)
     comps = factory.tiny_pipeline_components("dev", width=width, heads=width // 128, double=double, single=single,
-                                             text_width=text_width, tokenizers=root)
+                                             text_width=text_width)
     with tempfile.TemporaryDirectory(prefix="fluxbridge-bench-") as tmp:
         for part, (rel, layout) in FILES.items():
             state, seen = {}, set()
@@ -83,7 +82,7 @@ def write_models(root: Path, width: int, double: int, single: int, text_width: i
 
 def load_models(root: Path):
     """What the three loader nodes return (the same cached objects the runner's loaders get)."""
-    host.set_models_dir(root)  # where the tokenizers are found, as inside the runner
+    host.set_models_dir(root)  # as inside the runner
     tr, _ = models.load_transformer(root / FILES["transformer"][0], name="flux1-dev.safetensors")
     enc, _ = models.load_text_encoders(root / FILES["text_encoder"][0], root / FILES["text_encoder_2"][0],
                                        clip_name="clip_l.safetensors", t5_name="t5xxl_fp16.safetensors")

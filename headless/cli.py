@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo", formatter_class=fmt, help="run the text-to-image example on small random models",
-        description="Build small random Flux models and a small tokenizer (once), run the text-to-image "
+        description="Build small random Flux models (once), run the text-to-image "
                     "example workflow on them, write the image and its JSON report into the output folder "
                     "and print a short summary. Needs nothing but the installed pack: no downloads, no GPU.")
     p.add_argument("--output", metavar="DIR", default="output", help="where files go (default: ./output)")

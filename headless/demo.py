@@ -1,13 +1,14 @@
 """`fluxbridge demo`: the text-to-image example workflow on small random Flux models.
 
-The real FLUX.1 weights and tokenizer files are not part of the pack, so the demo makes its own: tiny
-random models with FLUX.1's structure (`factory`), written in the layouts users download (the transformer
-in BFL layout as `diffusion_models/flux1-dev.safetensors`, the VAE as `vae/ae.safetensors`, CLIP-L and T5
-as ComfyUI's `text_encoders/clip_l.safetensors` / `t5xxl_fp16.safetensors`) through the converter, plus
-small tokenizers of our own under `tokenizers/`. They are built once and cached (a user cache folder,
-keyed by a hash of the code that makes them), then `example_workflows/api/flux_dev_text_to_image.json`
-runs through the headless runner. The image and a JSON report land in the output folder; the command
-prints a short summary (`summary`), or the report with `--json`.
+The real FLUX.1 weights are not part of the pack, so the demo makes its own: tiny random models with
+FLUX.1's structure (`factory`), written in the layouts users download (the transformer in BFL layout as
+`diffusion_models/flux1-dev.safetensors`, the VAE as `vae/ae.safetensors`, CLIP-L and T5 as ComfyUI's
+`text_encoders/clip_l.safetensors` / `t5xxl_fp16.safetensors`) through the converter. Like a user's
+ComfyUI `models` folder it has no `tokenizers/`, so the real tokenizers the pack carries are used. The
+models are built once and cached (a user cache folder, keyed by a hash of the code that makes them), then
+`example_workflows/api/flux_dev_text_to_image.json` runs through the headless runner. The image and a
+JSON report land in the output folder; the command prints a short summary (`summary`), or the report with
+`--json`.
 
 Needs nothing but the installed pack (no network, no downloads).
 """
@@ -104,15 +105,14 @@ def build_models(root, variants=("dev",), loras: bool = False, seed: int = 0, fa
     from . import factory
 
     root = Path(root)
-    tok = factory.small_tokenizers(root)
-    written = {"tokenizer_clip_l": tok["clip_l"], "tokenizer_t5xxl": tok["t5xxl"]}
+    written = {}
 
     def write(model, part: str, layout: str):
         written[part] = factory.save_layout(model, root / MODEL_FILES[part], layout)
 
     parts = None
     for variant in variants:
-        parts = factory.tiny_pipeline_components(variant, tokenizers=root, seed=seed)
+        parts = factory.tiny_pipeline_components(variant, seed=seed)
         write(parts["transformer"], variant, "bfl")
         if variant == "dev" and loras:
             for k, (path, fmt) in enumerate(zip(LORA_FILES, ("kohya", "peft"))):
@@ -121,12 +121,12 @@ def build_models(root, variants=("dev",), loras: bool = False, seed: int = 0, fa
                 save_file(tiny_lora(parts["transformer"], fmt, seed=seed + 10 + k), str(dst))
                 written[Path(path).stem] = dst
     if parts is None:
-        parts = factory.tiny_pipeline_components("dev", tokenizers=root, seed=seed)
+        parts = factory.tiny_pipeline_components("dev", seed=seed)
     write(parts["vae"], "vae", "bfl")
     write(parts["text_encoder"], "clip", "comfy")
     write(parts["text_encoder_2"], "t5", "comfy")
     if family:
-        dev = factory.tiny_pipeline_components("dev", tokenizers=root, seed=seed)["transformer"]
+        dev = factory.tiny_pipeline_components("dev", seed=seed)["transformer"]
         dst = root / CONTROL_LORA_FILE
         dst.parent.mkdir(parents=True, exist_ok=True)
         save_file(tiny_control_lora(dev, seed=seed + 20), str(dst))

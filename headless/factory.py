@@ -4,15 +4,12 @@ Every builder returns a diffusers / transformers module with the *structure* of 
 transformer, FLUX VAE, CLIP-L text tower, T5 v1.1 encoder, SD1.5 UNet) at a tiny width, in eval mode, on
 the CPU in float32. Building never touches the global RNG (the seed is used inside `torch.random.fork_rng`).
 
-`small_tokenizers(dir)` writes a CLIP byte-level BPE tokenizer and a T5-style unigram tokenizer of our own
-(the real tokenizer files are not part of the pack) in the models-folder layout `tokenizers/clip_l/` and
-`tokenizers/t5xxl/`; both load offline with `CLIPTokenizer.from_pretrained` / `T5TokenizerFast.from_pretrained`.
+The text encoders keep the real vocabulary sizes, so they go with the real CLIP-L and T5 tokenizers that
+the pack carries (`tokenizers/`, loaded offline).
 """
 from __future__ import annotations
 
 import contextlib
-import json
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -237,16 +234,16 @@ def tiny_pipeline_components(variant: str = "dev", width: int = 32, heads: int =
     """All parts of a FLUX.1 pipeline, keyed like `FluxPipeline(**components)` (also Img2Img / Fill):
     transformer, vae, text_encoder (CLIP-L), text_encoder_2 (T5), tokenizer, tokenizer_2, scheduler.
 
-    `tokenizers`: a (clip_tokenizer, t5_tokenizer) pair, a folder holding `clip-l/`+`t5-xxl/` (the shared
-    test files) or `tokenizers/clip_l/`+`tokenizers/t5xxl/` (models-folder layout), or None to build our
-    own small tokenizers in a temporary folder. Each part gets its own seed derived from `seed`.
+    `tokenizers`: a (clip_tokenizer, t5_tokenizer) pair, a folder holding `clip_l/`+`t5xxl/` or
+    `tokenizers/clip_l/`+`tokenizers/t5xxl/` (models-folder layout), or None for the real tokenizers the
+    pack carries. Each part gets its own seed derived from `seed`.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r}: expected one of {sorted(VARIANTS)}")
     v = VARIANTS[variant]
     clip_tok, t5_tok = _resolve_tokenizers(tokenizers)
     # The released CLIP-L config says eos_token_id 2: pool at the highest id, which is EOS for the real
-    # and for our small tokenizer; any other tokenizer gets its own EOS id.
+    # tokenizer; any other tokenizer gets its own EOS id.
     clip_eos = clip_tok.eos_token_id
     clip_eos = 2 if clip_eos == max(clip_tok.get_vocab().values()) else clip_eos
     return dict(
@@ -264,28 +261,18 @@ def tiny_pipeline_components(variant: str = "dev", width: int = 32, heads: int =
     )
 
 
-_SMALL_TOKENIZERS_DIR = None
-
-
 def _resolve_tokenizers(tokenizers):
     from transformers import CLIPTokenizer, T5TokenizerFast
+    from ..runtime.models import PACK_TOKENIZERS
 
     if isinstance(tokenizers, (tuple, list)):
         return tokenizers[0], tokenizers[1]
-    if tokenizers is None:
-        global _SMALL_TOKENIZERS_DIR
-        if _SMALL_TOKENIZERS_DIR is None:  # built once per process
-            import tempfile
-            _SMALL_TOKENIZERS_DIR = tempfile.mkdtemp(prefix="fluxbridge-tok-")
-            small_tokenizers(_SMALL_TOKENIZERS_DIR)
-        tokenizers = _SMALL_TOKENIZERS_DIR
-    root = Path(tokenizers)
-    for clip_dir, t5_dir in (("clip-l", "t5-xxl"), ("tokenizers/clip_l", "tokenizers/t5xxl"),
-                             ("clip_l", "t5xxl")):
-        if (root / clip_dir).is_dir() and (root / t5_dir).is_dir():
-            return (CLIPTokenizer.from_pretrained(str(root / clip_dir)),
-                    T5TokenizerFast.from_pretrained(str(root / t5_dir)))
-    raise FileNotFoundError(f"{root}: no clip-l/ + t5-xxl/ or tokenizers/clip_l/ + tokenizers/t5xxl/ found")
+    root = Path(PACK_TOKENIZERS if tokenizers is None else tokenizers)
+    for base in (root, root / "tokenizers"):
+        if (base / "clip_l").is_dir() and (base / "t5xxl").is_dir():
+            return (CLIPTokenizer.from_pretrained(str(base / "clip_l")),
+                    T5TokenizerFast.from_pretrained(str(base / "t5xxl")))
+    raise FileNotFoundError(f"{root}: no clip_l/ + t5xxl/ or tokenizers/clip_l/ + tokenizers/t5xxl/ found")
 
 
 def save_layout(model, path, layout: str = "bfl") -> Path:
@@ -330,138 +317,9 @@ def save_diffusers(component, directory) -> Path:
     return directory
 
 
-# ----------------------------------------------------------------------------------------- tokenizers
-
-# Text the small tokenizers learn their merges / pieces from (prompt-like English).
-_CORPUS = """
-a photo of a cat sitting on a chair in the sun, highly detailed, sharp focus, soft light
-a painting of a dog running through a field of flowers at sunset, oil on canvas, warm colors
-portrait of a woman with red hair, studio lighting, bokeh background, 85mm lens, film grain
-a red fox in the snow, winter forest, morning mist, national geographic, award winning
-a futuristic city at night with neon lights and flying cars, cyberpunk, rain, reflections
-an astronaut riding a horse on the moon, digital art, trending, vivid, dramatic clouds
-a bowl of fruit on a wooden table, still life, apples, oranges, grapes, natural light
-a small house by the lake with mountains in the background, blue sky, green trees, river
-close up of a flower with water drops, macro photography, shallow depth of field
-the quick brown fox jumps over the lazy dog; hello world! simple test prompt 0123456789
-"""
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """Byte -> printable character map used by byte-level BPE (GPT-2 / CLIP): printable Latin-1 bytes map
-    to themselves, the rest to code points from 256 upwards, in byte order."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def _learn_bpe_merges(words: list[str], count: int) -> list[tuple[str, str]]:
-    """Plain BPE: repeatedly merge the most frequent adjacent pair (ties broken by the pair itself)."""
-    freq = Counter(words)
-    seqs = {w: list(w[:-1]) + [w[-1] + "</w>"] for w in freq}
-    merges = []
-    for _ in range(count):
-        pairs = Counter()
-        for w, seq in seqs.items():
-            for a, b in zip(seq, seq[1:]):
-                pairs[a, b] += freq[w]
-        if not pairs:
-            break
-        best = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))[0]
-        merges.append(best)
-        for w, seq in seqs.items():
-            out, i = [], 0
-            while i < len(seq):
-                if i + 1 < len(seq) and (seq[i], seq[i + 1]) == best:
-                    out.append(seq[i] + seq[i + 1])
-                    i += 2
-                else:
-                    out.append(seq[i])
-                    i += 1
-            seqs[w] = out
-    return merges
-
-
-def _corpus_words() -> list[str]:
-    import re
-    return [w for w in re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", _CORPUS.lower())]
-
-
-def _write_clip_tokenizer(directory: Path, merges_count: int = 300) -> None:
-    byte_chars = list(_bytes_to_unicode().values())
-    enc = _bytes_to_unicode()
-    words = ["".join(enc[b] for b in w.encode("utf-8")) for w in _corpus_words()]
-    merges = _learn_bpe_merges(words, merges_count)
-    vocab_list = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
-    vocab_list += ["<|startoftext|>", "<|endoftext|>"]  # specials last: EOS has the highest id
-    vocab = {tok: i for i, tok in enumerate(vocab_list)}
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (directory / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
-    special = {"content": None, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
-    sot, eot = dict(special, content="<|startoftext|>"), dict(special, content="<|endoftext|>")
-    (directory / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": sot, "eos_token": eot, "unk_token": eot, "pad_token": "<|endoftext|>"}, indent=2))
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
-         "add_prefix_space": False, "errors": "replace", "bos_token": "<|startoftext|>",
-         "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}, indent=2))
-
-
-def _write_t5_tokenizer(directory: Path) -> None:
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
-
-    chars = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()/&%+*=#@_"))
-    words = sorted(set(w for w in _corpus_words() if w.isalpha()))
-    # Scores are log-probabilities: a whole word beats its letters, so common words stay one piece.
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [("▁" + w, -6.0 - 0.05 * len(w)) for w in words]
-    pieces += [(w, -8.0 - 0.05 * len(w)) for w in words if len(w) > 1]
-    pieces += [("▁" + c, -10.0) for c in chars] + [(c, -10.5) for c in chars]
-    seen, vocab = set(), []
-    for p, s in pieces:
-        if p not in seen:
-            seen.add(p)
-            vocab.append((p, s))
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
-    tok.normalizer = normalizers.Sequence([
-        normalizers.NFKC(), normalizers.Strip(left=False, right=True), normalizers.Replace(Regex(" {2,}"), " ")])
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
-    fast = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                           extra_ids=0, model_max_length=512)
-    directory.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(str(directory))
-
-
-def small_tokenizers(directory) -> dict[str, Path]:
-    """Build our own small CLIP (byte-level BPE, specials last so EOS is the highest id) and T5-style
-    (unigram, pad 0 / eos 1 / unk 2) tokenizers under `directory/tokenizers/{clip_l,t5xxl}/`.
-
-    Returns {"clip_l": path, "t5xxl": path}. Deterministic; loads offline with
-    `CLIPTokenizer.from_pretrained` and `T5TokenizerFast.from_pretrained`.
-    """
-    root = Path(directory) / "tokenizers"
-    paths = {"clip_l": root / "clip_l", "t5xxl": root / "t5xxl"}
-    _write_clip_tokenizer(paths["clip_l"])
-    _write_t5_tokenizer(paths["t5xxl"])
-    return paths
-
-
 __all__ = [
     "tiny_flux_transformer", "tiny_flux_vae", "tiny_clip_l", "tiny_t5", "tiny_sd15_unet", "tiny_scheduler",
     "tiny_siglip", "tiny_redux",
-    "tiny_pipeline_components", "small_tokenizers", "save_diffusers", "rope_axes",
+    "tiny_pipeline_components", "save_diffusers", "rope_axes",
     "FLUX_VAE_SCALING", "FLUX_VAE_SHIFT", "DEV_SCHEDULER", "SCHNELL_SCHEDULER", "VARIANTS",
 ]

@@ -9,8 +9,9 @@ Only these types are allowed in workflows besides ours: `NATIVE_NODES` is the al
 The nodes of ComfyUI's own model graph (UNETLoader, DualCLIPLoader, CLIPTextEncode(Flux), FluxGuidance,
 ConditioningZeroOut, KSampler, VAELoader, VAEDecode) are declared only (`needs_comfy`), so that workflows for
 native models are checked too: the runner refuses to run them ("needs ComfyUI"), it has no ComfyUI sampler.
-Files: `LoadImage` reads only inside the input folder; `SaveImage` and `PreviewImage` write only inside
-the output folder (previews in its `temp/` subfolder), never elsewhere.
+Files: `LoadImage` reads only names inside the input folder; `SaveImage` and `PreviewImage` write only
+inside the output folder (previews in its `temp/` subfolder), never elsewhere. "Inside" is by the name's
+spelling (`host.check_name`): links the user made in these folders are the user's and are followed.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ MAX_RESOLUTION = 16384
 MAX_IMAGE_PIXELS = 1 << 27
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
+MASK_OPERATIONS = ["multiply", "add", "subtract", "and", "or", "xor"]
 TEMP_SUBFOLDER = "temp"
 _RNG = random.Random()  # preview names only; leaves the global random state alone
 
@@ -48,18 +50,22 @@ class RunContext:
 # ------------------------------------------------------------------------------------------ file names
 
 def inside(root: Path, path: Path) -> bool:
-    root, path = Path(os.path.realpath(root)), Path(os.path.realpath(path))
-    return path == root or root in path.parents
+    """`path` is `root` or below it by its spelling (links in `root` are not resolved: they are the user's)."""
+    root, path = os.path.abspath(root), os.path.abspath(path)
+    try:
+        return os.path.commonpath([root, path]) == root
+    except ValueError:  # different drives
+        return False
 
 
 def list_input_images(input_dir) -> list[str]:
-    """Image files in the input folder (relative, '/'-separated, sorted), for LoadImage's combo."""
+    """Image files in the input folder (relative, '/'-separated, sorted), for LoadImage's combo; linked
+    files and sub-folders included (`host.walk`)."""
     if input_dir is None or not Path(input_dir).is_dir():
         return []
     root = Path(input_dir)
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    for dirpath, _, filenames in host.walk(str(root)):
         for name in filenames:
             if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
                 found.append((Path(dirpath) / name).relative_to(root).as_posix())
@@ -125,10 +131,7 @@ def load_image(ctx: RunContext, image):
         host.check_name(image, "input")  # absolute, '..', NUL, unencodable
     except BadInput as exc:
         raise BadInput(exc.path, f"image names must stay inside the input folder ({exc.cause})") from None
-    root = Path(ctx.input_dir)
-    path = root / image
-    if Path(image).is_absolute() or not inside(root, path):
-        raise BadInput(image, "image names must stay inside the input folder")
+    path = Path(ctx.input_dir) / image
     if not path.is_file():
         raise BadInput(path, "no such image in the input folder")
     try:
@@ -252,6 +255,30 @@ def canny(ctx: RunContext, image, low_threshold=0.4, high_threshold=0.8):
     return ((edges == 1).float().repeat(1, 3, 1, 1).movedim(1, -1).contiguous(),), {}
 
 
+def solid_mask(ctx: RunContext, value=1.0, width=512, height=512):
+    import torch
+    return (torch.full((1, height, width), float(value), dtype=torch.float32),), {}
+
+
+def mask_composite(ctx: RunContext, destination, source, x=0, y=0, operation="multiply"):
+    """`source` combined into `destination` with its top-left corner at (x, y), clamped to 0..1; the part
+    of `source` that falls outside `destination` is left out."""
+    import torch
+
+    out = destination.reshape(-1, *destination.shape[-2:]).clone()
+    source = source.reshape(-1, *source.shape[-2:]).to(out.device)
+    bottom, right = min(y + source.shape[-2], out.shape[-2]), min(x + source.shape[-1], out.shape[-1])
+    if bottom > y and right > x:
+        dst, src = out[:, y:bottom, x:right], source[:, :bottom - y, :right - x]
+        if operation in ("and", "or", "xor"):
+            logic = {"and": torch.logical_and, "or": torch.logical_or, "xor": torch.logical_xor}[operation]
+            combined = logic(dst.round().bool(), src.round().bool()).float()
+        else:
+            combined = {"multiply": torch.mul, "add": torch.add, "subtract": torch.sub}[operation](dst, src)
+        out[:, y:bottom, x:right] = combined
+    return (out.clamp(0.0, 1.0),), {}
+
+
 def native_specs(input_dir=None) -> dict[str, NodeSpec]:
     """The allow-list of native node types: their ComfyUI signatures and headless implementations.
     `input_dir` fills LoadImage's choices (the images in the input folder)."""
@@ -283,6 +310,17 @@ def native_specs(input_dir=None) -> dict[str, NodeSpec]:
                   InputSpec("upscale_method", "COMBO", options=list(UPSCALE_METHODS)),
                   InputSpec("scale_by", "FLOAT", default=1.0, min=0.01, max=8.0, step=0.01)],
                  [("IMAGE", "IMAGE")], display_name="Upscale Image By", native=True, run=image_scale_by),
+        NodeSpec("SolidMask",
+                 [InputSpec("value", "FLOAT", default=1.0, min=0.0, max=1.0, step=0.01),
+                  InputSpec("width", "INT", default=512, min=1, max=MAX_RESOLUTION, step=1),
+                  InputSpec("height", "INT", default=512, min=1, max=MAX_RESOLUTION, step=1)],
+                 [("MASK", "MASK")], display_name="SolidMask", native=True, run=solid_mask),
+        NodeSpec("MaskComposite",
+                 [InputSpec("destination", "MASK"), InputSpec("source", "MASK"),
+                  InputSpec("x", "INT", default=0, min=0, max=MAX_RESOLUTION, step=1),
+                  InputSpec("y", "INT", default=0, min=0, max=MAX_RESOLUTION, step=1),
+                  InputSpec("operation", "COMBO", options=list(MASK_OPERATIONS))],
+                 [("MASK", "MASK")], display_name="MaskComposite", native=True, run=mask_composite),
     ]
     return {s.node_id: s for s in specs + comfy_only_specs()}
 

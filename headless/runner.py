@@ -334,9 +334,10 @@ def _describe(value, io_type: str):
 
 
 def _files(root: Path) -> dict[str, tuple]:
-    """Every file under `root` (relative, '/'-separated) with its size and modification time."""
+    """Every file under `root` (relative, '/'-separated) with its size and modification time; sub-folders
+    the user linked elsewhere included (`host.walk`)."""
     out = {}
-    for dirpath, _, filenames in os.walk(root):
+    for dirpath, _, filenames in host.walk(str(root)):
         for name in filenames:
             path = Path(dirpath) / name
             st = path.lstat()

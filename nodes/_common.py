@@ -57,11 +57,18 @@ def files(kind: str) -> list:
         return []
 
 
-def name_errors(*names: tuple[str, object]) -> bool | str:
+def name_errors(**inputs: tuple[str, object]) -> bool | str:
     """For `validate_inputs`: True, or why a name would be refused, so that ComfyUI rejects the prompt
-    when it is submitted (0.3.x does not check a V3 combo's value against its options there). `names` are
-    (folder kind, name) pairs, kind "output" for a filename_prefix; None (a linked input) is skipped."""
-    for kind, name in names:
+    when it is submitted (0.3.64 does not check a V3 combo's value against its options there). Each
+    keyword is an input: `lora_name=("loras", lora_name)`, kind "output" for a filename_prefix; None (a
+    linked input) is skipped.
+
+    ComfyUI reports a failed `validate_inputs` against *every* input the function takes, so a node's
+    `validate_inputs` takes only the names that must be checked before the run, one wherever it can (a node
+    with a model name and a filename_prefix checks the prefix when it runs, before it writes anything).
+    Where a node must check two (CLIP-L and T5; Redux and its vision tower), the message starts with the
+    input at fault."""
+    for input_name, (kind, name) in inputs.items():
         if name is None:
             continue
         try:
@@ -70,7 +77,7 @@ def name_errors(*names: tuple[str, object]) -> bool | str:
             else:
                 host.model_path(kind, name)
         except BadInput as exc:
-            return str(exc)
+            return f"{input_name}: {exc}" if len(inputs) > 1 else str(exc)
     return True
 
 

@@ -64,7 +64,7 @@ class SaveTransformer(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, filename_prefix=None):
-        return name_errors(("output", filename_prefix))
+        return name_errors(filename_prefix=("output", filename_prefix))
 
     @classmethod
     def execute(cls, transformer, layout="bfl", dtype="keep", filename_prefix="fluxbridge/transformer"):
@@ -95,7 +95,7 @@ class SaveVAE(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, filename_prefix=None):
-        return name_errors(("output", filename_prefix))
+        return name_errors(filename_prefix=("output", filename_prefix))
 
     @classmethod
     def execute(cls, vae, layout="bfl", filename_prefix="fluxbridge/vae"):
@@ -125,8 +125,10 @@ class ConvertLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, lora_name=None, filename_prefix=None):
-        return name_errors(("loras", lora_name), ("output", filename_prefix))
+    def validate_inputs(cls, lora_name=None):
+        # only the LoRA name: ComfyUI would report a refusal against every input taken here (see name_errors);
+        # the prefix is checked by safe_output_path when the node runs, before anything is written
+        return name_errors(lora_name=("loras", lora_name))
 
     @classmethod
     def execute(cls, lora_name, to="diffusers", filename_prefix="fluxbridge/lora"):

@@ -54,7 +54,7 @@ class LoadTransformer(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, model_name=None):
-        return name_errors(("diffusion_models", model_name))
+        return name_errors(model_name=("diffusion_models", model_name))
 
     @classmethod
     def execute(cls, model_name, weight_dtype="default", quantize="none", variant="auto"):
@@ -89,7 +89,7 @@ class LoadTextEncoders(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, clip_name=None, t5_name=None):
-        return name_errors(("text_encoders", clip_name), ("text_encoders", t5_name))
+        return name_errors(clip_name=("text_encoders", clip_name), t5_name=("text_encoders", t5_name))
 
     @classmethod
     def execute(cls, clip_name, t5_name, weight_dtype="default"):
@@ -124,7 +124,7 @@ class LoadVAE(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, vae_name=None):
-        return name_errors(("vae", vae_name))
+        return name_errors(vae_name=("vae", vae_name))
 
     @classmethod
     def execute(cls, vae_name):
@@ -161,7 +161,7 @@ class LoadLoRA(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, lora_name=None):
-        return name_errors(("loras", lora_name))
+        return name_errors(lora_name=("loras", lora_name))
 
     @classmethod
     def execute(cls, transformer, lora_name, strength_model=1.0, strength_text=1.0, text_encoders=None):
@@ -218,7 +218,7 @@ class LoadRedux(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, redux_name=None, clip_vision_name=None):
-        return name_errors(("style_models", redux_name), ("clip_vision", clip_vision_name))
+        return name_errors(redux_name=("style_models", redux_name), clip_vision_name=("clip_vision", clip_vision_name))
 
     @classmethod
     def execute(cls, redux_name, clip_vision_name):

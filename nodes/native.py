@@ -35,7 +35,7 @@ class NativeLoRA(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, lora_name=None):
-        return name_errors(("loras", lora_name))
+        return name_errors(lora_name=("loras", lora_name))
 
     @classmethod
     def execute(cls, model, lora_name, strength_model=1.0, strength_clip=1.0, clip=None):
@@ -101,7 +101,7 @@ class LoadNativeModel(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, model_name=None):
-        return name_errors(("diffusion_models", model_name))
+        return name_errors(model_name=("diffusion_models", model_name))
 
     @classmethod
     def execute(cls, model_name, weight_dtype="default"):

@@ -601,17 +601,11 @@ def folders(kind) -> list:
     return [r for r in roots if os.path.isdir(r)]
 
 
-def _inside(path, root) -> bool:
-    """True when `path`, all symlinks resolved, lies in `root` (resolved too)."""
-    real, base = os.path.realpath(path), os.path.realpath(root)
-    try:
-        return os.path.commonpath([real, base]) == base
-    except ValueError:  # different drives
-        return False
-
-
 def check_name(name, where):
-    """Refuse names that leave their folder by their spelling: absolute, drive letters, '..' parts."""
+    """Refuse names that leave their folder by their spelling: absolute, drive letters, '..' parts, NUL.
+
+    This is all a name from a workflow is checked for beyond being listed (`model_path`): links the user
+    made inside a folder are the user's and are followed; a workflow cannot make one."""
     if not isinstance(name, str) or not name.strip() or "\0" in name:
         raise BadInput(repr(name), f"not a usable file name in the {where} folder")
     try:
@@ -626,50 +620,66 @@ def check_name(name, where):
         raise BadInput(name, f"names the {where} folder itself, not a file in it")
 
 
-def _is_model_dir(filenames):
+def walk(root):
+    """`os.walk(root)` as ComfyUI lists its folders: links followed (linked files and sub-folders, other
+    drives), hidden sub-folders skipped, and a link back to a folder above it not entered again (no endless
+    loop). Yields (dirpath, dirnames, filenames), sorted; the caller may prune dirnames."""
+    above = {root: {os.path.realpath(root)}}  # dirpath -> the real folders from root down to it
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        chain = above.pop(dirpath)
+        keep = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if not d.startswith(".") and real not in chain:
+                keep.append(d)
+                above[os.path.join(dirpath, d)] = chain | {real}
+        dirnames[:] = keep
+        yield dirpath, dirnames, sorted(filenames)
+
+
+def _is_model_dir(filenames) -> bool:
     """A diffusers/transformers folder: listed (and resolved) as one entry."""
     return "model_index.json" in filenames or "config.json" in filenames
 
 
-def list_models(kind) -> list:
-    """Sorted names (relative paths) of the weight files and model folders of this kind.
-
-    Tokenizer kinds list every file. Names whose target lies outside the folder (a symlink out) are left out,
-    since `model_path` would refuse them.
-    """
-    kind = _kind(kind)
+def _listing(kind) -> dict:
+    """{name: full path} of what the kind's folders hold, the first folder winning a name: weight files
+    (`WEIGHT_EXTENSIONS`) and diffusers folders (one entry each), or every file for the tokenizer kinds.
+    Names are relative paths; broken links are left out."""
     tokenizers = kind.startswith("tokenizers/")
-    names = set()
+    found = {}
     for root in folders(kind):
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for dirpath, dirnames, filenames in walk(root):
             if not tokenizers and dirpath != root and _is_model_dir(filenames):
                 dirnames[:] = []
-                if _inside(dirpath, root):
-                    names.add(os.path.relpath(dirpath, root))
+                found.setdefault(os.path.relpath(dirpath, root), dirpath)
                 continue
             for f in filenames:
                 path = os.path.join(dirpath, f)
-                if (tokenizers or f.lower().endswith(WEIGHT_EXTENSIONS)) and _inside(path, root):
-                    names.add(os.path.relpath(path, root))
-    return sorted(names)
+                if (tokenizers or f.lower().endswith(WEIGHT_EXTENSIONS)) and os.path.isfile(path):
+                    found.setdefault(os.path.relpath(path, root), path)
+    return found
+
+
+def list_models(kind) -> list:
+    """Sorted names (relative paths) of the weight files and model folders of this kind, links followed
+    (see `walk`). Tokenizer kinds list every file."""
+    return sorted(_listing(_kind(kind)))
 
 
 def model_path(kind, name) -> str:
-    """The full path of a model file or folder named by a workflow; never one outside the kind's folders."""
+    """The full path of a model file or folder named by a workflow: the name must be one that
+    `list_models(kind)` lists (so a workflow reaches only what the user put in the kind's folders)."""
     kind = _kind(kind)
     check_name(name, kind)
+    path = _listing(kind).get(os.path.normpath(name))
+    if path is not None:
+        return path
     roots = folders(kind)
-    for root in roots:
-        candidate = os.path.join(root, name)
-        if not os.path.lexists(candidate):
-            continue
-        if not _inside(candidate, root):
-            raise BadInput(name, f"resolves (through a link) outside the {kind} folder {root}")
-        if os.path.exists(candidate):
-            return candidate
     if roots:
         where = ", ".join(roots)
+        if not kind.startswith("tokenizers/"):
+            where += f" (it lists {', '.join(WEIGHT_EXTENSIONS)} files and diffusers folders)"
     elif IN_COMFY:
         where = f"(no {kind} folder exists)"
     elif models_dir():
@@ -682,8 +692,8 @@ def model_path(kind, name) -> str:
 def safe_output_path(filename_prefix, ext) -> str:
     """A new path in the output directory: '<prefix>_00001_<ext>', counting up past existing files.
 
-    The prefix may name sub-folders (created here); one that would leave the output directory is refused.
-    `ext` is like ".safetensors" (or "" for a folder).
+    The prefix may name sub-folders (created here), also ones the user linked elsewhere; `check_name`
+    refuses a prefix that leaves the folder by its spelling. `ext` is like ".safetensors" (or "" for a folder).
     """
     check_name(filename_prefix, "output")
     base = output_directory()
@@ -691,8 +701,6 @@ def safe_output_path(filename_prefix, ext) -> str:
     if not stem or stem in (".", ".."):
         raise BadInput(filename_prefix, "the prefix names no file")
     folder = os.path.join(base, subfolder)
-    if not _inside(folder, base):
-        raise BadInput(filename_prefix, f"resolves (through a link) outside the output folder {base}")
     ext = ext if not ext or ext.startswith(".") else "." + ext
     if any(len(os.fsencode(part)) > 200 for part in re.split(r"[\\/]", filename_prefix)):
         raise BadInput(filename_prefix[:60] + "...", "a file or folder name in the prefix is over 200 bytes long")

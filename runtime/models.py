@@ -409,8 +409,16 @@ def _pipeline_root(path) -> Path | None:
     return None
 
 
+# The tokenizer files the pack carries (`tokenizers/README.md`: origin and licences), used when nothing
+# closer to the model has them.
+PACK_TOKENIZERS = Path(__file__).resolve().parents[1] / "tokenizers"
+_TOKENIZER_KINDS = {"clip": "tokenizers/clip_l", "t5": "tokenizers/t5xxl"}  # host folder kinds (and sub-folders)
+
+
 def tokenizer_candidates(model_paths=()) -> dict[str, list[tuple[Path, str]]]:
-    """Where each tokenizer is looked for, in order: (folder, how to describe it)."""
+    """Where each tokenizer is looked for, in order: (folder, how to describe it). A diffusers folder the
+    encoders came from, then the host's folders (standalone: the models folder's `tokenizers/clip_l|t5xxl`;
+    in ComfyUI: its bundled copies), then the pack's own copy."""
     found = {"clip": [], "t5": []}
     for path in model_paths:
         root = _pipeline_root(path)
@@ -418,25 +426,17 @@ def tokenizer_candidates(model_paths=()) -> dict[str, list[tuple[Path, str]]]:
             found["clip"].append((root / CLIP_TOKENIZER_DIR, f"the diffusers folder {root}"))
             found["t5"].append((root / T5_TOKENIZER_DIR, f"the diffusers folder {root}"))
     where = "ComfyUI's bundled copy" if host.IN_COMFY else "the models folder"
-    for which, kind in (("clip", "tokenizers/clip_l"), ("t5", "tokenizers/t5xxl")):
+    for which, kind in _TOKENIZER_KINDS.items():
         for folder in host.folders(kind):
             found[which].append((Path(folder), f"{where} ({folder})"))
+        own = PACK_TOKENIZERS / kind.split("/")[1]
+        found[which].append((own, f"the pack's own copy ({own})"))
     return found
 
 
-def _looked_in(which: str) -> str:
-    if host.IN_COMFY:
-        sub = "comfy/sd1_tokenizer" if which == "clip" else "comfy/text_encoders/t5_tokenizer"
-        return f"ComfyUI's bundled {sub}"
-    base = host.models_dir()
-    sub = "tokenizers/clip_l" if which == "clip" else "tokenizers/t5xxl"
-    return f"{os.path.join(base, sub)}" if base else f"<models folder>/{sub} (no models folder is set)"
-
-
 def find_tokenizers(model_paths=()) -> Tokenizers:
-    """The CLIP-L and T5 tokenizers: from a diffusers folder the encoders came from (`tokenizer/`,
-    `tokenizer_2/`), else ComfyUI's bundled copies (in ComfyUI) or the models folder's `tokenizers/clip_l/`
-    and `tokenizers/t5xxl/` (standalone). Raises BadInput naming every place it looked."""
+    """The CLIP-L and T5 tokenizers, from the first place in `tokenizer_candidates` that has the files.
+    Raises BadInput naming every place it looked (only when the pack's own copy is missing too)."""
     model_paths = [p for p in model_paths if p is not None]
     candidates = tokenizer_candidates(model_paths)
     result = {}
@@ -446,12 +446,11 @@ def find_tokenizers(model_paths=()) -> Tokenizers:
                 result[which] = (_load_tokenizer(which, folder), label)
                 break
         else:
-            looked = [str(f) for f, _ in candidates[which]] or [_looked_in(which)]
             name = "CLIP-L" if which == "clip" else "T5"
-            where = "tokenizers/clip_l" if which == "clip" else "tokenizers/t5xxl"
-            raise BadInput(None, f"no {name} tokenizer found; looked in: {', '.join(looked)}. Put the files of "
-                                 f"a diffusers folder's {CLIP_TOKENIZER_DIR if which == 'clip' else T5_TOKENIZER_DIR}/ "
-                                 f"into the models folder's {where}/, or load the encoders from a diffusers folder")
+            raise BadInput(None, f"no {name} tokenizer found; looked in: "
+                                 f"{', '.join(str(f) for f, _ in candidates[which])}. Put the files of a diffusers "
+                                 f"folder's {CLIP_TOKENIZER_DIR if which == 'clip' else T5_TOKENIZER_DIR}/ into the "
+                                 f"models folder's {_TOKENIZER_KINDS[which]}/, or reinstall the pack")
     return Tokenizers(clip=result["clip"][0], t5=result["t5"][0], clip_source=result["clip"][1],
                       t5_source=result["t5"][1])
 

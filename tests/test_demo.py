@@ -43,12 +43,15 @@ def test_run_demo_writes_an_image_and_its_report(tmp_path, cache):
     kinds = {v["class_type"] for v in saved["loaders"].values()}
     assert kinds == {"FluxBridgeLoadTransformer", "FluxBridgeLoadTextEncoders", "FluxBridgeLoadVAE"}
     assert all(len(v) > 1 for v in saved["loaders"].values()), "the loaders' UI payloads are in the report"
-    # the cached models: the usual names, built once
+    # the cached models: the usual names, built once; no tokenizers/ (as in a user's ComfyUI models folder),
+    # so the pack's own tokenizers were used
     models = Path(saved["models_dir"])
     for rel in ("diffusion_models/flux1-dev.safetensors", "vae/ae.safetensors", "text_encoders/clip_l.safetensors",
-                "text_encoders/t5xxl_fp16.safetensors", "tokenizers/clip_l/vocab.json",
-                "tokenizers/t5xxl/tokenizer.json", "READY"):
+                "text_encoders/t5xxl_fp16.safetensors", "READY"):
         assert (models / rel).is_file(), rel
+    assert not (models / "tokenizers").exists()
+    (text_encoders,) = [v for v in saved["loaders"].values() if v["class_type"] == "FluxBridgeLoadTextEncoders"]
+    assert all(c["tokenizer"].startswith("the pack's own copy") for c in text_encoders["fluxbridge"][0]["components"])
     assert models == cache / "demo-models" / models_key()
     # nothing but the image, its report (and nothing else) in the output folder
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == \

@@ -1,13 +1,11 @@
-"""The tiny-model factory: real structures at small widths, seeded, and our own small tokenizers."""
-import json
-from pathlib import Path
+"""The tiny-model factory: real structures at small widths, seeded, with the real tokenizers the pack carries."""
+import shutil
 
 import pytest
 import torch
 
 from fluxbridge.headless import factory
 
-TOKENIZERS = Path(__file__).resolve().parents[1] / ".." / "shared" / "tokenizers"
 
 
 def _same_weights(a, b):
@@ -99,32 +97,31 @@ def test_sd15_unet_structure(lcm):
     assert out.shape == (1, 4, 16, 16)
 
 
-def test_small_tokenizers_load_offline(tmp_path):
+def test_the_pack_carries_the_real_tokenizers(tmp_path):
+    """tokenizers/clip_l and tokenizers/t5xxl (with their licence notes) load offline and give the released
+    ids; the factory takes them by default, from a folder in either layout, or as a pair."""
     from transformers import CLIPTokenizer, T5TokenizerFast
-    paths = factory.small_tokenizers(tmp_path)
-    assert paths == {"clip_l": tmp_path / "tokenizers" / "clip_l", "t5xxl": tmp_path / "tokenizers" / "t5xxl"}
-    assert {p.name for p in paths["clip_l"].iterdir()} >= {"vocab.json", "merges.txt", "tokenizer_config.json"}
-    clip = CLIPTokenizer.from_pretrained(str(paths["clip_l"]), local_files_only=True)
-    t5 = T5TokenizerFast.from_pretrained(str(paths["t5xxl"]), local_files_only=True)
-    ids = clip("A photo of a cat", padding="max_length", max_length=77).input_ids
-    assert len(ids) == 77 and ids[0] == clip.bos_token_id
-    assert clip.eos_token_id == max(clip.get_vocab().values()) == clip.pad_token_id  # CLIP pooling needs it
-    assert clip.decode(ids, skip_special_tokens=True).strip() == "a photo of a cat"
-    tids = t5("a photo of a cat").input_ids
-    assert tids[-1] == t5.eos_token_id == 1 and t5.pad_token_id == 0 and t5.unk_token_id == 2
-    assert t5.decode(tids, skip_special_tokens=True) == "a photo of a cat"
-    assert len(t5) < 32128 and len(clip) < 49408
-    # deterministic: building again gives the same files
-    again = factory.small_tokenizers(tmp_path / "again")
-    for name in ("vocab.json", "merges.txt"):
-        assert (again["clip_l"] / name).read_bytes() == (paths["clip_l"] / name).read_bytes()
-    assert json.loads((again["t5xxl"] / "tokenizer.json").read_text())["model"] == \
-        json.loads((paths["t5xxl"] / "tokenizer.json").read_text())["model"]
+    from fluxbridge.runtime.models import PACK_TOKENIZERS
+    assert {p.name for p in PACK_TOKENIZERS.iterdir()} >= {"README.md", "LICENSE-clip_l.txt", "LICENSE-t5xxl.txt"}
+    clip = CLIPTokenizer.from_pretrained(str(PACK_TOKENIZERS / "clip_l"), local_files_only=True)
+    t5 = T5TokenizerFast.from_pretrained(str(PACK_TOKENIZERS / "t5xxl"), local_files_only=True)
+    assert clip("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert t5("a photo of a cat").input_ids == [3, 9, 1202, 13, 3, 9, 1712, 1]
+    assert len(clip) == 49408 and clip.model_max_length == 77 and t5.model_max_length == 512
+    assert clip.eos_token_id == max(clip.get_vocab().values())  # CLIP pools at the highest id
+    models_layout = tmp_path / "models" / "tokenizers"
+    shutil.copytree(PACK_TOKENIZERS, models_layout)
+    for source in (None, PACK_TOKENIZERS, models_layout.parent, (clip, t5)):
+        comps = factory.tiny_pipeline_components("schnell", tokenizers=source)
+        assert comps["tokenizer"].get_vocab() == clip.get_vocab()
+        assert comps["tokenizer_2"]("a photo of a cat").input_ids == t5("a photo of a cat").input_ids
+    with pytest.raises(FileNotFoundError, match="no clip_l/"):
+        factory.tiny_pipeline_components("dev", tokenizers=tmp_path / "empty")
 
 
-def test_components_run_in_the_diffusers_pipeline_with_small_tokenizers(tmp_path):
+def test_components_run_in_the_diffusers_pipeline(tmp_path):
     from diffusers import FluxPipeline
-    comps = factory.tiny_pipeline_components("schnell", tokenizers=None)
+    comps = factory.tiny_pipeline_components("schnell")
     assert set(comps) == {"transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
                           "scheduler"}
     pipe = FluxPipeline(**comps)
@@ -145,7 +142,7 @@ def test_components_run_in_the_diffusers_pipeline_with_small_tokenizers(tmp_path
 
 
 def test_components_with_the_real_tokenizers():
-    comps = factory.tiny_pipeline_components("dev", tokenizers=TOKENIZERS.resolve())
+    comps = factory.tiny_pipeline_components("dev")  # the real tokenizers the pack carries
     assert comps["tokenizer"]("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert comps["transformer"].config.joint_attention_dim == comps["text_encoder_2"].config.d_model
     assert comps["transformer"].config.pooled_projection_dim == comps["text_encoder"].config.hidden_size

@@ -26,7 +26,7 @@ from fluxbridge.pipeline import kontext as kontext_lib
 from fluxbridge.runtime import host, models
 from node_graph import copy_tokenizers, run  # tests/helpers
 
-TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
+TOKENIZERS = models.PACK_TOKENIZERS  # the real CLIP-L / T5 tokenizers the pack carries
 PROMPT = "make the sky a warm sunset"
 STEPS, SEED, TOL = 3, 11, 1 / 255
 T5_TOKENS = 128  # the pipelines are given the same max_sequence_length (Redux's prior always encodes 512)
@@ -39,7 +39,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
 def _components(variant):
-    assert TOKENIZERS.is_dir(), f"test tokenizers missing: {TOKENIZERS}"
     return factory.tiny_pipeline_components(variant, tokenizers=TOKENIZERS)
 
 

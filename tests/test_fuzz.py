@@ -331,8 +331,8 @@ def _specs():
 
 
 SPECS = None
-NODE_TYPES = ["SaveImage", "PreviewImage", "LoadImage", "ImageScaleBy", "EmptySD3LatentImage",
-              "FluxBridgeEmptyLatent", "FluxBridgeScheduler", "FluxBridgeAddNoise", "FluxBridgeVAEDecode",
+NODE_TYPES = ["SaveImage", "PreviewImage", "LoadImage", "ImageScaleBy", "EmptySD3LatentImage", "SolidMask",
+              "MaskComposite", "FluxBridgeEmptyLatent", "FluxBridgeScheduler", "FluxBridgeAddNoise", "FluxBridgeVAEDecode",
               "FluxBridgeSampler", "FluxBridgeLoadTransformer", "FluxBridgeSaveTransformer", "FluxBridgeLoadLoRA",
               "FluxBridgeConvertLoRA", "KSampler", "", "os.system"]
 ODD_VALUES = st.sampled_from([None, True, -1, 0, 2 ** 64, 10 ** 30, -10 ** 30, 1e308, math.inf, -math.inf, math.nan,

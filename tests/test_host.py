@@ -179,18 +179,62 @@ def test_the_folder_itself_is_not_a_model(standalone_host):
             standalone_host.model_path("loras", name)
 
 
-def test_symlinks_out_of_the_folder_are_refused(standalone_host, models_dir, tmp_path):
+def test_the_users_links_are_followed(standalone_host, models_dir, tmp_path):
+    """Links the user made in a model folder are listed and load, as in ComfyUI: relative and absolute file
+    links, a linked sub-folder, the folder itself a link (another drive, as far as we can tell), a diffusers
+    folder linked in. A link loop ends; a broken link is not listed."""
     host = standalone_host
-    outside = touch(tmp_path / "elsewhere" / "secret.safetensors")
-    (models_dir / "loras" / "link.safetensors").symlink_to(outside)
-    (models_dir / "loras" / "linkdir").symlink_to(outside.parent, target_is_directory=True)
-    inside = touch(models_dir / "loras" / "real.safetensors")
-    (models_dir / "loras" / "alias.safetensors").symlink_to(inside)
-    for name in ("link.safetensors", "linkdir/secret.safetensors"):
-        with pytest.raises(BadInput, match="outside the loras folder"):
+    store = tmp_path / "store"  # the user's model store, outside the models folder
+    flux = touch(store / "flux1-dev.safetensors")
+    touch(store / "styles" / "a.safetensors")
+    touch(store / "styles" / "deeper" / "b.sft")
+    touch(store / "FLUX.1-dev" / "model_index.json", b"{}")
+    touch(store / "FLUX.1-dev" / "transformer" / "x.safetensors")
+    loras, dm = models_dir / "loras", models_dir / "diffusion_models"
+    (dm / "abs.safetensors").symlink_to(flux)
+    (dm / "rel.safetensors").symlink_to(os.path.relpath(flux, dm))
+    (dm / "FLUX.1-dev").symlink_to(store / "FLUX.1-dev", target_is_directory=True)
+    (dm / "gone.safetensors").symlink_to(tmp_path / "nothing.safetensors")
+    (loras / "styles").symlink_to(store / "styles", target_is_directory=True)
+    (store / "styles" / "loop").symlink_to(store / "styles", target_is_directory=True)
+    assert host.list_models("diffusion_models") == ["FLUX.1-dev", "abs.safetensors", "rel.safetensors"]
+    assert host.list_models("loras") == [os.path.join("styles", "a.safetensors"),
+                                         os.path.join("styles", "deeper", "b.sft")]
+    assert host.model_path("diffusion_models", "abs.safetensors") == str(dm / "abs.safetensors")
+    assert os.path.samefile(host.model_path("diffusion_models", "rel.safetensors"), flux)
+    assert os.path.samefile(host.model_path("diffusion_models", "FLUX.1-dev"), store / "FLUX.1-dev")
+    assert os.path.samefile(host.model_path("loras", "styles/deeper/b.sft"), store / "styles" / "deeper" / "b.sft")
+    # the whole loras folder a link to another place
+    (loras / "styles").unlink()
+    loras.rmdir()
+    loras.symlink_to(store / "styles", target_is_directory=True)
+    assert host.list_models("loras") == ["a.safetensors", os.path.join("deeper", "b.sft")]
+    assert os.path.samefile(host.model_path("loras", "a.safetensors"), store / "styles" / "a.safetensors")
+
+
+def test_a_name_must_be_one_the_folder_lists(standalone_host, models_dir, tmp_path):
+    """Following the user's links gives a workflow nothing more: a name must be listed. A decoy beside the
+    folder, files the listing leaves out (pickles, a diffusers folder's insides, hidden folders, a path
+    through a link loop, a broken link) are all refused, however the name is spelled."""
+    host = standalone_host
+    decoy = touch(tmp_path / "decoy.safetensors")
+    loras = models_dir / "loras"
+    touch(loras / "real.safetensors")
+    touch(loras / "old.ckpt")
+    touch(loras / ".cache" / "hidden.safetensors")
+    touch(loras / "pipe" / "config.json", b"{}")
+    touch(loras / "pipe" / "w.safetensors")
+    (loras / "loop").symlink_to(loras, target_is_directory=True)
+    (loras / "gone.safetensors").symlink_to(tmp_path / "nothing.safetensors")
+    assert host.list_models("loras") == ["pipe", "real.safetensors"]
+    assert host.model_path("loras", "./real.safetensors") == str(loras / "real.safetensors")
+    for name in ("old.ckpt", ".cache/hidden.safetensors", "pipe/w.safetensors", "loop/real.safetensors",
+                 "loop/loop/pipe", "gone.safetensors", "decoy.safetensors", "nothing.safetensors"):
+        with pytest.raises(BadInput, match=r"not found in the loras folder .*\(it lists"):
             host.model_path("loras", name)
-    assert host.model_path("loras", "alias.safetensors") == str(models_dir / "loras" / "alias.safetensors")
-    assert host.list_models("loras") == ["alias.safetensors", "real.safetensors"]
+    for name in ("../decoy.safetensors", str(decoy), "real.safetensors\0", "sub/../../decoy.safetensors"):
+        with pytest.raises(BadInput):
+            host.model_path("loras", name)
 
 
 def test_safe_output_path(standalone_host, tmp_path):
@@ -204,9 +248,10 @@ def test_safe_output_path(standalone_host, tmp_path):
     for bad in ("../x", "a/../../x", "/tmp/x", "C:\\x", ""):
         with pytest.raises(BadInput):
             host.safe_output_path(bad, ".png")
-    (out / "away").symlink_to(tmp_path, target_is_directory=True)
-    with pytest.raises(BadInput, match="outside the output folder"):
-        host.safe_output_path("away/x", ".png")
+    # a sub-folder of the output folder that the user linked elsewhere is the user's: written through
+    (tmp_path / "elsewhere").mkdir()
+    (out / "away").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert host.safe_output_path("away/x", ".png") == str(out / "away" / "x_00001_.png")
 
 
 def test_standalone_node_api(standalone_host):
@@ -299,6 +344,27 @@ def test_inside_comfy_files_come_from_folder_paths(comfy_stubs):
         host.model_path("diffusion_models", "../clip/t5xxl_fp16.safetensors")
     assert host.output_directory() == str(comfy_stubs.output)
     assert host.safe_output_path("fluxbridge/vae", ".safetensors").startswith(str(comfy_stubs.output))
+
+
+def test_inside_comfy_extra_model_paths_and_links_are_listed(comfy_stubs, tmp_path):
+    """The folders extra_model_paths.yaml adds (`add_model_folder_path`) are listed after the default one,
+    links in them followed; what ComfyUI's own listing shows of them, ours shows too (our extensions)."""
+    host, fp, models = comfy_stubs.host, comfy_stubs.folder_paths, comfy_stubs.models
+    shared = tmp_path / "other-ui" / "models"  # e.g. a second UI's model store, on another drive
+    touch(shared / "loras" / "style.safetensors")
+    touch(shared / "loras" / "old.ckpt")
+    touch(tmp_path / "store" / "detail.safetensors")
+    (shared / "loras" / "linked").symlink_to(tmp_path / "store", target_is_directory=True)
+    touch(models / "loras" / "mine.safetensors")
+    fp.add_model_folder_path("loras", str(shared / "loras"))
+    assert host.folders("loras") == [str(models / "loras"), str(shared / "loras")]
+    ours = host.list_models("loras")
+    assert ours == [os.path.join("linked", "detail.safetensors"), "mine.safetensors", "style.safetensors"]
+    assert ours == [n for n in fp.get_filename_list("loras") if n.endswith(host.WEIGHT_EXTENSIONS)]
+    assert os.path.samefile(host.model_path("loras", "linked/detail.safetensors"),
+                            tmp_path / "store" / "detail.safetensors")
+    with pytest.raises(BadInput, match="not found in the loras folder"):
+        host.model_path("loras", "old.ckpt")
 
 
 def test_inside_comfy_the_node_api_is_the_hosts(comfy_stubs):

@@ -61,7 +61,7 @@ def leaves_with_weights(module):
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
-    """The demo's models (dev transformer, VAE, CLIP-L, T5, two LoRAs, small tokenizers) in a models folder."""
+    """The demo's models (dev transformer, VAE, CLIP-L, T5, two LoRAs) in a models folder."""
     root = tmp_path_factory.mktemp("lowvram-models")
     demo.build_models(root, loras=True)
     return root
@@ -111,17 +111,13 @@ def standalone_images(demo_dir):
 
 @pytest.fixture
 def in_comfy(comfy_stubs, demo_dir, monkeypatch):
-    """The stubs with the demo models in ComfyUI's folders, the demo tokenizers as the host's bundled ones,
-    and the CPU counted as a GPU so the model manager may load partly (ComfyUI never does on the CPU)."""
+    """The stubs with the demo models in ComfyUI's folders (the stubs bundle no tokenizers: the pack's own are
+    used), and the CPU counted as a GPU so the model manager may load partly (ComfyUI never does on the CPU)."""
     cs = comfy_stubs
     for part in ("dev", "vae", "clip", "t5"):
         src = demo_dir / demo.MODEL_FILES[part]
         shutil.copy(src, cs.models / src.parent.name / src.name)
     shutil.copy(demo_dir / demo.LORA_FILES[0], cs.models / "loras" / NAMES["lora_name"])
-    host = cs.host
-    folders = host.folders
-    monkeypatch.setattr(host, "folders", lambda kind: [str(demo_dir / kind)] if kind.startswith("tokenizers/")
-                        else folders(kind))
     monkeypatch.setattr(cs.mm, "_cpu_counts_as_gpu", True)
     monkeypatch.setattr(cs.mm, "_LOWVRAM_FLOOR", 0)  # the models are tiny: let a budget of a few KB stand
     monkeypatch.setattr(cs.mm, "EXTRA_RESERVED_VRAM", 0)

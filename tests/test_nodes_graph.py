@@ -1,5 +1,5 @@
 """Our nodes executed one by one, as ComfyUI (or the runner) would: tiny random models written to a models
-folder in their usual layouts, the real CLIP-L / T5 tokenizers (../shared/tokenizers), CPU float32.
+folder in their usual layouts, the real CLIP-L / T5 tokenizers (the pack's own copies), CPU float32.
 
 What is proven: a whole text-to-image graph gives an IMAGE of the right shape; a second run reuses the
 cached models and gives the same image bit for bit; a LoRA changes the image, stays applied while its
@@ -24,7 +24,8 @@ from fluxbridge.nodes import conditioning, convert, latent, loaders, sampling
 from model_state import assert_same_state, snapshot  # tests/helpers
 from node_graph import copy_tokenizers, run  # tests/helpers
 
-TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
+TOKENIZERS = models.PACK_TOKENIZERS
+CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407], [3, 9, 1202, 13, 3, 9, 1712, 1]  # CLIP-L, T5
 SIZE, STEPS, SEED = 64, 3, 7
 PROMPT = "a photo of a cat"
 NAMES = dict(model_name="flux1-dev.safetensors", clip_name="clip_l.safetensors", t5_name="t5xxl_fp16.safetensors",
@@ -50,7 +51,8 @@ def _write(model, dst: Path, layout: str, tmp: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     """A models folder: dev and fill transformers (BFL layout), FLUX VAE and a 4-channel VAE (BFL), CLIP-L and
-    T5 (ComfyUI files), a kohya LoRA, and the real tokenizers under tokenizers/."""
+    T5 (ComfyUI files), a kohya LoRA, and the real tokenizers under tokenizers/ (the models folder's own
+    tokenizers, which win over the pack's)."""
     from fluxbridge.headless.demo import tiny_lora
 
     root = tmp_path_factory.mktemp("nodes-models")
@@ -125,7 +127,7 @@ def test_text_to_image_graph_twice_is_bitwise_equal_and_reuses_models(on_host):
     assert tr_info["cached"] is False and "flux-transformer" in first["ui"]["transformer"]["text"][0]
     te_info = first["ui"]["text_encoders"]["fluxbridge"][0]["components"]
     assert [(c["family"], c["layout"]) for c in te_info] == [("clip-l", "comfy"), ("t5-xxl", "comfy")]
-    assert all("models folder" in c["tokenizer"] for c in te_info)
+    assert all(c["tokenizer"].startswith(f"the models folder ({on_host / 'tokenizers'}") for c in te_info)
     assert first["ui"]["vae"]["fluxbridge"][0]["config"]["latent_channels"] == 16
     sig = first["scheduler_ui"]["sigmas"]
     assert len(sig) == STEPS + 1 and sig[0] == 1.0 and sig[-1] == 0.0
@@ -401,11 +403,27 @@ def test_quantize_int8_with_a_lora(on_host):
     assert torch.isfinite(lat["samples"]).all()
 
 
-def test_missing_tokenizers_say_where_they_were_looked_for(on_host, tmp_path):
+def test_a_models_folder_without_tokenizers_uses_the_packs_own(on_host, tmp_path):
+    """A ComfyUI `models` folder as users have it (no tokenizers/): the real tokenizers the pack carries,
+    and the loader says so."""
     bare = tmp_path / "bare"
     shutil.copytree(on_host / "text_encoders", bare / "text_encoders")
     host.set_models_dir(bare)
-    with pytest.raises(BadInput, match=r"no CLIP-L tokenizer found; looked in: .*tokenizers/clip_l"):
+    (te,), ui = run(loaders.LoadTextEncoders, clip_name=NAMES["clip_name"], t5_name=NAMES["t5_name"],
+                    weight_dtype="default")
+    sources = [c["tokenizer"] for c in ui["fluxbridge"][0]["components"]]
+    assert sources == [f"the pack's own copy ({TOKENIZERS / 'clip_l'})", f"the pack's own copy ({TOKENIZERS / 't5xxl'})"]
+    assert "the pack's own copy" in ui["text"][0]
+    assert (te.tokenizers.clip(PROMPT).input_ids, te.tokenizers.t5(PROMPT).input_ids) == CAT_IDS
+
+
+def test_missing_tokenizers_say_where_they_were_looked_for(on_host, tmp_path, monkeypatch):
+    """Only a pack whose own copies are gone has no tokenizer: the error lists every place looked in."""
+    bare = tmp_path / "bare"
+    shutil.copytree(on_host / "text_encoders", bare / "text_encoders")
+    host.set_models_dir(bare)
+    monkeypatch.setattr(models, "PACK_TOKENIZERS", tmp_path / "gone")
+    with pytest.raises(BadInput, match=r"no CLIP-L tokenizer found; looked in: .*gone/clip_l"):
         run(loaders.LoadTextEncoders, clip_name=NAMES["clip_name"], t5_name=NAMES["t5_name"], weight_dtype="default")
 
 
@@ -432,8 +450,8 @@ def test_inside_comfyui_host_services_and_a_diffusers_folder(comfy_stubs, tiny_m
         shutil.copy(tiny_models / sub / name, cs.models / sub / name)
     parts = dict(text_encoder=factory.tiny_clip_l(hidden_size=32, seed=5),
                  text_encoder_2=factory.tiny_t5(d_model=32, seed=6),
-                 tokenizer=CLIPTokenizer.from_pretrained(str(TOKENIZERS / "clip-l")),
-                 tokenizer_2=T5TokenizerFast.from_pretrained(str(TOKENIZERS / "t5-xxl")))
+                 tokenizer=CLIPTokenizer.from_pretrained(str(TOKENIZERS / "clip_l")),
+                 tokenizer_2=T5TokenizerFast.from_pretrained(str(TOKENIZERS / "t5xxl")))
     pipe = cs.models / "text_encoders" / "FLUX.1-tiny"
     for name, part in parts.items():
         part.save_pretrained(str(pipe / name))
@@ -469,3 +487,22 @@ def test_inside_comfyui_host_services_and_a_diffusers_folder(comfy_stubs, tiny_m
     (again,), _ = run(sampling.Sampler, transformer=tr, positive=cond, latent=empty, seed=SEED, steps=2)
     assert torch.equal(again["samples"], lat["samples"])
     models.clear_cache()  # the handles are the stubs' ModelPatchers: do not hand them to later tests
+
+
+def test_inside_comfyui_the_bundled_tokenizers_come_before_the_packs(comfy_stubs, tiny_models, tmp_path, monkeypatch):
+    """Inside ComfyUI, CLIP-L / T5 files in text_encoders/ get ComfyUI's bundled tokenizers (`comfy/
+    sd1_tokenizer`, `comfy/text_encoders/t5_tokenizer`); where one is missing, the pack's own copy."""
+    cs = comfy_stubs
+    comfy_dir = tmp_path / "ComfyUI" / "comfy"  # the stubs pretend to live in a real ComfyUI layout
+    monkeypatch.setattr(cs.mm, "__file__", str(comfy_dir / "model_management.py"))
+    shutil.copytree(TOKENIZERS / "clip_l", comfy_dir / "sd1_tokenizer")
+    for name in (NAMES["clip_name"], NAMES["t5_name"]):
+        shutil.copy(tiny_models / "text_encoders" / name, cs.models / "text_encoders" / name)
+    try:
+        (te,), ui = run(loaders.LoadTextEncoders, clip_name=NAMES["clip_name"], t5_name=NAMES["t5_name"],
+                        weight_dtype="default")
+    finally:
+        models.clear_cache()  # the handles are the stubs' ModelPatchers: do not hand them to later tests
+    assert [c["tokenizer"] for c in ui["fluxbridge"][0]["components"]] == [
+        f"ComfyUI's bundled copy ({comfy_dir / 'sd1_tokenizer'})", f"the pack's own copy ({TOKENIZERS / 't5xxl'})"]
+    assert (te.tokenizers.clip(PROMPT).input_ids, te.tokenizers.t5(PROMPT).input_ids) == CAT_IDS

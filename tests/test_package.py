@@ -1,5 +1,6 @@
 """The pack as Python sees it: the installed `fluxbridge` package, and the folder ComfyUI imports by path."""
 import asyncio
+import glob
 import importlib.metadata
 import importlib.util
 import os
@@ -40,6 +41,20 @@ def test_package_metadata_agrees():
     for name in packages:
         assert (ROOT.joinpath(*name.split(".")[1:]) / "__init__.py").is_file(), name
     assert package_folders() <= set(packages), "a package folder is missing from pyproject's package list"
+
+
+def test_package_data_carries_what_the_pack_reads():
+    """A non-editable `pip install` takes the package data pyproject names: it must cover every file of the
+    tokenizers the pack falls back on, the example workflows and the web extension."""
+    patterns = PYPROJECT["tool"]["setuptools"]["package-data"]["fluxbridge"]
+    carried = {Path(p) for pattern in patterns for p in glob.glob(pattern, root_dir=ROOT, recursive=True)
+               if (ROOT / p).is_file()}
+    needed = {p.relative_to(ROOT) for folder, suffixes in (("tokenizers", None), ("example_workflows", {".json"}),
+                                                          ("web", {".js", ".css"}))
+              for p in (ROOT / folder).rglob("*") if p.is_file() and (suffixes is None or p.suffix in suffixes)}
+    assert {Path("tokenizers/clip_l/vocab.json"), Path("tokenizers/t5xxl/tokenizer.json"),
+            Path("tokenizers/LICENSE-t5xxl.txt")} <= needed
+    assert needed - carried == set()
 
 
 def package_folders():

@@ -1,8 +1,6 @@
 """End-to-end parity: our pipeline functions against diffusers' own Flux pipelines, on tiny random models
 (CPU, float32, real CLIP-L / T5 tokenizers). Images must agree within 1/255 per pixel; in practice they are
 bitwise equal, because every step does the same arithmetic in the same order."""
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -10,7 +8,6 @@ from fluxbridge.headless import factory
 from fluxbridge import pipeline as P
 from parity import encode as _encode, gen as _gen, pipe as _pipe  # tests/helpers
 
-TOKENIZERS = Path(__file__).resolve().parents[1] / ".." / "shared" / "tokenizers"
 PROMPT = "a photo of a cat sitting on a chair, soft light"
 TOL = 1 / 255
 
@@ -18,8 +15,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
 def _components(variant):
-    assert TOKENIZERS.is_dir(), f"test tokenizers missing: {TOKENIZERS}"
-    return factory.tiny_pipeline_components(variant, tokenizers=TOKENIZERS.resolve())
+    return factory.tiny_pipeline_components(variant)  # the real tokenizers the pack carries
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,5 @@
 """The sampling loop's own behaviour: native conventions in and out, interrupt, determinism, progress and
 previews, Fill/control inputs, and errors that name both sides of a mismatch."""
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -9,7 +7,6 @@ from fluxbridge.headless import factory
 from fluxbridge import pipeline as P
 from fluxbridge.common.errors import BadInput
 
-TOKENIZERS = Path(__file__).resolve().parents[1] / ".." / "shared" / "tokenizers"
 
 
 class Interrupted(Exception):
@@ -18,8 +15,7 @@ class Interrupted(Exception):
 
 @pytest.fixture(scope="module")
 def comps():
-    assert TOKENIZERS.is_dir(), f"test tokenizers missing: {TOKENIZERS}"
-    return factory.tiny_pipeline_components("dev", tokenizers=TOKENIZERS.resolve())
+    return factory.tiny_pipeline_components("dev")  # the real tokenizers the pack carries
 
 
 @pytest.fixture(scope="module")

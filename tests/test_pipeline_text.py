@@ -1,21 +1,18 @@
 """Prompt encoding: equal to FluxPipeline.encode_prompt, native CONDITIONING, truncation is reported."""
-from pathlib import Path
-
 import pytest
 import torch
 
 from fluxbridge.headless import factory
 from fluxbridge import pipeline as P
 from fluxbridge.common.errors import BadInput
+from fluxbridge.runtime.models import PACK_TOKENIZERS
 
-TOKENIZERS = Path(__file__).resolve().parents[1] / ".." / "shared" / "tokenizers"
 LONG = " ".join(["a very detailed photo of a small cat sitting on a red chair in the garden"] * 12)
 
 
 @pytest.fixture(scope="module")
 def comps():
-    assert TOKENIZERS.is_dir(), f"test tokenizers missing: {TOKENIZERS}"
-    return factory.tiny_pipeline_components("dev", tokenizers=TOKENIZERS.resolve())
+    return factory.tiny_pipeline_components("dev")  # the real tokenizers the pack carries
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +57,7 @@ def test_batches_like_the_pipeline(comps, pipe):
 def test_clip_uses_77_even_when_the_tokenizer_says_8192(comps, pipe):
     """ComfyUI's bundled CLIP tokenizer has model_max_length 8192; we pass 77 explicitly."""
     from transformers import CLIPTokenizer
-    tok = CLIPTokenizer.from_pretrained(str(TOKENIZERS.resolve() / "clip-l"), model_max_length=8192)
+    tok = CLIPTokenizer.from_pretrained(str(PACK_TOKENIZERS / "clip_l"), model_max_length=8192)
     assert tok.model_max_length == 8192
     cond = P.encode_prompt(tok, comps["text_encoder"], comps["tokenizer_2"], comps["text_encoder_2"], LONG)
     _, pooled, _ = pipe.encode_prompt(LONG)

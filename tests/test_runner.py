@@ -17,7 +17,8 @@ from PIL import Image
 import fluxbridge
 from fluxbridge.headless import demo
 from fluxbridge.common.errors import BadInput
-from fluxbridge.headless.native_nodes import RunContext, empty_sd3_latent, image_scale_by, load_image, native_specs
+from fluxbridge.headless.native_nodes import (RunContext, empty_sd3_latent, image_scale_by, load_image, mask_composite,
+                                              native_specs, solid_mask)
 from fluxbridge.headless.runner import run_workflow
 from fluxbridge.headless.workflows import example_pairs, examples_dir
 
@@ -27,8 +28,8 @@ API = {ui.stem: api for ui, api in example_pairs()}
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory):
-    """dev, schnell, fill, kontext and depth transformers, VAE, CLIP-L, T5, tokenizers, two LoRAs, a Canny
-    control LoRA, Redux and its SigLIP tower, in their usual layouts and names (built once per session)."""
+    """dev, schnell, fill, kontext and depth transformers, VAE, CLIP-L, T5, two LoRAs, a Canny control LoRA,
+    Redux and its SigLIP tower, in their usual layouts and names (built once per session)."""
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):  # one build for all workers of this run (built atomically)
         base = base.parent
@@ -77,11 +78,12 @@ def _snapshot(roots, exclude: Path):
 def small(api: dict) -> dict:
     """Overrides that keep the examples quick: 64x64 everywhere, 3 sampler steps, 32 T5 tokens (the custom
     loop keeps its 4 scheduler steps: it has one node per step). The Kontext reference takes the loaded image
-    as it is: the preferred Kontext sizes are around a megapixel (the scale node is tested on its own)."""
+    as it is: the preferred Kontext sizes are around a megapixel (the scale node is tested on its own). The
+    Fill example's mask keeps its size (FluxBridgeFillConditioning scales a mask to the image)."""
     over = {}
     for nid, node in api.items():
         inputs, cls = node["inputs"], node["class_type"]
-        if "width" in inputs and not isinstance(inputs["width"], list):
+        if "width" in inputs and not isinstance(inputs["width"], list) and cls != "SolidMask":
             over[nid] = {"width": SIZE, "height": SIZE}
         if cls == "FluxBridgeSampler":
             over[nid] = {"steps": 3}
@@ -127,6 +129,13 @@ def _schedule_checks(report, api, out):
     assert sched and all(n["ui"] for n in sched)  # the sigmas for the curve
 
 
+def _fill_checks(report, api, out):
+    """The mask is built from native nodes (ComfyUI ships no inpainting image): 768x768, as example.png."""
+    ids = {v["class_type"]: n for n, v in api.items()}
+    assert report["nodes"][ids["MaskComposite"]]["outputs"][0]["shape"] == [1, 768, 768]
+    assert api[ids["LoadImage"]]["inputs"]["image"] == "example.png"
+
+
 def _kontext_checks(report, api, out):
     ref = next(n for n, v in api.items() if v["class_type"] == "FluxBridgeKontextReference")
     assert report["nodes"][ref]["outputs"][1]["shape"] == [1, 16, SIZE // 8, SIZE // 8]
@@ -152,7 +161,7 @@ IMAGE_EXAMPLES = {  # example -> (SaveImage size, extra checks)
     "flux_dev_text_to_image": (SIZE, None),
     "flux_schnell_text_to_image": (SIZE, _schedule_checks),
     "flux_dev_img2img": (SIZE, None),
-    "flux_fill_inpaint": (SIZE, None),
+    "flux_fill_inpaint": (SIZE, _fill_checks),
     "flux_dev_lora_stack": (SIZE, _lora_checks),
     "flux_dev_custom_sampling": (SIZE, _schedule_checks),
     "flux_dev_with_native_nodes": (SIZE // 2, _mixed_checks),
@@ -310,20 +319,28 @@ def test_filename_prefix_escaping_the_output_folder_is_refused(work):
     _bad(work, convert, "3 (FluxBridgeConvertLoRA): filename_prefix")
 
 
-def test_prefix_through_a_link_out_of_the_output_folder_is_refused(work, tmp_path_factory):
-    outside = tmp_path_factory.mktemp("outside")
-    work["out"].mkdir()
-    (work["out"] / "link").symlink_to(outside, target_is_directory=True)
-    api = {"1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+def test_the_users_links_in_the_output_and_input_folders_are_followed(work, tmp_path_factory):
+    """An output sub-folder and an input image that the user linked elsewhere are the user's: SaveImage
+    writes through the link and LoadImage reads through one, as in ComfyUI."""
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    pictures = tmp_path_factory.mktemp("pictures")
+    shutil.copy(work["input"] / "example.png", pictures / "kept.png")
+    work["out"].mkdir(exist_ok=True)
+    (work["out"] / "link").symlink_to(elsewhere, target_is_directory=True)
+    (work["input"] / "kept.png").symlink_to(pictures / "kept.png")
+    api = {"1": {"class_type": "LoadImage", "inputs": {"image": "kept.png"}},
            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "link/img"}}}
     path = work["dir"] / "link.json"
     path.write_text(json.dumps(api))
-    with pytest.raises(BadInput, match="outside the output folder"):
-        run_workflow(path, models_dir=work["models"], output_dir=work["out"], input_dir=work["input"],
-                     progress=False)
-    assert list(outside.iterdir()) == []
-    path.unlink()
-    (work["out"] / "link").unlink()
+    try:
+        result = run_workflow(path, models_dir=work["models"], output_dir=work["out"], input_dir=work["input"],
+                              progress=False)
+        assert result["outputs"] == ["link/img_00001_.png"]
+        assert [p.name for p in elsewhere.iterdir()] == ["img_00001_.png"]
+    finally:
+        path.unlink()
+        (work["out"] / "link").unlink()
+        (work["input"] / "kept.png").unlink()
 
 
 def test_unknown_node_is_refused(work):
@@ -469,6 +486,34 @@ def test_empty_latent_and_scale_by_follow_native_conventions():
     for method in ("nearest-exact", "bilinear", "area", "bicubic", "lanczos"):
         (out,), _ = image_scale_by(ctx, image, method, 1.5)
         assert out.shape == (2, 30, 45, 3) and out.min() >= 0 and out.max() <= 1
+
+
+def test_solid_mask_and_mask_composite_follow_native_conventions():
+    """ComfyUI's SolidMask ([1, H, W] of one value) and MaskComposite (source placed at x, y into a copy of
+    destination, combined, clamped to 0..1, the overhang left out), on values worked out by hand."""
+    ctx = RunContext(output_dir=Path("unused"))
+    (zeros,), _ = solid_mask(ctx, 0.0, width=6, height=4)
+    (ones,), _ = solid_mask(ctx, 1.0, width=3, height=2)
+    assert zeros.shape == (1, 4, 6) and ones.shape == (1, 2, 3) and ones.dtype == torch.float32
+    (square,), _ = mask_composite(ctx, zeros, ones, x=2, y=1, operation="add")
+    expected = torch.zeros(1, 4, 6)
+    expected[:, 1:3, 2:5] = 1.0
+    assert torch.equal(square, expected) and zeros.abs().sum() == 0  # the destination is not changed
+    (edge,), _ = mask_composite(ctx, zeros, ones, x=4, y=3, operation="add")  # only 2x1 of it lands
+    assert edge.sum() == 2 and torch.equal(edge[0, 3, 4:], torch.ones(2))
+    (outside,), _ = mask_composite(ctx, zeros, ones, x=6, y=0, operation="add")
+    assert torch.equal(outside, zeros)
+    half = torch.full((1, 2, 3), 0.5)
+    results = {op: mask_composite(ctx, square, half, x=1, y=1, operation=op)[0][0][0, 1:3, 1:4]
+               for op in ("multiply", "add", "subtract", "and", "or", "xor")}
+    # the window at (1, 1): first column outside the square (0), the other two inside (1)
+    assert results["multiply"].tolist() == [[0.0, 0.5, 0.5]] * 2
+    assert results["add"].tolist() == [[0.5, 1.0, 1.0]] * 2  # 1.5 clamped
+    assert results["subtract"].tolist() == [[0.0, 0.5, 0.5]] * 2  # -0.5 clamped
+    # the logic ones round first: 0.5 rounds to 0 (round half to even)
+    assert results["and"].tolist() == [[0.0, 0.0, 0.0]] * 2
+    assert results["or"].tolist() == [[0.0, 1.0, 1.0]] * 2
+    assert results["xor"].tolist() == [[0.0, 1.0, 1.0]] * 2
 
 
 def test_canny_and_reference_latent_follow_native_conventions():

@@ -41,6 +41,10 @@ from gguf_bytes import ARCH, gguf_bytes, gguf_string  # tests/helpers
 
 GOOD = "flux-good.safetensors"  # the tiny transformer every "good request" uses
 GOOD_LORA = "good-lora.safetensors"
+NOT_LISTED = "config-bomb/diffusion_pytorch_model.safetensors"  # on disk, but inside a diffusers folder: not listed
+# A model folder lists .safetensors, .sft and .gguf files (and diffusers folders): a workflow cannot name a
+# pickle there; the command line, given the path, refuses it by name.
+UNLISTED = r"not found in the (diffusion_models|loras) folder .*it lists \.safetensors, \.sft, \.gguf"
 
 
 # ------------------------------------------------------------------------------------- hostile bytes
@@ -175,10 +179,9 @@ def world(tmp_path_factory) -> World:
     (folder / "config.json").write_text(json.dumps(dict(cfg, num_layers=10 ** 6)))
     shards = dm / "index-escape"
     shards.mkdir()
+    (shards / "config.json").write_text(json.dumps(cfg))  # a diffusers folder: listed, so a workflow may name it
     (shards / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"x_embedder.weight": "../../../outside/secret.safetensors"}}))
-    (dm / "link-out.safetensors").symlink_to(w.outside / "secret.safetensors")
-    (w.output / "linkdir").symlink_to(w.outside, target_is_directory=True)
 
     # hostile safetensors / GGUF bytes, in the transformer folder
     good = w.good_bytes
@@ -365,7 +368,7 @@ def as_transformer(name: str, cause: str) -> Case:
                 name, cause, node=lambda w: load_transformer(name), workflow=_save_transformer(name))
 
 
-def lora(name: str, cause: str, cli=("lora inspect", "lora convert", "run")) -> Case:
+def lora(name: str, cause: str, cli=("lora inspect", "lora convert", "run"), node_cause=None) -> Case:
     clis = []
     if "lora inspect" in cli:
         clis.append(["lora", "inspect", "{loras}/" + name])
@@ -373,8 +376,8 @@ def lora(name: str, cause: str, cli=("lora inspect", "lora convert", "run")) -> 
         clis.append(["lora", "convert", "{loras}/" + name, "{conv}/" + name + ".out.safetensors", "--to", "kohya"])
     if "run" in cli:
         clis.append(["run", "{wf}/lora-" + name + ".json", "--models", "{models}", "--output", "{out}"])
-    return Case("lora:" + name, clis, name, cause, node=lambda w: load_lora_node(name), workflow=_with_lora(name),
-                marker=name.endswith(".pt"))
+    return Case("lora:" + name, clis, name, cause, node=lambda w: load_lora_node(name), node_cause=node_cause,
+                workflow=_with_lora(name), marker=name.endswith(".pt"))
 
 
 def workflow(id: str, api, cause: str, node=None, node_cause=None, name=None) -> Case:
@@ -442,15 +445,15 @@ CASES = [
     weights("config-bomb", r"config.json says num_layers is 1000000, the tensors say 1"),
     weights("index-escape", r"not a file inside the folder"),
     # --- pickles, by name and by content: refused, never unpickled -----------------------------------------
-    weights("model.ckpt", r"pickle-based checkpoint refused"),
-    weights("model.bin", r"pickle-based checkpoint refused"),
-    weights("model.pth", r"pickle-based checkpoint refused"),
-    weights("zip.pt", r"pickle-based checkpoint refused"),
+    weights("model.ckpt", r"pickle-based checkpoint refused", node_cause=UNLISTED),
+    weights("model.bin", r"pickle-based checkpoint refused", node_cause=UNLISTED),
+    weights("model.pth", r"pickle-based checkpoint refused", node_cause=UNLISTED),
+    weights("zip.pt", r"pickle-based checkpoint refused", node_cause=UNLISTED),
     weights("pickle-inside.safetensors", r"pickle-based checkpoint refused"),
     weights("zip-inside.safetensors", r"pickle-based checkpoint refused"),
     weights("protocol0-inside.safetensors", r"not a safetensors file"),
     weights("pickle-inside.gguf", r"not a GGUF file"),
-    lora("lora.pt", r"pickle-based checkpoint refused", cli=("lora inspect", "lora convert")),
+    lora("lora.pt", r"pickle-based checkpoint refused", cli=("lora inspect", "lora convert"), node_cause=UNLISTED),
     # --- the wrong kind of model where a Flux transformer is expected ---------------------------------
     as_transformer("sd15-unet.safetensors", r"not flux-transformer: found sd15-unet"),
     as_transformer("vae-as-transformer.safetensors", r"not flux-transformer: found flux-vae"),
@@ -472,10 +475,11 @@ CASES = [
              node=lambda w: load_transformer("../diffusion_models/" + GOOD), node_cause=r"'\.\.' part"),
     workflow("model-absolute", None, r"1 \(FluxBridgeLoadTransformer\): model_name: .*absolute",
              node=lambda w: load_transformer(str(w.models / "diffusion_models" / GOOD)), node_cause=r"absolute"),
-    workflow("model-symlink-out", _save_transformer("link-out.safetensors"),
-             r"model_name: \"link-out.safetensors\" is not one of the choices",
-             node=lambda w: load_transformer("link-out.safetensors"),
-             node_cause=r"resolves \(through a link\) outside the diffusion_models folder"),
+    workflow("model-not-listed", _save_transformer(NOT_LISTED),
+             r"model_name: \"config-bomb/diffusion_pytorch_model.safetensors\" is not one of the choices",
+             node=lambda w: load_transformer(NOT_LISTED), node_cause=r"not found in the diffusion_models folder"),
+    workflow("model-nul", _save_transformer(GOOD + "\0.txt"), r"model_name: .*not a usable file name",
+             node=lambda w: load_transformer(GOOD + "\0.txt"), node_cause=r"not a usable file name"),
     workflow("prefix-dotdot", _save_transformer(GOOD, "../escaped"), r"filename_prefix: .*'\.\.'",
              node=lambda w: convert.SaveTransformer.execute(transformer=good_transformer(),
                                                             filename_prefix="corpus/../../escaped"),
@@ -483,10 +487,11 @@ CASES = [
     workflow("prefix-absolute", None, r"filename_prefix: .*absolute",
              node=lambda w: convert.SaveVAE.execute(vae=None, filename_prefix=str(w.outside / "x")),
              node_cause=r"absolute path"),
-    workflow("prefix-symlink-out", _graph() | {"2": _node("SaveImage", images=["1", 0], filename_prefix="linkdir/img")},
-             r"resolves \(through a link\) outside the output folder", name="linkdir/img",
+    workflow("prefix-nul", _graph() | {"2": _node("SaveImage", images=["1", 0], filename_prefix="corpus/img\0")},
+             r"filename_prefix: .*not a usable file name in the output folder",
              node=lambda w: convert.SaveTransformer.execute(transformer=good_transformer(),
-                                                            filename_prefix="linkdir/t")),
+                                                            filename_prefix="corpus/t\0"),
+             node_cause=r"not a usable file name in the output folder"),
     workflow("image-dotdot", _graph() | {"1": _node("LoadImage", image="../outside/secret.png")},
              r"1 \(LoadImage\): image: .*'\.\.'",
              node=lambda w: native_nodes.load_image(ctx(w), "../outside/secret.png"),
@@ -557,7 +562,7 @@ CASES = [
     as_transformer("flux-cut.safetensors", r"flux-transformer \(6 tensors\): not a complete Flux transformer"),
     weights("t5-cut.safetensors", r"only 3 tensor\(s\) of t5-xxl weights, too few for a whole model"),
     weights("llama.gguf", r"a GGUF file for the 'llama' architecture"),
-    weights("empty-folder", r"no weights found"),
+    weights("empty-folder", r"no weights found", node_cause=UNLISTED),  # no weights, no config.json: not listed
     lora("vae-as-lora.safetensors", r"not a LoRA but model weights: flux-vae weights \(bfl layout, \d+ tensors\); "
                                     r"load it with a model loader"),
     lora("t5-as-lora.safetensors", r"not a LoRA but model weights: t5-xxl weights \(comfy layout, \d+ tensors\)"),
@@ -584,7 +589,7 @@ CASES = [
          r"not flux-vae: found flux-transformer weights \(bfl layout, 52 tensors\)",
          node=lambda w: loaders.LoadVAE.execute(vae_name="transformer-as-vae.safetensors")),
 ]
-N_CASES = 78
+N_CASES = 79
 
 
 def _absolute_workflows(w: World) -> dict:
@@ -698,6 +703,31 @@ def test_hostile_input_is_refused_everywhere(case: Case, workflows_written, on_h
     assert not w.marker.exists(), "a pickle payload ran"
     assert snapshot(w) == before, "something was written outside the output folder"
     assert output_files(w) == written_before, "a failed request left a file in the output folder"
+
+
+def test_the_users_links_are_followed(workflows_written, on_host, capsys, tmp_path):
+    """Not hostile: links the user made (a model kept in another store, an output sub-folder on another disk)
+    are followed on both roads, as ComfyUI follows them. A workflow cannot make a link, and the hostile
+    spellings of the same targets (absolute, '..', NUL, not listed) are refused by the cases above."""
+    w = workflows_written
+    store, saved = tmp_path / "store", tmp_path / "saved"
+    store.mkdir()
+    saved.mkdir()
+    (store / "kept.safetensors").write_bytes(w.good_bytes)
+    model_link = w.models / "diffusion_models" / "linked.safetensors"
+    output_link = w.output / "elsewhere"
+    model_link.symlink_to(store / "kept.safetensors")
+    output_link.symlink_to(saved, target_is_directory=True)
+    try:
+        path = tmp_path / "linked.json"
+        path.write_text(json.dumps(_save_transformer("linked.safetensors", "elsewhere/t")))
+        code, out, err = run_cli(["run", path, "--models", w.models, "--output", w.output], capsys)
+        assert code == 0, err
+        assert [p.name for p in saved.iterdir()] == ["t_00001_.safetensors"]
+        assert load_transformer("linked.safetensors").args[0].family == "flux-transformer"
+    finally:
+        model_link.unlink()
+        output_link.unlink()
 
 
 def test_the_pickle_payloads_are_live(world, tmp_path):

@@ -89,6 +89,8 @@ EXPECTED = [
     ("folder_paths", "get_full_path", "(folder_name, filename)", "reference 3.4 + source"),
     ("folder_paths", "get_full_path_or_raise", "(folder_name, filename)", "reference 3.4 + source"),
     ("folder_paths", "get_folder_paths", "(folder_name)", "reference 3.4"),
+    ("folder_paths", "add_model_folder_path", "(folder_name, full_folder_path, is_default=False)",
+     "reference 3.4 ('name, path') + source"),
     ("folder_paths", "get_output_directory", "()", "reference 3.4"),
     ("comfy_api.latest", "ComfyExtension.get_node_list", "(self)", "reference 2.1"),
     ("comfy_api.latest", "io.NodeOutput", "(*args, ui=None, expand=None, block_execution=None)",

@@ -32,7 +32,7 @@ MODEL_NAMES = {  # every model file name the examples use, by folder
     "style_models": ["flux1-redux-dev.safetensors"],
     "clip_vision": ["sigclip_vision_patch14_384.safetensors"],
 }
-INPUT_IMAGES = ["example.png", "inpaint_example.png"]
+INPUT_IMAGES = ["example.png"]  # the one input image ComfyUI ships (input/example.png)
 DIFFUSERS_FOLDERS = {"diffusion_models": ["FLUX.1-dev"]}  # diffusers pipeline folders the examples name
 
 

@@ -29,6 +29,23 @@ def map_legacy(folder_name):
     return {"unet": "diffusion_models", "clip": "text_encoders"}.get(folder_name, folder_name)
 
 
+def add_model_folder_path(folder_name, full_folder_path, is_default=False):
+    """What extra_model_paths.yaml entries go through: one more folder for a kind (first when is_default)."""
+    folder_name = map_legacy(folder_name)
+    if folder_name not in folder_names_and_paths:
+        folder_names_and_paths[folder_name] = ([full_folder_path], set())
+        return
+    paths = folder_names_and_paths[folder_name][0]
+    if full_folder_path in paths:
+        if is_default:
+            paths.remove(full_folder_path)
+            paths.insert(0, full_folder_path)
+    elif is_default:
+        paths.insert(0, full_folder_path)
+    else:
+        paths.append(full_folder_path)
+
+
 def get_folder_paths(folder_name):
     return folder_names_and_paths[map_legacy(folder_name)][0][:]
 

@@ -11,7 +11,7 @@ def run(cls, **inputs):
 
 
 def copy_tokenizers(source: Path, models: Path) -> None:
-    """The CLIP-L and T5 tokenizer files (`clip-l/`, `t5-xxl/` under `source`) into a models folder's
-    `tokenizers/clip_l/` and `tokenizers/t5xxl/`."""
-    shutil.copytree(source / "clip-l", models / "tokenizers" / "clip_l")
-    shutil.copytree(source / "t5-xxl", models / "tokenizers" / "t5xxl")
+    """The CLIP-L and T5 tokenizer files (`clip_l/`, `t5xxl/` under `source`, e.g. the pack's own
+    `tokenizers/`) into a models folder's `tokenizers/clip_l/` and `tokenizers/t5xxl/`."""
+    for name in ("clip_l", "t5xxl"):
+        shutil.copytree(source / name, models / "tokenizers" / name)
