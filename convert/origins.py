@@ -83,7 +83,8 @@ class Origins:
             return "the model file changed on disk since it was loaded (size or modification time)"
         from .quant import logical_weights
         from .safetensors_io import open_weights
-        return Reread(self, logical_weights(open_weights(self.path), keep_fp8=self.keep_fp8))
+        # each tensor mapped on its own while it is read: the file's pages do not stay in this process
+        return Reread(self, logical_weights(open_weights(self.path, whole_map=False), keep_fp8=self.keep_fp8))
 
 
 class Reread:

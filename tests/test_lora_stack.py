@@ -139,20 +139,22 @@ def test_gguf_dequantized_originals_are_kept(tmp_path):
 
 @pytest.mark.parametrize("fault", [RuntimeError, KeyboardInterrupt])
 def test_a_failure_half_way_leaves_the_base_as_it_was(files, monkeypatch, fault):
-    """The third tensor's swap fails (an error, or an interrupt): the tensors already swapped in are read
-    back from the file; no stack is recorded; the next use applies it whole."""
+    """Patching in place fails half-way (an error, or an interrupt, at the third row block: the blocks before
+    it are already written into the parameter): what was patched is read back from the file; no stack is
+    recorded; the next use applies it whole."""
     models.clear_cache()
     base, _ = models.load_transformer(files["dev"])
     snap = state(base.module)
     a = base.with_lora("a", models.open_lora(files["a"]), 1.0)
-    real, calls = apply_mod._assign, []
+    real, calls = patch_mod._RowTerm.add, []
 
-    def flaky(*args):
+    def flaky(self, w, r0, n):
+        real(self, w, r0, n)
         calls.append(1)
         if len(calls) == 3:
             raise fault("injected")
-        return real(*args)
-    monkeypatch.setattr(apply_mod, "_assign", flaky)
+    monkeypatch.setattr(patch_mod, "CHUNK", 1 << 8)  # several row blocks per tensor
+    monkeypatch.setattr(patch_mod._RowTerm, "add", flaky)
     with pytest.raises(fault):
         with a.patched():
             pass

@@ -11,7 +11,9 @@ before. What happens to the original of each patched tensor (the report's `origi
 
 * a view of the model file's mapping (CPU, loaded without a cast): kept; it costs nothing (the page cache);
 * made from the file by the load (a cast, a GPU copy) and the file is unchanged since (`origins`, see
-  `convert.origins`): dropped, and read again from the file on removal, cast as the load cast it;
+  `convert.origins`): not kept at all. The patched values are computed into the parameter's own storage
+  (no memory added, and the weights stay where they were: a fresh allocation can be slower to read), and
+  removal reads the original again from the file, cast as the load cast it, and writes it back there;
 * otherwise (no `origins`, GGUF blocks dequantized, the file changed on disk): kept, where it is or on
   `originals_device`.
 
@@ -112,7 +114,10 @@ class LoraHandle:
                 # The device its parameter is on now: a host may have moved the layer while the LoRA was
                 # applied (ComfyUI's partial loading and unloading move layers one by one).
                 t = self._reader.read(name, param.device) if original is READ else original.tensor
-                param.data = t if t.device == param.device else t.to(param.device)
+                if original is READ and t.shape == param.shape and t.dtype == param.dtype:
+                    param.data.copy_(t)  # back into the parameter's own storage, as apply patched it
+                else:
+                    param.data = t if t.device == param.device else t.to(param.device)
             except Exception as exc:  # restore the others, then report the first failure
                 failed = failed or exc
         for h in self._hooks:
@@ -244,6 +249,13 @@ def apply_loras(model: torch.nn.Module, family: str | None = None, loras=(),
         # (a fused patch also works out its other targets, but those values are dropped), so the tensors
         # already swapped in never feed another closure's result.
         for group in dense_plan.closures():
+            if all(holding[n] == "reread" and n not in plan.expand for n in group):
+                # The file gives the originals again: patch the parameters' own storage, adding no memory
+                # and leaving the weights where they were. Recorded first: a failure half-way through is
+                # undone by reading the file again.
+                handle._originals += [(n, params[n], READ) for n in group]
+                dense_plan.compute(group, lambda n: params[n].data, into={n: params[n].data for n in group})
+                continue
             for name, tensor in dense_plan.compute(group, lambda n: params[n].data).items():
                 _assign(handle, name, params[name], tensor, holding[name], originals_device)
         for name, width in plan.expand.items():
@@ -302,7 +314,7 @@ def _assign(handle: LoraHandle, name: str, param: torch.nn.Parameter, tensor: to
             keep_on=None) -> None:
     original = param.data
     if how == "reread":
-        original = READ  # the file gives it again; the tensor is freed once nothing else holds it
+        original = READ  # a widened layer (control LoRA) swaps in its new tensor; removal reads the old one
     elif how == "view":
         original = _View(original)
     elif keep_on is not None and torch.device(keep_on) != original.device:

@@ -258,10 +258,12 @@ class Plan:
         return {q: members[find(q)] for q in parent}
 
     def compute(self, params: Iterable[str], read: Callable[[str], torch.Tensor],
-                device=None) -> dict[str, torch.Tensor]:
+                device=None, into: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The patched values of `params` (whole closures), each in its original dtype.
 
-        `read(name)` gives the current tensor (a model parameter, or a tensor streamed from a file).
+        `read(name)` gives the current tensor (a model parameter, or a tensor streamed from a file). `into`:
+        tensors of the same shape and dtype the results are written into (the parameters themselves, patched
+        in place: row by row, each row block read before it is written), instead of new tensors.
         """
         wanted = set()
         for name in params:
@@ -269,7 +271,7 @@ class Plan:
         patches = [p for p in self.patches if p.params & wanted]
         if len(wanted) == 1 and all(p.part.dora is None and p.value is None for p in patches):
             name = next(iter(wanted))
-            return {name: self._by_rows(name, patches, read, device)}
+            return {name: self._by_rows(name, patches, read, device, out=(into or {}).get(name))}
         work: dict[str, torch.Tensor] = {}
         dtypes: dict[str, torch.dtype] = {}
 
@@ -290,18 +292,22 @@ class Plan:
             get(name)
         for patch in patches:
             _apply(patch, get)
+        if into:
+            return {name: into[name].copy_(work[name]) for name in sorted(wanted)}
         return {name: work[name].to(dtypes[name]) for name in sorted(wanted)}
 
-    def _by_rows(self, name: str, patches: list[Patch], read, device=None) -> torch.Tensor:
+    def _by_rows(self, name: str, patches: list[Patch], read, device=None, out=None) -> torch.Tensor:
         """One tensor whose patches all act row by row (no DoRA, no set): float32 work in a reused
-        buffer of `CHUNK` elements, written straight into the new tensor (no full-size temporaries)."""
+        buffer of `CHUNK` elements, written straight into the new tensor, or into `out` (which may be the
+        tensor read: each row block is read before it is written; no full-size temporaries)."""
         t = read(name)
         if not isinstance(t, torch.Tensor) and hasattr(t, "dequantize"):
             t = t.dequantize(F32)
         dev = device or t.device
         width = self.expand.get(name)
         shape = (t.shape[0], width) if width is not None and t.dim() == 2 else tuple(t.shape)
-        out = torch.empty(shape, dtype=t.dtype, device=dev)
+        if out is None:
+            out = torch.empty(shape, dtype=t.dtype, device=dev)
         terms = []
         for patch in patches:
             for tgt in patch.weight:
