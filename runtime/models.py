@@ -32,7 +32,8 @@ Caching and LoRAs (the design, in short):
 * Removal is exact (`convert.lora.apply_loras`): the originals of the patched tensors are put back on each
   parameter's current device. Which originals are held while applied: views of the memory-mapped model
   file (CPU, loaded without a cast) are kept for free; copies (a cast on load, a model on the GPU) are not
-  kept but read again from the file on removal, cast as the load cast them (`convert.origins`); only what
+  kept: they are patched in place and read again from the file on removal, cast as the load cast them
+  (`convert.origins`); only what
   the file cannot give again (GGUF blocks, a file changed on disk since) is kept, on the model's device
   when it has room (`host.lora_originals_device`), else on the offload device. fp8 / quantized weights are
   never patched: the LoRA runs as forward hooks, dropped on removal.
