@@ -1,20 +1,30 @@
 """LoRA apply / unpatch against diffusers, at FLUX.1's real width.
 
 A full-width FluxTransformer2DModel skeleton (D = 3072, 24 heads; 2 double and 4 single blocks; bf16,
-random weights) and a rank-32 LoRA over every block linear, each written once as a file. Measured in the
-same run, on the same weights:
+random weights) and a rank-32 LoRA over every block linear, each written once as a file. Every measurement
+runs in a fresh process that loads the model with `convert.load.load_model` (bf16, no cast: the weights are
+views of the file) and, except for `views`, makes each weight a private copy, as a model on a GPU or cast on
+load holds them (the copies stay re-readable from the file: `convert.origins`):
 
-  ours      load_lora(file) + apply_loras(model)          then handle.remove() (bitwise restore)
+  ours      load_lora(file) + apply_loras(model, origins=...)   then remove(): the originals were not kept,
+            they are read again from the model file, bitwise
+  kept      the same without origins: the originals are kept until removal (what every apply did before)
+  views     ours on the model as loaded (views of the file): the originals are kept, as the file's own pages
+            (they stay in RSS while mapped, as clean page cache the kernel can drop and read again)
   diffusers FluxPipeline.load_lora_weights(file) + fuse_lora()   then unfuse_lora() + unload_lora_weights()
 
-Each measurement runs in a fresh process that first reads the model file into memory, so neither side
-inherits the other's allocator state (memory one side freed is memory the other need not fault in: in one
-process, whichever runs second looked up to 2x faster). Several rounds, the order alternating. Prints each
-round's ratio ours / diffusers and their median (the figure to quote on a noisy machine), median times,
-the largest difference between the two fused models, and the peak resident memory above the model's own
-during each phase (psutil, sampled every 5 ms; the largest over the rounds).
+Fresh processes, so no side inherits another's allocator state (memory one side freed is memory the next need
+not fault in: in one process, whichever runs second looked up to 2x faster); several rounds, the order rotated.
+Prints per round the apply ratio ours / diffusers and its median (the figure to quote on a noisy machine),
+median times, peak resident memory above the model's own while applying (psutil every 5 ms, and the kernel's
+high-water mark) and while removing, whether every weight equals the file's again after each removal (bitwise,
+every round, every variant of ours), and the largest difference between our fused model and diffusers'.
+
+Every process runs with `--threads` torch threads (1 by default, as in the other scripts: on the shared
+2-core machine, two OpenMP threads contending with other work made the same apply take 1.5 s or 16 s).
 
     python bench/bench_lora.py [--format diffusers|kohya] [--rank 32] [--double 2] [--single 4] [--rounds 5]
+                               [--threads 1]
 """
 from __future__ import annotations
 
@@ -24,49 +34,19 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 import checkout  # noqa: E402,F401  (the pack as `fluxbridge`, installed or not)
+from memory import PeakRSS  # noqa: E402
 
 from fluxbridge.convert.lora import apply_loras, load_lora  # noqa: E402
 from fluxbridge.convert.lora.synth import Entry, write_keys  # noqa: E402
 
+SIDES = ("ours", "kept", "views", "diffusers")
 WATCHED = "transformer_blocks.0.attn."  # the fused weights compared between the two
-
-
-class PeakRSS:
-    """Peak RSS above the level at entry, sampled in a thread."""
-
-    def __init__(self):
-        import psutil
-        self.proc = psutil.Process()
-        self.peak = 0
-
-    def __enter__(self):
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    @property
-    def above(self) -> float:
-        return (self.peak - self.base) / 2**30
 
 
 def skeleton(double: int, single: int, dtype=torch.bfloat16, seed: int = 0, fill: bool = True):
@@ -119,38 +99,51 @@ def make_lora(path: Path, model, fmt: str, rank: int, dtype=torch.bfloat16) -> i
     return len(entries)
 
 
-def load_skeleton(path: Path, double: int, single: int):
-    """The skeleton with the weights of `path` read into (anonymous) memory, as a loader leaves them."""
+def load(path: Path, copies: bool):
+    """The model as `load_model` leaves it (views of the file), or with every weight a private copy."""
+    from fluxbridge.convert.load import load_model
+    loaded = load_model(path, family="flux-transformer", dtype=torch.bfloat16)
+    if copies:
+        for p in loaded.model.parameters():
+            p.data = p.data.clone()
+    return loaded
+
+
+def restored(model, path: Path) -> bool:
+    """Every weight equals the file's, bitwise (compared with the file's own pages: no snapshot in memory)."""
     from safetensors.torch import load_file
-    model = skeleton(double, single, fill=False)
-    weights = {n: t.clone() for n, t in load_file(str(path)).items()}  # private copies, never the file's pages
-    model.load_state_dict(weights, assign=True)
-    return model.eval().requires_grad_(False)
+    file = load_file(str(path))
+    return all(torch.equal(p, file[n.replace(".base_layer", "")]) for n, p in model.named_parameters()
+               if ".lora_" not in n)
 
 
-def child(side: str, model_path: Path, lora_path: Path, fused_path: Path, double: int, single: int) -> dict:
-    """One measurement in this (fresh) process: apply and remove, ours or diffusers'."""
+def child(side: str, model_path: Path, lora_path: Path, fused_path: Path) -> dict:
+    """One measurement in this (fresh) process: apply and remove, one of ours or diffusers'."""
     from safetensors.torch import save_file
-    model = load_skeleton(model_path, double, single)
+    loaded = load(model_path, copies=side != "views")
+    model = loaded.model
+    for p in model.parameters():  # every page resident before the baseline (a view's come in as it is read)
+        p.detach().reshape(-1).view(torch.uint8)[::4096].sum()
 
     def watched():  # block 0's attention weights, under their plain names (PEFT adds ".base_layer")
         return {n.replace(".base_layer", ""): p.detach().clone() for n, p in model.named_parameters()
                 if n.startswith(WATCHED) and ".lora_" not in n}
 
     out = {}
-    if side == "ours":
-        before = watched()
+    if side != "diffusers":
+        origins = None if side == "kept" else loaded.origins
         with PeakRSS() as mem:
             t0 = time.perf_counter()
-            handle = apply_loras(model, "flux-transformer", [(load_lora(lora_path), 1.0)])
+            handle = apply_loras(model, "flux-transformer", [(load_lora(lora_path), 1.0)], origins=origins)
             out["apply"] = time.perf_counter() - t0
-        save_file(watched(), str(fused_path))
+        if side == "ours":
+            save_file(watched(), str(fused_path))
         with PeakRSS() as mem_remove:
             t0 = time.perf_counter()
             handle.remove()
             out["remove"] = time.perf_counter() - t0
         out.update(mem=mem.above, mem_remove=mem_remove.above, patched=len(handle.reports[0]["applied"]["patched"]),
-                   restored=all(torch.equal(w, before[n]) for n, w in watched().items()))
+                   originals=handle.reports[0]["applied"]["originals"], restored=restored(model, model_path))
     else:
         from diffusers import FluxPipeline
         from diffusers.utils import logging as dlog
@@ -164,16 +157,18 @@ def child(side: str, model_path: Path, lora_path: Path, fused_path: Path, double
             pipe.fuse_lora(components=["transformer"])
             out["apply"] = time.perf_counter() - t0
         save_file(watched(), str(fused_path))
-        t0 = time.perf_counter()
-        pipe.unfuse_lora(components=["transformer"])
-        pipe.unload_lora_weights()
-        out.update(remove=time.perf_counter() - t0, mem=mem.above)
+        with PeakRSS() as mem_remove:
+            t0 = time.perf_counter()
+            pipe.unfuse_lora(components=["transformer"])
+            pipe.unload_lora_weights()
+            out["remove"] = time.perf_counter() - t0
+        out.update(mem=mem.above, mem_remove=mem_remove.above)
     return out
 
 
 def run_child(side: str, args, tmp: Path, r: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", side, "--dir", str(tmp), "--round", str(r),
-           "--format", args.format, "--double", str(args.double), "--single", str(args.single)]
+    cmd = [sys.executable, __file__, "--child", side, "--dir", str(tmp), "--round", str(r), "--format", args.format,
+           "--threads", str(args.threads)]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -185,14 +180,17 @@ def main(argv=None):
     ap.add_argument("--double", type=int, default=2)
     ap.add_argument("--single", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--child", choices=("ours", "diffusers"))
+    ap.add_argument("--child", choices=SIDES)
     ap.add_argument("--dir")
     ap.add_argument("--round", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in every process (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         tmp = Path(args.dir)
         print(json.dumps(child(args.child, tmp / "model.safetensors", tmp / f"lora_{args.format}.safetensors",
-                               tmp / f"fused_{args.child}_{args.round}.safetensors", args.double, args.single)))
+                               tmp / f"fused_{args.child}_{args.round}.safetensors")))
         return
     import psutil
     from safetensors.torch import load_file, save_file
@@ -202,8 +200,8 @@ def main(argv=None):
     model = skeleton(args.double, args.single)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: D=3072, {args.double} double + {args.single} single blocks, bf16, "
-          f"{n_params / 1e9:.2f} B params, built in {time.perf_counter() - t:.1f} s")
-    rounds = []
+          f"{n_params / 1e9:.2f} B params ({n_params * 2 / 2**30:.2f} GiB), built in {time.perf_counter() - t:.1f} s")
+    got = {side: [] for side in SIDES}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         lora_path = tmp / f"lora_{args.format}.safetensors"
@@ -211,29 +209,44 @@ def main(argv=None):
         save_file(model.state_dict(), str(tmp / "model.safetensors"))
         del model
         print(f"LoRA: {args.format}, rank {args.rank}, {modules} modules, {lora_path.stat().st_size / 2**20:.0f} MiB; "
-              f"{args.rounds} rounds of two fresh processes, the order alternating")
+              f"{args.rounds} rounds of {len(SIDES)} fresh processes ({', '.join(SIDES)}), the order rotated")
         for r in range(args.rounds):
-            first, second = ("ours", "diffusers") if r % 2 == 0 else ("diffusers", "ours")
-            got = {first: run_child(first, args, tmp, r)}
-            got[second] = run_child(second, args, tmp, r)
-            a, b = got["ours"], got["diffusers"]
-            rounds.append((a, b))
-            print(f"  round {r + 1}: ours {a['apply']:5.2f} s, diffusers {b['apply']:5.2f} s, "
-                  f"ours / diffusers {a['apply'] / b['apply']:.2f}x")
+            for side in SIDES[r % len(SIDES):] + SIDES[:r % len(SIDES)]:
+                got[side].append(run_child(side, args, tmp, r))
+            a, b = got["ours"][-1], got["diffusers"][-1]
+            print(f"  round {r + 1}: apply ours {a['apply']:5.2f} s, diffusers {b['apply']:5.2f} s, "
+                  f"ours / diffusers {a['apply'] / b['apply']:.2f}x; peak RSS above the model ours "
+                  f"+{a['mem'] / 2**30:.2f} GiB, kept +{got['kept'][-1]['mem'] / 2**30:.2f} GiB, "
+                  f"diffusers +{b['mem'] / 2**30:.2f} GiB")
         ours_w, diff_w = load_file(str(tmp / "fused_ours_0.safetensors")), load_file(str(tmp / "fused_diffusers_0.safetensors"))
         worst = max(float((ours_w[n].float() - diff_w[n].float()).abs().max()) for n in ours_w)
-    a0 = rounds[0][0]
-    ratios = sorted(a["apply"] / b["apply"] for a, b in rounds)
     med = statistics.median
-    print(f"ours:      apply {med([a['apply'] for a, _ in rounds]):6.2f} s ({a0['patched']} modules)   "
-          f"peak RSS +{max(a['mem'] for a, _ in rounds):.2f} GiB")
-    print(f"           remove {med([a['remove'] for a, _ in rounds]):5.3f} s   bitwise restored every round: "
-          f"{all(a['restored'] for a, _ in rounds)}   peak RSS +{max(a['mem_remove'] for a, _ in rounds):.2f} GiB")
-    print(f"diffusers: load_lora_weights + fuse_lora {med([b['apply'] for _, b in rounds]):6.2f} s   "
-          f"peak RSS +{max(b['mem'] for _, b in rounds):.2f} GiB")
-    print(f"           unfuse_lora + unload_lora_weights {med([b['remove'] for _, b in rounds]):5.2f} s")
+    gib = 2 ** 30
+
+    def line(side, what):
+        xs = got[side]
+        extra = ""
+        if side != "diffusers":
+            extra = (f"   restored bitwise every round: {all(x['restored'] for x in xs)}   originals "
+                     f"{ {k: v for k, v in xs[0]['originals'].items() if v} }")
+        print(f"{side:9s} {what:40s} apply {med([x['apply'] for x in xs]):6.2f} s   peak RSS "
+              f"+{max(x['mem'] for x in xs) / gib:.2f} GiB   remove {med([x['remove'] for x in xs]):6.3f} s "
+              f"(peak +{max(x['mem_remove'] for x in xs) / gib:.2f} GiB){extra}")
+
+    line("ours", "copies, originals read again")
+    line("kept", "copies, originals kept")
+    line("views", "file views, originals kept (free)")
+    line("diffusers", "load_lora_weights + fuse_lora")
+    ratios = sorted(a["apply"] / b["apply"] for a, b in zip(got["ours"], got["diffusers"]))
     print(f"apply, ours / diffusers per round: median {med(ratios):.2f}x  (min {ratios[0]:.2f}, "
           f"max {ratios[-1]:.2f}; target <= 0.5)")
+    ours_mem, diff_mem = max(x["mem"] for x in got["ours"]), max(x["mem"] for x in got["diffusers"])
+    print(f"peak RSS above the model while applying: ours +{ours_mem / gib:.2f} GiB, diffusers +{diff_mem / gib:.2f} "
+          f"GiB (target: ours <= diffusers)")
+    kept_mem = max(x["mem"] for x in got["kept"])
+    print(f"read-again removal against kept originals: {(kept_mem - ours_mem) / gib:.2f} GiB less held while "
+          f"applied; removal {med([x['remove'] for x in got['ours']]):.3f} s vs "
+          f"{med([x['remove'] for x in got['kept']]):.3f} s")
     print(f"largest |ours - diffusers| on block 0 attention weights, round 1 (bf16): {worst:.3g}")
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..common.errors import BadInput
 from .detect import components, what_it_holds
+from .gguf_io import GGUFFile
 from .load import diffusers_plan
 from .lora import inspect_lora, looks_like_lora
 from .quant import logical_weights
@@ -36,7 +37,7 @@ def inspect_path(path) -> dict:
             "layout": comp.layout,
             "prefix": comp.prefix,
             "variant": module.variant(config, path.name) if hasattr(module, "variant") else None,
-            "dtypes": dict(Counter(str(raw.dtype(k)).replace("torch.", "") for k in comp.names.values())),
+            "dtypes": stored_types(raw, comp.names.values()),
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
             "tensor_count": len(comp.names),
             "warnings": warnings,
@@ -49,3 +50,12 @@ def inspect_path(path) -> dict:
     if len(parts) > 1:
         result["components"] = parts
     return result
+
+
+def stored_types(raw, names) -> dict[str, int]:
+    """Tensor count per storage type: torch dtype names (bfloat16, float8_e4m3fn, ...) for safetensors; the
+    ggml type names for GGUF (Q8_0, Q4_K, F16, BF16, F32, ...), which say how each tensor is quantized
+    rather than the dtype it would dequantize to."""
+    if isinstance(raw, GGUFFile):
+        return dict(Counter(raw.dtype_name(k) for k in names))
+    return dict(Counter(str(raw.dtype(k)).replace("torch.", "") for k in names))

@@ -3,9 +3,18 @@
 file → lazy read (mmap) → detect → plan the key map to the diffusers side → build the model on meta
 from the inferred config → assign the tensors (views of the file where no cast is needed). Every
 expected tensor must be there: a missing one is named in an error, never left random or on meta.
+
+With `fp8` (an fp8 dtype), Linear weights are stored in fp8 and upcast as each layer runs (`upcast.py`):
+those the file holds in fp8 (scaled fp8 with its scale) stay as the file's bytes, the others are cast to
+`fp8` (except where diffusers' layerwise casting would not cast, e.g. norms). No full-precision copy of
+an fp8 file is ever made.
+
+`Loaded.origins` records where each parameter came from (`origins.py`), so a patched weight can be read
+again exactly as loaded instead of being kept in memory.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -18,7 +27,8 @@ from .lora.formats import looks_like_lora
 from .families import FAMILIES
 from .table import A, B, materialize
 from .safetensors_io import open_weights
-from .quant import logical_weights
+from .origins import Origins, as_loaded, signature
+from .quant import FP8_DTYPES, logical_weights
 
 
 @dataclass
@@ -29,6 +39,7 @@ class Loaded:
     config: dict
     variant: str | None
     report: dict
+    origins: Origins | None = None
 
 
 def storage_dtype(source, names) -> torch.dtype:
@@ -156,10 +167,16 @@ def _build_checked(path: Path, comp: Component, plan, config, report):
 
 
 def load_model(path, family: str | None = None, dtype: torch.dtype | None = None,
-               device: torch.device | str = "cpu", keep_fp8: bool = False) -> Loaded:
-    """Load a weights file (or diffusers folder) into its diffusers/transformers model."""
+               device: torch.device | str = "cpu", fp8: torch.dtype | None = None) -> Loaded:
+    """Load a weights file (or diffusers folder) into its diffusers/transformers model.
+
+    `dtype`: the compute dtype (default: the file's dominant one). `fp8`: store Linear weights in fp8 and
+    upcast them to `dtype` as each layer runs (see the module notes)."""
     path = Path(path)
-    source, comp, plan, config, report = _open_component(path, family, keep_fp8=keep_fp8)
+    if fp8 is not None and fp8 not in FP8_DTYPES:
+        raise ValueError(f"fp8 storage must be an fp8 dtype, not {fp8}")
+    file_signature = signature(path)
+    source, comp, plan, config, report = _open_component(path, family, keep_fp8=fp8 is not None)
     module = comp.module
     if dtype is None:
         dtype = storage_dtype(source, comp.names.values())
@@ -168,20 +185,28 @@ def load_model(path, family: str | None = None, dtype: torch.dtype | None = None
     unexpected = sorted(k for k in plan if k not in expected)
 
     get = lambda name: source[comp.names[name]]
-    state = {}
+    kept_fp8 = _fp8_weights(model, plan, source, comp, fp8)
+    origins = Origins(path, file_signature, dict(comp.names), dtype, keep_fp8=fp8 is not None)
+    state, scales = {}, {}
     for k, step in plan.items():
         if k not in expected:
+            continue
+        if k in kept_fp8:  # fp8 as stored (a view) or cast to fp8; upcast per layer as it runs
+            state[k], scales[k] = _as_fp8(step, source, comp, fp8)
+            origins.why_not[k] = "kept in fp8 storage"
             continue
         # Views of the memory-mapped file wherever no cast is needed (row splits included): loading
         # costs no copy, pages come in as the model first uses them (or as it moves to the GPU), and
         # the page cache holds one copy of the weights. CPU kernels may round differently on such
         # views than on a copy (safetensors offsets are only 8-byte aligned); the values are the file's.
-        t = materialize(step, get)
-        if not isinstance(t, torch.Tensor):  # a GGUF quantized tensor (rows already split)
-            t = t.dequantize(dtype)
-        if t.is_floating_point() and t.dtype != dtype and not (keep_fp8 and t.dtype.itemsize == 1):
-            t = t.to(dtype)
+        t = as_loaded(step, get, dtype)
         state[k] = t
+        if any(_quantized(source, comp.names[n]) for n in step.sources):
+            origins.why_not[k] = "dequantized from GGUF blocks"
+        else:
+            origins.steps[k] = step
+            if source.maps(t):
+                origins.views[k] = t.data_ptr()
     model.load_state_dict(state, strict=False, assign=True)
     for alias, owner in tied.items():  # tied parameters share the owner's tensor
         if alias in expected and alias not in state:
@@ -190,13 +215,68 @@ def load_model(path, family: str | None = None, dtype: torch.dtype | None = None
     if left_on_meta:
         raise BadInput(path, f"{comp.family}: no tensor for {', '.join(left_on_meta[:8])}")
     model.eval().requires_grad_(False)
+    if scales:
+        from .upcast import keep_fp8
+        keep_fp8(model, scales, dtype)
     if str(device) != "cpu":
         model.to(device)
+        origins.views.clear()
 
     report.update(dtype=str(dtype).replace("torch.", ""), unexpected=unexpected,
                   tensor_count=len(comp.names), quant=getattr(source, "report", {}))
+    if scales:
+        report["fp8_storage"] = {str(dt).replace("torch.", ""): n for dt, n in
+                                 Counter(state[k].dtype for k in scales).items()}
     variant = module.variant(config, path.name) if hasattr(module, "variant") else None
-    return Loaded(model, comp.family, comp.layout, config, variant, report)
+    return Loaded(model, comp.family, comp.layout, config, variant, report, origins)
+
+
+def _quantized(source, key: str) -> bool:
+    """A GGUF block type (dequantized on load; BF16 rows count too), as opposed to a plain tensor."""
+    return not source.is_scaled(key) and not isinstance(source[key], torch.Tensor)
+
+
+def _fp8_weights(model, plan, source, comp, fp8) -> set[str]:
+    """The Linear weights to store in fp8: those the file holds in fp8 (plain or scaled), and the others
+    where diffusers' layerwise casting would cast them (not in modules it skips, e.g. norms)."""
+    if fp8 is None:
+        return set()
+    import re
+    skip = getattr(model, "_skip_layerwise_casting_patterns", None) or ()
+    out = set()
+    for name, mod in model.named_modules():
+        key = f"{name}.weight"
+        if not isinstance(mod, torch.nn.Linear) or key not in plan:
+            continue
+        files = [comp.names[n] for n in plan[key].sources]
+        held = all(source.is_scaled(f) or source.dtype(f) in FP8_DTYPES for f in files)
+        if held or not any(re.search(p, name) for p in skip):
+            out.add(key)
+    return out
+
+
+def _as_fp8(step, source, comp, fp8):
+    """(weight in fp8, scale or None) of a plan step: the file's fp8 bytes (with their scale) where it holds
+    fp8, else the logical weight cast to `fp8`."""
+    files = [comp.names[n] for n in step.sources]
+    if not all(source.is_scaled(f) or source.dtype(f) in FP8_DTYPES for f in files):
+        t = materialize(step, lambda n: source[comp.names[n]])
+        if not isinstance(t, torch.Tensor):
+            t = t.dequantize(torch.float32)
+        return t.to(fp8), None
+    pairs = {n: source.scaled(comp.names[n]) for n in step.sources}
+    weight = materialize(step, lambda n: pairs[n][0])
+    scales = {n: s for n, (_, s) in pairs.items()}
+    if all(s is None for s in scales.values()):
+        return weight, None
+    rows = {n: tuple(source.shape(comp.names[n]))[0] for n in step.sources}
+    one = {s.item() for s in scales.values() if s is not None and s.dim() == 0}
+    if all(s is not None and s.dim() == 0 for s in scales.values()) and len(one) == 1:
+        return weight, next(iter(scales.values()))  # one scalar for the whole (part of the) tensor
+    # per-row scales (or several scalars fused): one scale per output row, made like the weight's rows
+    per_row = {n: (torch.ones(rows[n], 1) if s is None else s.reshape(-1, 1).expand(rows[n], 1).contiguous())
+               for n, s in scales.items()}
+    return weight, materialize(step, per_row.__getitem__).reshape(-1, 1)
 
 
 def _get_tensor(model, name):

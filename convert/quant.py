@@ -290,6 +290,10 @@ class QuantView(Mapping):
     def is_scaled(self, name: str) -> bool:
         return name in self._layers
 
+    def maps(self, t) -> bool:
+        """Whether `t` is a zero-copy view of the file (see `WeightFile.maps`)."""
+        return hasattr(self.source, "maps") and self.source.maps(t)
+
     def __iter__(self):
         return iter(self._keys)
 

@@ -214,7 +214,7 @@ class WeightFile(Mapping):
         self._file = file  # kept open only when each tensor gets its own mapping
 
     @classmethod
-    def open(cls, path, _whole_map: bool = True) -> "WeightFile":
+    def open(cls, path, whole_map: bool = True) -> "WeightFile":
         path = Path(path)
         try:
             f = open(path, "rb")
@@ -224,7 +224,7 @@ class WeightFile(Mapping):
             size = os.fstat(f.fileno()).st_size
             infos, metadata, data_start = _parse_header(path, f, size)
             buffer = None
-            if _whole_map:
+            if whole_map:
                 try:
                     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
                 except (OSError, ValueError):
@@ -276,6 +276,14 @@ class WeightFile(Mapping):
 
     def __contains__(self, name) -> bool:
         return name in self._infos
+
+    def maps(self, t) -> bool:
+        """Whether tensor `t` lies in this file's mapping: a zero-copy view of the file's bytes (which the page
+        cache holds, and which can be read again at no cost)."""
+        if self._buffer is None or not isinstance(t, torch.Tensor) or t.device.type != "cpu" or not t.numel():
+            return False
+        base = torch.frombuffer(self._buffer, dtype=torch.uint8, count=1).data_ptr()
+        return base <= t.data_ptr() < base + len(self._buffer)
 
     # -- header facts (no data read)
     def shape(self, name: str) -> torch.Size:
@@ -362,6 +370,9 @@ class ShardedWeights(Mapping):
     def __contains__(self, name):
         return name in self._where
 
+    def maps(self, t) -> bool:
+        return any(wf.maps(t) for wf in self.shards.values())
+
     def shape(self, name):
         return self._where[name].shape(name)
 
@@ -395,11 +406,13 @@ class ShardedWeights(Mapping):
         return f"ShardedWeights({str(self.path)!r}, {len(self.shards)} shards, {len(self)} tensors)"
 
 
-def open_weights(path):
+def open_weights(path, whole_map: bool = True):
     """Open weights for reading: a safetensors file, a diffusers model folder, or a GGUF file.
 
     Returns a read-only mapping `name -> tensor` with `.path`, `.metadata`, `.config`, `.shape(name)`,
     `.dtype(name)`, `.dtype_name(name)`, `.dtypes()`, `.nbytes`, `.close()`. Raises `BadInput`.
+    `whole_map=False`: each safetensors tensor gets a mapping of its own bytes, released with the tensor
+    (for reading a few tensors once, without the whole file's pages staying mapped).
     """
     path = Path(path)
     try:
@@ -410,11 +423,11 @@ def open_weights(path):
     if not exists:
         raise BadInput(path, "no such file or folder")
     if is_dir:
-        return _open_folder(path)
-    return _open_file(path)
+        return _open_folder(path, whole_map)
+    return _open_file(path, whole_map)
 
 
-def _open_file(path: Path):
+def _open_file(path: Path, whole_map: bool = True):
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
         raise BadInput(path, PICKLE_REFUSED)
@@ -426,7 +439,7 @@ def _open_file(path: Path):
     if suffix == ".gguf" or head[:4] == b"GGUF":
         from .gguf_io import open_gguf
         return open_gguf(path)
-    return WeightFile.open(path)
+    return WeightFile.open(path, whole_map)
 
 
 def _read_config(folder: Path) -> dict | None:
@@ -442,11 +455,11 @@ def _read_config(folder: Path) -> dict | None:
     return data
 
 
-def _open_folder(folder: Path):
+def _open_folder(folder: Path, whole_map: bool = True):
     config = _read_config(folder)
     for name in FOLDER_FILES:
         if (folder / name).is_file():
-            wf = WeightFile.open(folder / name)
+            wf = WeightFile.open(folder / name, whole_map)
             wf.config = config
             return wf
     indexes = sorted(p.name for p in folder.glob("*.safetensors.index.json"))
@@ -455,11 +468,11 @@ def _open_folder(folder: Path):
         chosen = next((n for n in preferred if n in indexes), None)
         if chosen is None and len(indexes) > 1:
             raise BadInput(folder, f"several shard indexes ({', '.join(indexes)}): open the one you mean")
-        return _open_sharded(folder, folder / (chosen or indexes[0]), config)
+        return _open_sharded(folder, folder / (chosen or indexes[0]), config, whole_map)
     singles = sorted(p.name for p in folder.iterdir()
                      if p.is_file() and p.suffix.lower() in SAFETENSORS_SUFFIXES)
     if len(singles) == 1:
-        wf = WeightFile.open(folder / singles[0])
+        wf = WeightFile.open(folder / singles[0], whole_map)
         wf.config = config
         return wf
     if len(singles) > 1:
@@ -468,7 +481,7 @@ def _open_folder(folder: Path):
     if (folder / "model_index.json").is_file():  # a whole diffusers pipeline: its denoiser
         for sub in PIPELINE_COMPONENTS:
             if (folder / sub).is_dir():
-                return _open_folder(folder / sub)
+                return _open_folder(folder / sub, whole_map)
         subs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
         raise BadInput(folder, f"a diffusers pipeline folder: open one of its components ({', '.join(subs)})")
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
@@ -488,7 +501,7 @@ def _safe_member(name) -> bool:
     return True
 
 
-def _open_sharded(folder: Path, index_path: Path, config) -> ShardedWeights:
+def _open_sharded(folder: Path, index_path: Path, config, whole_map: bool = True) -> ShardedWeights:
     try:
         if index_path.stat().st_size > MAX_HEADER:
             raise BadInput(index_path, "corrupt index: too large")
@@ -513,7 +526,7 @@ def _open_sharded(folder: Path, index_path: Path, config) -> ShardedWeights:
                     raise BadInput(index_path, f"shard {shard} is missing")
                 if shard_path.suffix.lower() in PICKLE_SUFFIXES:
                     raise BadInput(shard_path, PICKLE_REFUSED)
-                shards[shard] = WeightFile.open(shard_path)
+                shards[shard] = WeightFile.open(shard_path, whole_map)
             if name not in shards[shard]:
                 raise BadInput(index_path, f"tensor {name!r} is not in its shard {shard}")
             where[name] = shards[shard]

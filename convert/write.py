@@ -16,6 +16,7 @@ from ..common.jsonable import jsonable
 from .detect import components, what_it_holds
 from .extents import step_extents
 from .lora.formats import looks_like_lora
+from .lora.patch import expanded_config
 from .families import target
 from .load import diffusers_plan
 from .quant import logical_weights
@@ -58,11 +59,13 @@ def convert_file(src, dst, to: str, dtype: str = "keep", loras=()) -> dict:
         plan_b, config, comp_report = diffusers_plan(source, comp, getattr(source, "config", None))
         get_src = lambda name, comp=comp: source[comp.names[name]]
         get_b = lambda name, plan_b=plan_b, get_src=get_src: materialize(plan_b[name], get_src)
-        applied = {}
+        applied, expanded = {}, {}
         if lora_set:
-            get_b, applied = lora_set.patched_getter(comp.family, plan_b, get_b)
+            get_b, applied, expanded = lora_set.patched_getter(comp.family, plan_b, get_b)
         side, prefix = target(comp.module, to)
-        b_shapes = {n: s.shape for n, s in plan_b.items()}
+        b_shapes = {n: expanded.get(n, s.shape) for n, s in plan_b.items()}
+        if expanded:  # a control LoRA widened the input layer: the file is a control model (in_channels 128)
+            config = expanded_config(comp.family, config, {n: s[1] for n, s in expanded.items()})
         plan_out, out_report = comp.module.TABLE.convert(b_shapes, B, side, config)
         if side != B:
             for key in ("split", "fused", "swapped", "reshaped"):
@@ -85,7 +88,8 @@ def convert_file(src, dst, to: str, dtype: str = "keep", loras=()) -> dict:
         else:
             entries += comp_entries
         comp_report.update(family=comp.family, from_layout=comp.layout, to_layout=to,
-                           tensors_written=len(comp_entries), loras=applied)
+                           tensors_written=len(comp_entries), loras=applied,
+                           expanded={n: list(s) for n, s in expanded.items()})
         comp_report["dropped"] = comp_report.pop("unplaced")
         report["components"].append(comp_report)
 

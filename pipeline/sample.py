@@ -6,11 +6,13 @@ encoder_hidden_states, txt_ids, img_ids) [-> true CFG: neg + scale*(pos - neg)] 
 process_out -> native LATENT.
 
 The arithmetic follows diffusers FluxPipeline / FluxImg2ImgPipeline / FluxFillPipeline / FluxInpaintPipeline /
-FluxControlPipeline / FluxKontextPipeline step for step (same operations, same order), so float32 results match them. One deliberate difference: the
-running sample stays float32 between steps (diffusers rounds it to the model's dtype after each step; for a
-float32 model the two are identical). Everything the loop needs (ids, guidance, timesteps, the input buffer
-holding the Fill / control channels and the Kontext reference tokens) is built once; a step allocates two latent-sized tensors (dt * v and the next sample) beyond what the
-transformer does.
+FluxControlPipeline / FluxKontextPipeline step for step (same operations, same order, same dtypes), so the
+images match them in float32 and in bf16: the latents live in the model's compute dtype (normalised, noised
+and blended there, like the pipelines' latents, which are in the prompt embeddings' dtype), each timestep is
+cast to that dtype before it is divided by 1000, and each Euler step works in float32 and rounds the new
+sample back to that dtype. Everything the loop needs (ids, guidance, timesteps, the input buffer holding the
+Fill / control channels and the Kontext reference tokens) is built once; a step allocates two latent-sized
+tensors (dt * v and the next sample) beyond what the transformer does.
 """
 from __future__ import annotations
 
@@ -225,13 +227,13 @@ def sample(transformer, conditioning, latent: dict, sigmas, seed: int = 0, guida
         neg_hidden, neg_pooled, _, neg_txt_ids = _text_inputs(transformer, negative, "negative", b, device,
                                                               dtype, notes)
 
-    # ---- initial state (packed, float32) ----
+    # ---- initial state (packed, in the compute dtype, as the pipelines keep their latents) ----
     if noise is None:
         noise = make_noise(seed, raw.shape)
     elif tuple(noise.shape) != tuple(raw.shape):
         raise BadInput("noise", f"shape {tuple(noise.shape)} does not match the latent {tuple(raw.shape)}")
-    x0 = fmt.process_in(raw.to(torch.float32))
-    eps = noise.to(torch.float32)
+    x0 = fmt.process_in(raw.to(dtype))
+    eps = noise.to(dtype)
     if ph or pw:  # odd latent sizes: pad circularly to the 2x2 patch (as ComfyUI does), crop at the end
         note(f"latent {w}x{h} is not a multiple of 2; padded to {w + pw}x{h + ph} for sampling", notes)
         x0 = torch.nn.functional.pad(x0, (0, pw, 0, ph), mode="circular")
@@ -246,7 +248,7 @@ def sample(transformer, conditioning, latent: dict, sigmas, seed: int = 0, guida
         mask = _prepare_mask(mask, b, c, h, w)
         if ph or pw:
             mask = torch.nn.functional.pad(mask, (0, pw, 0, ph), mode="replicate")
-        mask = pack(mask.contiguous()).to(device)
+        mask = pack(mask.contiguous()).to(device=device, dtype=dtype)
 
     img_ids = image_ids(hh // 2, ww // 2, device=device)
     n = x.shape[1]  # the latent's tokens; Kontext reference tokens follow them
@@ -255,7 +257,9 @@ def sample(transformer, conditioning, latent: dict, sigmas, seed: int = 0, guida
         ref_x, ref_ids = reference_tokens(refs, pos_extra.get(METHOD_KEY) or "offset", b, (hh // 2, ww // 2), fmt,
                                           device, dtype, notes)
         img_ids = torch.cat([img_ids, ref_ids])
-    t_in = (sig[:-1] * 1000 / 1000).to(device)  # what the pipeline passes: (sigma * 1000) / 1000
+    # What the pipeline passes: the scheduler's timestep (sigma * 1000, float32) cast to the latents' dtype,
+    # then divided by 1000 in that dtype (in bf16 some of dev's timesteps land one bf16 step off sigma).
+    t_in = (sig[:-1] * 1000).to(device).to(dtype) / 1000
     sig_list = sig.tolist()
     buf = None
     if fill is not None or refs:  # the model's input, built once: [latent | fill] tokens, then references
@@ -273,7 +277,7 @@ def sample(transformer, conditioning, latent: dict, sigmas, seed: int = 0, guida
             buf[:, :n, :base].copy_(x)
             inp = buf
         else:
-            inp = x if x.dtype == dtype else x.to(dtype)
+            inp = x
         t = t_in[i].expand(b)
         v = transformer(hidden_states=inp, timestep=t, guidance=guidance_vec, pooled_projections=pos_pooled,
                         encoder_hidden_states=pos_hidden, txt_ids=txt_ids, img_ids=img_ids,
@@ -287,7 +291,7 @@ def sample(transformer, conditioning, latent: dict, sigmas, seed: int = 0, guida
         if preview is not None:
             x0_pred = x - sig_list[i] * v.float()
             shown = preview(i, fmt.process_out(_unpacked(x0_pred, hh, ww, h, w)))
-        x = euler_step(x, v, sig[i], sig[i + 1], out_dtype=torch.float32)  # the running sample stays float32
+        x = euler_step(x, v, sig[i], sig[i + 1], out_dtype=dtype)  # float32 arithmetic, rounded to dtype
         if mask is not None:
             keep = add_noise(x0, eps, sig[i + 1]) if i < steps - 1 else x0
             x = (1 - mask) * keep + mask * x

@@ -209,13 +209,15 @@ def make_castable(module):
     Embedding; exactly those classes, not subclasses) into ComfyUI's `comfy.ops` class of the same kind, in
     place, so ComfyUI can leave it on the offload device and cast it in as it runs. Call it before anything
     wraps the layers' forward (diffusers' layerwise casting): a layer with its own `forward` attribute is
-    left as it is. Standalone (or without `comfy.ops`): the module is returned unchanged. Returns `module`."""
+    left as it is, unless that forward calls the class's own at each call (`follows_class`: the fp8 upcast of
+    `convert.upcast`). Standalone (or without `comfy.ops`): the module is returned unchanged. Returns `module`."""
     if not IN_COMFY or _ops is None:
         return module
     classes = _castable_classes()
     for layer in module.modules():
         target = classes.get(type(layer))
-        if target is None or "forward" in layer.__dict__ or _quantized(layer):
+        wrapped = "forward" in layer.__dict__ and not getattr(layer.forward, "follows_class", False)
+        if target is None or wrapped or _quantized(layer):
             continue
         layer.__class__ = target
         layer.weight_function, layer.bias_function = [], []  # per layer (ComfyUI's defaults are class-wide)

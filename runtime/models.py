@@ -19,17 +19,26 @@ Caching and LoRAs (the design, in short):
   second run, or a second loader node naming the same file, gets the same module back, and a file
   changed on disk is loaded again.
 * The model objects are frozen. The LoRA node never touches weights: it returns a *new* object whose
-  `loras` tuple has one more `(lora, strength)` entry and that shares the cached base module. Weights
-  are patched only while they are used: `with transformer.patched():` (sampler, scheduler-step node) and
-  `with text_encoders.patched():` (text encode) apply the stack and remove it on the way out, in a
-  `finally`, so an interrupt or an error leaves the base exactly as it was. Two graph branches with
-  different LoRAs on one base each patch it for their own node's run only (ComfyUI and the runner execute
-  one node at a time), and the cached base stays clean between nodes and between runs. Removal is exact:
-  `convert.lora.apply_loras` puts the original tensor objects back (dense weights) or drops its forward
-  hooks (fp8 / quantized weights, which stay as they are). While applied, the originals stay on the model's
-  device when it has room for them (`host.lora_originals_device`), else they wait on the offload device.
-  A partly loaded model (ComfyUI's lowvram loading, standalone group offloading) is patched where each
-  weight lies, and removal puts each original back where its parameter lies by then;
+  `loras` tuple has one more `(lora, strength)` entry and that shares the cached base module.
+* A stack is applied when a node uses the model (`with transformer.patched():` in the sampler and the
+  scheduler-step node, `with text_encoders.patched():` in text encode) and stays applied afterwards:
+  each base module records the stack it carries (`use_stack`; the identity of each LoRA file, its
+  strength, the order). A 28-step custom loop applies it once, not 28 times. When another stack, or none,
+  needs the module (another graph branch, a run without the LoRA), the applied stack is removed first,
+  bitwise, then the new one applied; an error or interrupt half-way through either leaves the module as it
+  was before that step. A model dropped from the cache leaves clean (`release_loras`). Whatever must see
+  the base sees it through `patched()` with its own (empty) stack; the LoRA node's report works from the
+  base shapes (`base_shapes`); the Save/Convert nodes read the model file, never the module.
+* Removal is exact (`convert.lora.apply_loras`): the originals of the patched tensors are put back on each
+  parameter's current device. Which originals are held while applied: views of the memory-mapped model
+  file (CPU, loaded without a cast) are kept for free; copies (a cast on load, a model on the GPU) are not
+  kept: they are patched in place and read again from the file on removal, cast as the load cast them
+  (`convert.origins`); only what
+  the file cannot give again (GGUF blocks, a file changed on disk since) is kept, on the model's device
+  when it has room (`host.lora_originals_device`), else on the offload device. fp8 / quantized weights are
+  never patched: the LoRA runs as forward hooks, dropped on removal.
+* A partly loaded model (ComfyUI's lowvram loading, standalone group offloading) is patched where each
+  weight lies, removal puts each original back where its parameter lies by then, and
   `host.weights_changed` lets diffusers' group offloading re-read the changed weights.
 """
 from __future__ import annotations
@@ -85,33 +94,85 @@ class LoraEntry:
     strength: float
 
 
-def _apply_stack(module, family: str, loras, strength_of: Callable[[LoraEntry], float]):
-    """Apply the entries with a non-zero strength; returns a handle with `.remove()` (or None)."""
+_APPLIED = "_fluxbridge_lora_stack"  # attribute of a base module: the stack applied to it now (`_Applied`)
+_stack_lock = threading.RLock()
+
+
+@dataclass
+class _Applied:
+    key: tuple  # the stack's identity: (LoRA file identity, strength) in order
+    loras: list  # the LoRA objects (keeps those identified by object alive while the key holds their id)
+    handle: Any  # convert.lora.apply.LoraHandle
+
+
+def _stack_key(pairs) -> tuple:
+    return tuple((lora.identity or ("object", id(lora)), float(strength)) for lora, strength in pairs)
+
+
+def use_stack(module, family: str, loras, strength_of: Callable[[LoraEntry], float], origins=None):
+    """Make `module` carry exactly this LoRA stack (the entries with a non-zero strength, in order).
+
+    The stack stays applied after the call: the next use with the same stack (the next SchedulerStep, the
+    next run) costs nothing. Another stack, or none, first removes the one applied (bitwise: the originals
+    are put back, read again from the model file where they were not kept) and then applies its own.
+    Both steps are atomic: an error or interrupt half-way leaves the module exactly as before that step
+    (the base, after a removal). Returns the module.
+    """
     pairs = [(e.lora, strength_of(e)) for e in loras if strength_of(e) != 0]
-    if not pairs:
-        return None
-    from ..convert.lora.apply import apply_loras
-    from ..pipeline.device import execution_device
-    device = execution_device(module)  # partly loaded, its first weight may wait on the offload device
-    handle = apply_loras(module, family, pairs,
-                         originals_device=lambda nbytes: host.lora_originals_device(device, nbytes))
-    try:
-        host.weights_changed(module)
-    except BaseException:  # never leave the cached base patched
-        handle.remove()
-        raise
-    return handle
+    key = _stack_key(pairs)
+    with _stack_lock:
+        current = module.__dict__.get(_APPLIED)
+        if current is not None and current.key == key:
+            return module
+        if current is not None:
+            del module.__dict__[_APPLIED]
+            current.handle.remove()
+            if not pairs:
+                host.weights_changed(module)
+        if pairs:
+            from ..convert.lora.apply import apply_loras
+            from ..pipeline.device import execution_device
+            device = execution_device(module)  # partly loaded, its first weight may wait on the offload device
+            handle = apply_loras(module, family, pairs, origins=origins,
+                                 originals_device=lambda nbytes: host.lora_originals_device(device, nbytes))
+            try:
+                host.weights_changed(module)
+            except BaseException:  # never leave the cached base patched without a record of it
+                handle.remove()
+                host.weights_changed(module)
+                raise
+            module.__dict__[_APPLIED] = _Applied(key, [lora for lora, _ in pairs], handle)
+    return module
+
+
+def release_loras(module) -> None:
+    """Remove whatever stack `module` carries (it is the clean base afterwards)."""
+    with _stack_lock:
+        current = module.__dict__.pop(_APPLIED, None)
+        if current is not None:
+            current.handle.remove()
+            host.weights_changed(module)
+
+
+def applied_handle(module):
+    """The `LoraHandle` of the stack `module` carries now, or None."""
+    current = module.__dict__.get(_APPLIED)
+    return None if current is None else current.handle
+
+
+def base_shapes(module) -> dict[str, tuple]:
+    """Parameter shapes of the base model, whatever stack it carries (a control LoRA widens img_in)."""
+    from ..convert.lora.apply import logical_shapes
+    shapes = logical_shapes(module)
+    handle = applied_handle(module)
+    if handle is not None:
+        shapes.update(handle.original_shapes)
+    return shapes
 
 
 @contextlib.contextmanager
-def _patched(module, family: str, loras, strength_of):
-    handle = _apply_stack(module, family, loras, strength_of)
-    try:
-        yield module
-    finally:
-        if handle is not None:
-            handle.remove()
-            host.weights_changed(module)
+def _patched(module, family: str, loras, strength_of, origins=None):
+    yield use_stack(module, family, loras, strength_of, origins)
 
 
 # --------------------------------------------------------------------------------------- model objects
@@ -129,7 +190,8 @@ class TransformerModel:
     dtype: str  # the compute dtype
     storage: str  # how the weights are held: a dtype, "fp8_e4m3fn (upcast to ...)", "int8 (torchao, ...)"
     report: dict
-    loras: tuple = ()  # LoraEntry, applied in order around use
+    loras: tuple = ()  # LoraEntry, applied in order when used
+    origins: Any = None  # convert.origins.Origins: where each parameter came from (LoRA removal reads it)
 
     @property
     def latent_channels(self) -> int:
@@ -144,8 +206,9 @@ class TransformerModel:
         return dataclasses.replace(self, loras=self.loras + (LoraEntry(name, lora, float(strength)),))
 
     def patched(self):
-        """`with model.patched() as module:` the module with the LoRA stack applied, removed on exit."""
-        return _patched(self.module, self.family, self.loras, lambda e: e.strength)
+        """`with model.patched() as module:` the module carrying this object's LoRA stack (none: the clean
+        base). The stack stays on the module after the block, until a use with another stack."""
+        return _patched(self.module, self.family, self.loras, lambda e: e.strength, self.origins)
 
     def input_channels(self) -> int:
         """The packed input channels the model takes while its LoRA stack is applied: a Depth/Canny control
@@ -153,9 +216,8 @@ class TransformerModel:
         pairs = [(e.lora, e.strength) for e in self.loras if e.strength]
         if not pairs:
             return int(self.config["in_channels"])
-        from ..convert.lora.apply import logical_shapes
         from ..convert.lora.patch import Plan
-        widths = Plan(self.family, pairs, logical_shapes(self.module)).expand
+        widths = Plan(self.family, pairs, base_shapes(self.module)).expand
         return max([int(self.config["in_channels"])] + [int(w) for n, w in widths.items()
                                                           if n.startswith("x_embedder.")])
 
@@ -172,6 +234,7 @@ class Encoder:
     config: dict
     dtype: str
     report: dict
+    origins: Any = None
 
 
 @dataclass(frozen=True)
@@ -198,14 +261,17 @@ class TextEncoders:
 
     @contextlib.contextmanager
     def patched(self):
-        """`with encoders.patched():` CLIP-L and T5 with their LoRA parts applied, removed on exit."""
-        with contextlib.ExitStack() as stack:
+        """`with encoders.patched():` CLIP-L and T5 carrying the parts of this object's LoRA stack for them
+        (none: the clean bases); they stay applied until a use with another stack."""
+        try:
             for enc in (self.clip, self.t5):
-                if any(_has_family(e.lora, enc.family) for e in self.loras):
-                    stack.enter_context(_patched(enc.module, enc.family,
-                                                 [e for e in self.loras if _has_family(e.lora, enc.family)],
-                                                 lambda e: e.strength))
-            yield self
+                use_stack(enc.module, enc.family, [e for e in self.loras if _has_family(e.lora, enc.family)],
+                          lambda e: e.strength, enc.origins)
+        except BaseException:  # T5 failed after CLIP-L changed: both go back to their clean bases
+            for enc in (self.clip, self.t5):
+                release_loras(enc.module)
+            raise
+        yield self
 
 
 def _has_family(lora, family: str) -> bool:
@@ -271,22 +337,9 @@ stats = {"hits": 0, "loads": 0}
 
 
 def signature(path) -> tuple:
-    """What identifies the content of a file or folder without reading it: (relative name, mtime, size)
-    of the file, or of every file under the folder."""
-    path = Path(path)
-    try:
-        if path.is_dir():
-            entries = []
-            for dirpath, dirnames, filenames in os.walk(path):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                for f in sorted(filenames):
-                    st = os.stat(os.path.join(dirpath, f))
-                    entries.append((os.path.relpath(os.path.join(dirpath, f), path), st.st_mtime_ns, st.st_size))
-            return tuple(entries)
-        st = path.stat()
-    except OSError as exc:
-        raise BadInput(path, f"cannot read: {exc.strerror or exc}") from None
-    return ((path.name, st.st_mtime_ns, st.st_size),)
+    """What identifies the content of a file or folder without reading it (`convert.origins.signature`)."""
+    from ..convert.origins import signature as file_signature
+    return file_signature(path)
 
 
 def cache_key(kind: str, path, *options) -> tuple:
@@ -306,18 +359,28 @@ def cached(key: tuple, build: Callable[[], Any]) -> tuple[Any, bool]:
     with _cache_lock:
         stale = [k for k in _cache if k[0] == kind and k[1] == key[1] and k[3:] == key[3:]]
         for k in stale:
-            del _cache[k]
+            _evict(k)
         _cache[key] = value
         same = [k for k in _cache if k[0] == kind]
         for k in same[:max(0, len(same) - CACHE_LIMITS.get(kind, 2))]:
-            del _cache[k]
+            _evict(k)
         stats["loads"] += 1
     return value, False
 
 
+def _evict(key) -> None:
+    """Drop a cache entry; a model leaves as its clean base (its LoRA stack removed, the originals it held
+    freed), in case something still holds it."""
+    value = _cache.pop(key)
+    module = getattr(value, "module", None)
+    if module is not None:
+        release_loras(module)
+
+
 def clear_cache() -> None:
     with _cache_lock:
-        _cache.clear()
+        for key in list(_cache):
+            _evict(key)
 
 
 def cache_keys(kind: str | None = None) -> list:
@@ -458,11 +521,12 @@ def load_transformer(path, weight_dtype: str = "default", quantize: str = "none"
     """(TransformerModel, was_cached) for a Flux transformer file or diffusers folder.
 
     weight_dtype: "default" = the host's compute dtype for its device (bf16 on a capable GPU, else fp32);
-    fp8_e4m3fn / fp8_e5m2 keep the weights in fp8 and upcast each layer to the compute dtype as it runs
-    (diffusers layerwise casting). quantize: int8 / fp8 weight-only quantization of the Linear layers
-    through torchao, or quanto-int8 / quanto-fp8 through optimum-quanto (the optional `fluxbridge[quant]`
-    dependency). variant: "auto" (detected), or "kontext" for a FLUX.1 Kontext file whose name does not say
-    so (its weights are shaped like dev's).
+    fp8_e4m3fn / fp8_e5m2 keep the Linear weights in fp8 and upcast each layer to the compute dtype as it runs
+    (`convert.upcast`): an fp8 or scaled-fp8 file's weights stay the file's bytes (no full-precision copy
+    is made), a wider file's are cast to that fp8 type. quantize: int8 / fp8 weight-only quantization of the
+    Linear layers through torchao, or quanto-int8 / quanto-fp8 through optimum-quanto (the optional
+    `fluxbridge[quant]` dependency). variant: "auto" (detected), or "kontext" for a FLUX.1 Kontext file whose
+    name does not say so (its weights are shaped like dev's).
     """
     from ..convert.load import load_model
 
@@ -483,19 +547,21 @@ def load_transformer(path, weight_dtype: str = "default", quantize: str = "none"
     def build():
         if quantize != "none":
             _quant_library(quantize, path)  # fail before a long load
-        loaded = load_model(source, family="flux-transformer", dtype=dtype)
-        module = host.make_castable(loaded.model)  # before layerwise casting wraps the layers' forward
+        loaded = load_model(source, family="flux-transformer", dtype=dtype,
+                            fp8=_torch_dtype(weight_dtype) if fp8 else None)
+        module = host.make_castable(loaded.model)  # the fp8 upcast calls the (castable) layer's class forward
         storage = dtype_name(dtype)
         if fp8:
-            module.enable_layerwise_casting(storage_dtype=_torch_dtype(weight_dtype), compute_dtype=dtype)
-            storage = f"{weight_dtype} (computing in {dtype_name(dtype)})"
+            names = {v: k for k, v in _DTYPE_NAMES.items()}
+            held = ", ".join(names.get(n, n) for n in loaded.report.get("fp8_storage") or {}) or weight_dtype
+            storage = f"{held} (computing in {dtype_name(dtype)})"
         elif quantize != "none":
             library = _quantize(module, quantize, path)
             storage = f"{quantize} ({library}, computing in {dtype_name(dtype)})"
         return TransformerModel(module=module, handle=host.wrap(module, "diffusion"), name=_display_name(path),
                                 path=str(source), family=loaded.family, layout=loaded.layout,
                                 variant=loaded.variant, config=dict(loaded.config), dtype=dtype_name(dtype),
-                                storage=storage, report=loaded.report)
+                                storage=storage, report=loaded.report, origins=loaded.origins)
 
     model, hit = cached(cache_key("transformer", source, dtype_name(dtype), weight_dtype, quantize), build)
     if name and name != model.name:
@@ -540,7 +606,7 @@ def _load_encoder(path, family: str, dtype, name: str) -> tuple[Encoder, bool]:
         loaded = load_model(path, family=family, dtype=dtype)
         return Encoder(module=loaded.model, handle=host.wrap(loaded.model, "text_encoder"), name=name,
                        path=str(path), family=loaded.family, layout=loaded.layout, config=dict(loaded.config),
-                       dtype=dtype_name(dtype), report=loaded.report)
+                       dtype=dtype_name(dtype), report=loaded.report, origins=loaded.origins)
 
     enc, hit = cached(cache_key(family, path, dtype_name(dtype)), build)
     return (dataclasses.replace(enc, name=name) if enc.name != name else enc), hit
@@ -618,17 +684,23 @@ def load_redux(redux_path, vision_path, redux_name: str | None = None,
 
 
 def open_lora(path):
-    """The opened LoRA (read, detected, mapped to canonical parts), cached by file."""
+    """The opened LoRA (read, detected, mapped to canonical parts), cached by file; its `identity` is the
+    file's (path, size, modification time), which names it in a stack."""
     from ..convert.lora.formats import load_lora
-    return cached(cache_key("lora", path), lambda: load_lora(path))[0]
+    key = cache_key("lora", path)
+
+    def build():
+        lora = load_lora(path)
+        lora.identity = key
+        return lora
+    return cached(key, build)[0]
 
 
 def lora_report(module, family: str, lora, strength: float) -> dict:
-    """What applying `lora` to `module` would do (format, patched modules, zero-filled, not placed), worked
-    out from the parameter shapes without touching the weights."""
-    from ..convert.lora.apply import logical_shapes
+    """What applying `lora` to the base `module` would do (format, patched modules, zero-filled, not placed),
+    worked out from the parameter shapes without touching the weights."""
     from ..convert.lora.patch import Plan
-    report = Plan(family, [(lora, float(strength))], logical_shapes(module)).reports[0]
+    report = Plan(family, [(lora, float(strength))], base_shapes(module)).reports[0]
     return dict(report, not_placed=list(lora.not_placed) + list(report["not_placed"]))
 
 

@@ -5,14 +5,15 @@
 * LoRA patching (the node path: `TransformerModel.patched()` / `TextEncoders.patched()` in models.py): a
   failure half-way leaves every weight bitwise unchanged and no hook behind, and patching works afterwards;
 * sampling: an exception raised inside the transformer at step k, and an interrupt through the host (the
-  standalone flag and ComfyUI's, with the stubs), leave the cached transformer bitwise unchanged with no LoRA
-  applied, and the next run equals a fresh run bitwise;
+  standalone flag and ComfyUI's, with the stubs), leave the cached transformer usable: its base (seen by a
+  use without the stack) is bitwise unchanged, and the next run equals a fresh run bitwise;
 * decoding: running out of memory on the whole image falls back to tiles (and equals a tiled decode);
 * writing: an exception (or Ctrl-C) mid-write leaves no file under the final name, no `.partial`, no half
   diffusers folder, no half PNG.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from fluxbridge.headless import demo, factory, native_nodes
 from fluxbridge.runtime import host, models
-from fluxbridge.convert import load as load_mod
+from fluxbridge.convert import origins as origins_mod
 from fluxbridge.convert import safetensors_io
 from fluxbridge.convert.load import load_model
 from fluxbridge.convert.lora import apply as apply_mod
@@ -136,7 +137,7 @@ def test_failure_while_loading_caches_nothing_and_the_next_load_works(on_host, f
     models.clear_cache()
     flaky = Flaky(at=7 if where.startswith("reading") else 1)
     if where.startswith("reading"):
-        fault.setattr(load_mod, "materialize", flaky.wrap(load_mod.materialize))
+        fault.setattr(origins_mod, "materialize", flaky.wrap(origins_mod.materialize))  # what the loader reads through
     else:
         fault.setattr(torch.nn.Module, "load_state_dict", flaky.wrap(torch.nn.Module.load_state_dict))
     with pytest.raises(RuntimeError, match="injected fault"):
@@ -183,7 +184,8 @@ def test_transformer_lora_failing_half_way_leaves_the_model_unchanged(on_host, f
     fault.undo()
     with tr.patched() as module:  # and it still patches afterwards, and comes off bitwise
         assert any(not torch.equal(v, base[k]) for k, v in module.state_dict().items())
-    assert_bitwise(tr.module, base)
+    with dataclasses.replace(tr, loras=()).patched() as module:
+        assert_bitwise(module, base)
 
 
 def test_text_encoder_lora_failing_in_t5_unwinds_clip_too(on_host, fault):
@@ -205,7 +207,7 @@ def test_text_encoder_lora_failing_in_t5_unwinds_clip_too(on_host, fault):
     (plain,) = conditioning.TextEncode.execute(text_encoders=text_encoders(), clip_text="a cat",
                                                max_sequence_length=16).args
     assert not torch.equal(cond[0][0], plain[0][0])  # the LoRA applies...
-    assert_bitwise(te.clip.module, clip)  # ... only while encoding
+    assert_bitwise(te.clip.module, clip)  # ... and an encode without it sees the bases
     assert_bitwise(te.t5.module, t5)
 
 
@@ -243,8 +245,9 @@ def test_fault_at_step_k_leaves_the_cached_transformer_unchanged(on_host, kind):
     finally:
         handle.remove()
     assert calls["n"] == 2
-    assert_bitwise(tr.module, base)  # no LoRA left applied
     assert hooks(tr.module) == hooks_before and tr.loras == stack
+    with dataclasses.replace(tr, loras=()).patched() as module:  # the base under the stack is as loaded
+        assert_bitwise(module, base)
     after = sample(tr, cond, empty)
     assert torch.equal(after["samples"], fresh["samples"])
     models.clear_cache()  # and a truly fresh run (everything loaded again) gives the same

@@ -350,3 +350,18 @@ def test_tensors_outlive_the_closed_file(tmp_path):
     assert reader() is None
     assert torch.equal(part.dequantize(), expected[name][1][:8])
     assert torch.equal(bias, expected["img_in.bias"][1])
+
+
+def test_inspect_names_the_quantization_types(tmp_path):
+    """`inspect` on a GGUF counts tensors per ggml type (Q8_0, F16, F32), not per dequantized dtype."""
+    from collections import Counter
+
+    from gguf_flux import tiny_model, write_flux_gguf  # tests/helpers
+
+    from fluxbridge.convert.inspect import inspect_path
+    path = tmp_path / "flux1-dev-Q8_0.gguf"
+    types = write_flux_gguf(tiny_model(), path)
+    info = inspect_path(path)
+    assert info["family"] == "flux-transformer" and info["variant"] == "dev"
+    assert info["dtypes"] == dict(Counter(types.values()))
+    assert set(info["dtypes"]) == {"Q8_0", "F16", "F32"} and info["dtypes"]["F16"] == 1

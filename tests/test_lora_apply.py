@@ -130,9 +130,9 @@ def test_patched_tensors_go_in_one_closure_at_a_time(monkeypatch):
         events.append(("compute", sorted(out)))
         return out
 
-    def assign(handle, param, tensor, keep_on=None):
+    def assign(handle, name, param, tensor, how, keep_on=None):
         events.append(("assign", keep_on))
-        return real_assign(handle, param, tensor, keep_on)
+        return real_assign(handle, name, param, tensor, how, keep_on)
 
     def where(nbytes):
         asked.append(nbytes)
@@ -159,9 +159,10 @@ def test_node_models_ask_the_host_where_originals_wait(monkeypatch):
     k, _ = lora_of("kohya", KOHYA, gen, name="k")
     asked = []
     monkeypatch.setattr(host, "lora_originals_device", lambda device, nbytes: asked.append((device, nbytes)))
-    with models._patched(m, FLUX, (models.LoraEntry("k", k, 1.0),), lambda e: e.strength):
-        patched = [n for n, p in m.named_parameters() if not torch.equal(p, snap[n])]
+    models.use_stack(m, FLUX, (models.LoraEntry("k", k, 1.0),), lambda e: e.strength)  # no origins: all kept
+    patched = [n for n, p in m.named_parameters() if not torch.equal(p, snap[n])]
     assert patched and asked == [(torch.device("cpu"), sum(snap[n].nbytes for n in patched))]
+    models.release_loras(m)
     assert_bitwise(m, snap)
 
 
@@ -184,11 +185,11 @@ def test_injected_failure_leaves_model_bitwise_unchanged(monkeypatch, where):
     else:
         real = apply_mod._assign
 
-        def flaky(handle, param, tensor, *rest):
+        def flaky(*args):
             calls["n"] += 1
             if calls["n"] == 4:  # three tensors already swapped in
                 raise RuntimeError("injected")
-            return real(handle, param, tensor, *rest)
+            return real(*args)
         monkeypatch.setattr(apply_mod, "_assign", flaky)
     hooks_before = sum(len(mod._forward_hooks) for mod in m.modules())
     with pytest.raises(RuntimeError, match="injected"):
@@ -341,7 +342,7 @@ def test_bake_equals_apply_bitwise():
         def __init__(self, shape):
             self.shape = shape
     lset = LoraSet([(k, 0.6), (d, 1.5)])
-    getter, report = lset.patched_getter(FLUX, {n: Step(tuple(t.shape)) for n, t in weights.items()},
+    getter, report, expanded = lset.patched_getter(FLUX, {n: Step(tuple(t.shape)) for n, t in weights.items()},
                                          weights.__getitem__)
     baked = {n: getter(n) for n in weights}
     direct = patch_tensors([(k, 0.6), (d, 1.5)], FLUX, weights)
@@ -351,7 +352,7 @@ def test_bake_equals_apply_bitwise():
             assert torch.equal(baked[n], applied[n]), n
             if n in direct:
                 assert torch.equal(direct[n], applied[n]), n
-    assert {r["name"] for r in report} == {"k", "dora"}
+    assert {r["name"] for r in report} == {"k", "dora"} and expanded == {}
 
 
 def test_spec_parsing():

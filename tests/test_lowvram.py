@@ -12,6 +12,7 @@ What is proven on the CPU:
 * standalone: the group-offloading decision, and diffusers' group offloading on the CPU (no stream) with
   bitwise outputs, LoRA apply (re-read by the offloading) and bitwise removal.
 """
+import dataclasses
 import shutil
 import sys
 
@@ -175,8 +176,9 @@ def test_standalone_layers_stay_plain_torch(standalone_host):
 
 
 def test_fp8_storage_goes_through_the_cast_too(in_comfy, monkeypatch):
-    """diffusers' layerwise casting (fp8 storage) wraps the layers' forward: the layers become castable first,
-    so a layer left behind still takes its weights through ComfyUI's cast, and computes the same."""
+    """fp8 storage wraps the layers' forward (`convert.upcast`), calling the layer's class forward: the layers
+    stay castable, so a layer left behind still takes its weights through ComfyUI's cast, and computes the
+    same."""
     ops = sys.modules["comfy.ops"]
     tr, _ = models.load_transformer(in_comfy.models / "diffusion_models" / NAMES["model_name"],
                                     weight_dtype="fp8_e4m3fn")
@@ -282,13 +284,16 @@ def test_lora_on_a_partly_loaded_model_is_applied_and_removed_bitwise(in_comfy, 
     assert torch.equal(g["image"], standalone_images[1.0])  # the LoRA did exactly what it does on a whole model
 
     tr = g["transformer"]
+    plain = dataclasses.replace(tr, loras=())
     p = tr.handle
-    base = snapshot(tr.module)
+    with plain.patched():  # the graph's run left its stack on: the base, without it
+        base = snapshot(tr.module)
     flags = {unit: m.comfy_cast_weights for _, unit, m in p._units() if hasattr(m, "comfy_cast_weights")}
     bookkeeping = (list(p._left_behind), p.loaded_size(), p.model.model_lowvram)
     with tr.patched() as module:
         assert any(not torch.equal(v, base[k]) for k, v in module.state_dict().items())
-    assert_same_state(tr.module, base)
+    with plain.patched():
+        assert_same_state(tr.module, base)
     assert {unit: m.comfy_cast_weights for _, unit, m in p._units() if hasattr(m, "comfy_cast_weights")} == flags
     assert (list(p._left_behind), p.loaded_size(), p.model.model_lowvram) == bookkeeping
 
@@ -304,7 +309,9 @@ def test_lora_survives_comfyui_moving_layers_while_it_is_applied(in_comfy, monke
     assert tr.handle._left_behind == []
     with tr.patched() as module:
         reference = sample(module, cond, empty, sigmas, seed=SEED)["samples"]
-    base = snapshot(tr.module)
+    plain = dataclasses.replace(tr, loras=())
+    with plain.patched():
+        base = snapshot(tr.module)
 
     monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: tr.handle.model_size() // 2)
     tr.handle.detach()
@@ -316,21 +323,22 @@ def test_lora_survives_comfyui_moving_layers_while_it_is_applied(in_comfy, monke
         assert freed > 0 and len(tr.handle._left_behind) > behind
         moved = sample(module, cond, empty, sigmas, seed=SEED)["samples"]
     assert torch.equal(moved, reference)
-    assert_same_state(tr.module, base)
+    with plain.patched():  # removed after ComfyUI moved layers: each original where its parameter is now
+        assert_same_state(tr.module, base)
 
 
 def test_lora_removal_follows_the_parameter_to_its_current_device():
     """ComfyUI may move a layer while a LoRA is applied (on a GPU `.to()` keeps the parameter object and swaps
     its data): the original goes back to the device the parameter is on by then, not where it was."""
-    from fluxbridge.convert.lora.apply import LoraHandle
+    from fluxbridge.convert.lora.apply import LoraHandle, _Kept
     original = torch.arange(6.0)
     param = torch.nn.Parameter(torch.empty(6, device="meta"), requires_grad=False)  # moved since the apply
     handle = LoraHandle(torch.nn.Module(), "flux-transformer", [])
-    handle._originals.append((param, original))
+    handle._originals.append(("w", param, _Kept(original)))
     handle.remove()
     assert param.device.type == "meta" and param.shape == original.shape
     kept = torch.nn.Parameter(torch.zeros(6), requires_grad=False)  # not moved: the very original object back
-    handle._originals.append((kept, original))
+    handle._originals.append(("w", kept, _Kept(original)))
     handle.remove()
     assert kept.data.data_ptr() == original.data_ptr()
 
@@ -429,6 +437,8 @@ def test_lora_on_a_group_offloaded_model(standalone_host, monkeypatch, tmp_path)
     base = snapshot(managed)
     with model.patched() as module:
         assert torch.equal(forward("transformer", module), with_lora)
-    assert refreshed == [managed, managed] and offload.is_offloaded(managed)
-    assert_same_state(managed, base)
-    assert torch.equal(forward("transformer", managed), reference)
+    assert refreshed == [managed] and offload.is_offloaded(managed)
+    with dataclasses.replace(model, loras=()).patched():  # a use without the stack removes it
+        assert refreshed == [managed, managed] and offload.is_offloaded(managed)
+        assert_same_state(managed, base)
+        assert torch.equal(forward("transformer", managed), reference)

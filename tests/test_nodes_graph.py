@@ -2,11 +2,12 @@
 folder in their usual layouts, the real CLIP-L / T5 tokenizers (the pack's own copies), CPU float32.
 
 What is proven: a whole text-to-image graph gives an IMAGE of the right shape; a second run reuses the
-cached models and gives the same image bit for bit; a LoRA changes the image and leaves the base model
-bitwise unchanged (also after an interrupt in the middle of sampling, after which a run equals a fresh
+cached models and gives the same image bit for bit; a LoRA changes the image, stays applied while its
+stack is used, and a use without it sees the base bitwise unchanged (also after an interrupt in the middle of sampling, after which a run equals a fresh
 run); the scheduler-step node chained over every step equals the sampler; the convert nodes write what
 the library writes; bad inputs are refused with messages that name both parts.
 """
+import dataclasses
 import shutil
 import sys
 from pathlib import Path
@@ -159,7 +160,7 @@ def test_changed_file_is_loaded_again(on_host, tmp_path):
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def test_lora_applies_and_leaves_the_base_unchanged(on_host):
+def test_lora_applies_and_the_base_is_clean_wherever_it_is_used_without(on_host):
     plain = graph()
     base = plain["transformer"]
     before_tr = snapshot(base.module)
@@ -172,12 +173,17 @@ def test_lora_applies_and_leaves_the_base_unchanged(on_host):
     assert report["format"] and report["patched"] and report["not_placed"] == []
     assert "format" in with_lora["ui"]["lora"]["text"][0]
     assert not torch.equal(with_lora["image"], plain["image"])  # the LoRA did something
-    assert_same_state(base.module, before_tr)  # ... only while sampling
-    assert_same_state(plain["text_encoders"].clip.module, before_clip)
+    assert models.applied_handle(base.module) is not None  # the stack stays on until another needs the base
+    with base.patched() as module:  # the LoRA-free use sees the base, bitwise
+        assert_same_state(module, before_tr)
+    with plain["text_encoders"].patched() as encoders:
+        assert_same_state(encoders.clip.module, before_clip)
+    assert models.applied_handle(base.module) is None
     again = graph()  # the LoRA-free branch after the LoRA branch: as before
     assert torch.equal(again["image"], plain["image"])
     zero = graph(lora_strength=0.0)
     assert torch.equal(zero["image"], plain["image"])
+    assert torch.equal(graph(lora_strength=1.0)["image"], with_lora["image"])  # and the LoRA again
 
 
 def test_interrupt_during_sampling_leaves_the_model_usable(on_host, monkeypatch):
@@ -281,12 +287,19 @@ def test_fp8_storage_steps_and_lora_comes_off(on_host):
     (empty,), _ = run(latent.EmptyLatent, width=SIZE, height=SIZE, batch_size=1)
     (sig,), _ = run(sampling.Scheduler, steps=2, width=SIZE, height=SIZE, denoise=1.0, shift="auto", transformer=tr)
     (x,), _ = run(sampling.AddNoise, latent=empty, sigmas=sig, seed=SEED)
-    hooks = sum(len(m._forward_hooks) for m in tr.module.modules())
+
+    def hooks():
+        return sum(len(m._forward_hooks) for m in tr.module.modules())
+    with dataclasses.replace(tr, loras=()).patched():
+        before = hooks()
     for step in range(2):
         (x,), _ = run(sampling.SchedulerStep, transformer=tr, positive=cond, latent=x, sigmas=sig, step=step)
     assert torch.isfinite(x["samples"]).all()
-    assert_same_state(tr.module, snap)
-    assert sum(len(m._forward_hooks) for m in tr.module.modules()) == hooks  # the LoRA hooks are gone
+    assert_same_state(tr.module, snap)  # the weights stayed fp8, bitwise
+    assert hooks() > before  # the stack stays on (as forward hooks) ...
+    with dataclasses.replace(tr, loras=()).patched():
+        assert hooks() == before  # ... until a use without it: the LoRA hooks are gone
+        assert_same_state(tr.module, snap)
 
 
 def test_fp8_storage_samples(on_host):
@@ -446,6 +459,7 @@ def test_inside_comfyui_host_services_and_a_diffusers_folder(comfy_stubs, tiny_m
 
     (tr,), _ = run(loaders.LoadTransformer, model_name=NAMES["model_name"], weight_dtype="default", quantize="none")
     assert isinstance(tr.handle, sys.modules["comfy.model_patcher"].ModelPatcher)
+    plain = tr
     (te,), te_ui = run(loaders.LoadTextEncoders, clip_name="FLUX.1-tiny", t5_name="FLUX.1-tiny",
                        weight_dtype="default")
     assert all("diffusers folder" in c["tokenizer"] for c in te_ui["fluxbridge"][0]["components"])
@@ -468,7 +482,8 @@ def test_inside_comfyui_host_services_and_a_diffusers_folder(comfy_stubs, tiny_m
     cs.mm.interrupt_current_processing(True)
     with pytest.raises(cs.mm.InterruptProcessingException):
         run(sampling.Sampler, transformer=tr, positive=cond, latent=empty, seed=SEED, steps=2)
-    assert_same_state(tr.module, base)
+    with plain.patched() as module:  # the base, without the stack, is as loaded
+        assert_same_state(module, base)
     (again,), _ = run(sampling.Sampler, transformer=tr, positive=cond, latent=empty, seed=SEED, steps=2)
     assert torch.equal(again["samples"], lat["samples"])
     models.clear_cache()  # the handles are the stubs' ModelPatchers: do not hand them to later tests

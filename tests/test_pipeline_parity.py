@@ -6,6 +6,7 @@ import torch
 
 from fluxbridge.headless import factory
 from fluxbridge import pipeline as P
+from parity import encode as _encode, gen as _gen, pipe as _pipe  # tests/helpers
 
 PROMPT = "a photo of a cat sitting on a chair, soft light"
 TOL = 1 / 255
@@ -30,21 +31,6 @@ def schnell():
 @pytest.fixture(scope="module")
 def fill():
     return _components("fill")
-
-
-def _pipe(cls, comps):
-    pipe = cls(**comps)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _gen(seed):
-    return torch.Generator("cpu").manual_seed(seed)
-
-
-def _encode(comps, prompt, **kw):
-    return P.encode_prompt(comps["tokenizer"], comps["text_encoder"], comps["tokenizer_2"],
-                           comps["text_encoder_2"], prompt, **kw)
 
 
 def _image(h, w, seed=5):

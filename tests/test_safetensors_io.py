@@ -138,7 +138,7 @@ def test_tensors_keep_the_mapping_alive(tmp_path):
 def test_per_tensor_mapping_fallback(tmp_path):
     sd = sample_tensors()
     save_file(sd, tmp_path / "m.safetensors")
-    wf = WeightFile.open(tmp_path / "m.safetensors", _whole_map=False)
+    wf = WeightFile.open(tmp_path / "m.safetensors", whole_map=False)
     assert wf._buffer is None
     for k, v in sd.items():
         assert same(wf[k], v), k

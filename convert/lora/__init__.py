@@ -20,7 +20,7 @@ looks_like_lora(keys) -> bool     LoRA tensor names (ask before model detection:
 convert_lora(src, dst, to) -> dict, to in diffusers | bfl | kohya | comfy   (`fluxbridge lora convert`)
 
 Baking (`fluxbridge convert --lora FILE[:STRENGTH]`) — the chosen interface:
-    LoraSet.open(specs).patched_getter(family, plan_b, get_b) -> (getter, report)
+    LoraSet.open(specs).patched_getter(family, plan_b, get_b) -> (getter, report, expanded)
         wraps the converter's per-tensor getter (diffusers-side names); each patched tensor is computed by
         `Plan.compute`, the same function `apply_loras` uses, so baked == applied, bitwise.
     patch_tensors(loras, family, side_b_weights) -> dict[name, Tensor]   (the same, for a whole mapping)

@@ -1,14 +1,21 @@
 """Applying LoRAs to a loaded model, and removing them again.
 
-`apply_loras(model, family, [(lora, strength), ...], text_strength=...)` patches a diffusers
+`apply_loras(model, family, [(lora, strength), ...], text_strength=..., origins=...)` patches a diffusers
 `FluxTransformer2DModel` or a transformers CLIP-L / T5 encoder and returns a `LoraHandle`; `.remove()`
-puts the original tensors back (the very tensor objects, so the result is bitwise the original).
+restores every patched tensor bitwise, wherever the parameter lives by then (its current device).
 
 Dense weights (fp32 / bf16 / fp16): each patched tensor is computed (`Plan.compute`, float32, cast back to the
-weight's dtype) into a new tensor and swapped in (`param.data`), one closure at a time; a failure anywhere
-puts back what was already swapped, so the model is as before. Memory: the new tensors while the originals
-are kept, where they are or, with `originals_device`, elsewhere (a GPU then holds about one extra tensor at
-a time, not a second copy of every patched weight).
+weight's dtype) on the weight's own device and swapped in (`param.data`), one closure at a time, so apply
+allocates only the patched tensors; a failure anywhere puts back what was already swapped, so the model is as
+before. What happens to the original of each patched tensor (the report's `originals` says which, per path):
+
+* a view of the model file's mapping (CPU, loaded without a cast): kept; it costs nothing (the page cache);
+* made from the file by the load (a cast, a GPU copy) and the file is unchanged since (`origins`, see
+  `convert.origins`): not kept at all. The patched values are computed into the parameter's own storage
+  (no memory added, and the weights stay where they were: a fresh allocation can be slower to read), and
+  removal reads the original again from the file, cast as the load cast it, and writes it back there;
+* otherwise (no `origins`, GGUF blocks dequantized, the file changed on disk): kept, where it is or on
+  `originals_device`.
 
 Quantized weights (float8 storage with upcast compute, or a GGUF-like tensor with `.dequantize`): the
 weight stays quantized; a forward hook adds the patch to the layer's output on the fly in the compute
@@ -26,7 +33,7 @@ from ...common.errors import BadInput
 from ..table import swap_halves
 from .formats import CLIP, FLUX, T5, TEXT_FAMILIES, Lora, load_lora
 from .layers import bias_delta, weight_delta
-from .patch import Patch, Plan
+from .patch import Patch, Plan, expanded_config
 
 DENSE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -79,30 +86,72 @@ def logical_shapes(model) -> dict[str, tuple]:
 
 
 class LoraHandle:
-    """Applied LoRAs: `.reports` (one per LoRA) and `.remove()` (bitwise restore; idempotent)."""
+    """Applied LoRAs: `.reports` (one per LoRA) and `.remove()` (bitwise restore; idempotent).
+
+    `.originals` counts how the originals of the patched tensors are held: `file_views` (the file's own
+    bytes), `reread` (read again from the model file on removal), `kept` (a copy held until removal)."""
 
     def __init__(self, model, family: str, reports: list[dict]):
         self.model, self.family, self.reports = model, family, reports
-        self._originals: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        self._originals: list[tuple[str, torch.nn.Parameter, object]] = []  # (name, param, original | READ)
+        self._reader = None  # origins.Reread while some original is to be read again
         self._hooks: list = []
         self._undo: list = []
+        self.original_shapes: dict[str, tuple] = {}  # parameters a control LoRA widened: their own shapes
+
+    @property
+    def originals(self) -> dict[str, int]:
+        counts = {"file_views": 0, "reread": 0, "kept": 0}
+        for _, _, original in self._originals:
+            counts["reread" if original is READ else "file_views" if isinstance(original, _View) else "kept"] += 1
+        return counts
 
     def remove(self) -> None:
-        # Each original goes back to the device its parameter is on now: a host may have moved the layer
-        # while the LoRA was applied (ComfyUI's partial loading and unloading move layers one by one).
-        for param, original in reversed(self._originals):
-            param.data = original.to(param.device)
+        """Put every original back on its parameter's current device (a parameter may have moved since)."""
+        failed = None
+        for name, param, original in reversed(self._originals):
+            try:
+                # The device its parameter is on now: a host may have moved the layer while the LoRA was
+                # applied (ComfyUI's partial loading and unloading move layers one by one).
+                t = self._reader.read(name, param.device) if original is READ else original.tensor
+                if original is READ and t.shape == param.shape and t.dtype == param.dtype:
+                    param.data.copy_(t)  # back into the parameter's own storage, as apply patched it
+                else:
+                    param.data = t if t.device == param.device else t.to(param.device)
+            except Exception as exc:  # restore the others, then report the first failure
+                failed = failed or exc
         for h in self._hooks:
             h.remove()
         for undo in reversed(self._undo):
             undo()
-        self._originals, self._hooks, self._undo = [], [], []
+        if self._reader is not None:
+            self._reader.close()
+        self._originals, self._hooks, self._undo, self._reader = [], [], [], None
+        self.original_shapes = {}
+        if failed is not None:
+            raise failed
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.remove()
+
+
+READ = object()  # marks an original that is read again from the model file on removal
+
+
+class _Held:
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
+class _View(_Held):
+    """An original that is a view of the model file's mapping: kept as it is, at no cost."""
+
+
+class _Kept(_Held):
+    """An original kept where it is (a copy: it costs its size until removal)."""
 
 
 class MultiHandle:
@@ -142,14 +191,16 @@ def apply_to_models(models: Mapping[str, torch.nn.Module], loras, strength_text:
 
 
 def apply_loras(model: torch.nn.Module, family: str | None = None, loras=(),
-                text_strength: float | None = None, originals_device=None) -> LoraHandle:
+                text_strength: float | None = None, originals_device=None, origins=None) -> LoraHandle:
     """Patch `model` with LoRAs in order; the parts for other families are ignored.
 
     On a text encoder the strength of an item is its own text strength (3-tuples), else `text_strength`,
-    else the item's strength. `originals_device` is where the original tensors wait for `remove()`: None
-    (where they are), a device (e.g. "cpu" for a big model on a GPU), or a callable given the bytes of the
-    originals to keep and returning one of those. Raises `BadInput` when a LoRA has parts for this family
-    and none fits it.
+    else the item's strength. `origins` (`convert.origins.Origins`, from the load) says where each parameter
+    came from: originals that are views of the file are kept for free, those the file can give again are
+    not kept at all (read again on removal). `originals_device` is where the other originals wait for
+    `remove()`: None (where they are), a device (e.g. "cpu" for a big model on a GPU), or a callable given the
+    bytes of the originals to keep and returning one of those. Raises `BadInput` when a LoRA has parts for
+    this family and none fits it.
     """
     family = family or guess_family(model)
     items = normalize(loras)
@@ -187,21 +238,30 @@ def apply_loras(model: torch.nn.Module, family: str | None = None, loras=(),
         plan.reports[patch.lora]["mode"]["hook"] += 1
 
     dense_plan = plan.subset(dense)
-    if callable(originals_device):
-        originals_device = originals_device(sum(params[n].nbytes for n in dense_plan.params))
     handle = LoraHandle(model, family, [
         dict(lora.report, applied=report, not_placed=lora.not_placed + report["not_placed"])
         for (lora, _), report in zip(weighted, plan.reports)])
+    holding, kept_why = _holding(dense_plan.params, params, origins, handle)
+    if callable(originals_device):
+        originals_device = originals_device(sum(params[n].nbytes for n, how in holding.items() if how == "kept"))
     try:  # any failure puts back what was swapped in so far
         # Closures are disjoint and a closure's result depends only on its own parameters' current values
         # (a fused patch also works out its other targets, but those values are dropped), so the tensors
         # already swapped in never feed another closure's result.
         for group in dense_plan.closures():
+            if all(holding[n] == "reread" and n not in plan.expand for n in group):
+                # The file gives the originals again: patch the parameters' own storage, adding no memory
+                # and leaving the weights where they were. Recorded first: a failure half-way through is
+                # undone by reading the file again.
+                handle._originals += [(n, params[n], READ) for n in group]
+                dense_plan.compute(group, lambda n: params[n].data, into={n: params[n].data for n in group})
+                continue
             for name, tensor in dense_plan.compute(group, lambda n: params[n].data).items():
-                _assign(handle, params[name], tensor, originals_device)
+                _assign(handle, name, params[name], tensor, holding[name], originals_device)
         for name, width in plan.expand.items():
             if name in dense_plan.params:
-                _expand_module(handle, model, modules, name, width)
+                handle.original_shapes[name] = tuple(shapes[name])
+                _expand_module(handle, model, modules, family, name, width)
         sidecars: dict[str, _Sidecar] = {}
         for patch in hooked:
             for mod, terms in _sidecar_terms(patch).items():
@@ -211,29 +271,75 @@ def apply_loras(model: torch.nn.Module, family: str | None = None, loras=(),
     except BaseException:
         handle.remove()
         raise
+    counts = handle.originals
+    for report in plan.reports:
+        report["originals"] = dict(counts, kept_why=kept_why if counts["kept"] else None)
     return handle
 
 
-def _assign(handle: LoraHandle, param: torch.nn.Parameter, tensor: torch.Tensor, keep_on=None) -> None:
+def _holding(names, params, origins, handle: LoraHandle) -> tuple[dict[str, str], str | None]:
+    """How each patched parameter's original is held until removal: "view", "reread" or "kept"; and why
+    any is kept (for the report)."""
+    how, why = {}, None
+    reader = None
+    for name in sorted(names):
+        t = params[name].data
+        if origins is None:
+            how[name], why = "kept", "the model's origins are unknown (not loaded from a file by FluxBridge)"
+            continue
+        if origins.is_view(name, t):
+            how[name] = "view"
+            continue
+        if not origins.rereadable(name):
+            how[name], why = "kept", origins.why_not.get(name, f"{name} was not made from the file")
+            continue
+        if t.dtype != origins.dtype:
+            how[name], why = "kept", f"{name} is {t.dtype} now, not the {origins.dtype} it was loaded as"
+            continue
+        if reader is None:
+            reader = origins.reader()
+        if isinstance(reader, str):
+            how[name], why = "kept", reader
+            continue
+        how[name] = "reread"
+    if reader is not None and not isinstance(reader, str):
+        if "reread" in how.values():
+            handle._reader = reader  # held open (the mapping of the file as it is now) until removal
+        else:
+            reader.close()
+    return how, why
+
+
+def _assign(handle: LoraHandle, name: str, param: torch.nn.Parameter, tensor: torch.Tensor, how: str,
+            keep_on=None) -> None:
     original = param.data
-    if keep_on is not None and torch.device(keep_on) != original.device:
-        original = original.to(keep_on)  # `remove()` copies it back to the parameter's device
-    handle._originals.append((param, original))
+    if how == "reread":
+        original = READ  # a widened layer (control LoRA) swaps in its new tensor; removal reads the old one
+    elif how == "view":
+        original = _View(original)
+    elif keep_on is not None and torch.device(keep_on) != original.device:
+        original = _Kept(original.to(keep_on))  # `remove()` copies it back to the parameter's device
+    else:
+        original = _Kept(original)
+    handle._originals.append((name, param, original))
     param.data = tensor
 
 
-def _expand_module(handle, model, modules, name: str, width: int) -> None:
-    """A widened input layer (control LoRA): its `in_features` and the model's `in_channels` follow."""
+def _expand_module(handle, model, modules, family: str, name: str, width: int) -> None:
+    """A widened input layer (control LoRA): its `in_features` and the model's input-width config follow."""
     mod = modules[name.rpartition(".")[0]]
     if hasattr(mod, "in_features"):
         old = mod.in_features
         mod.in_features = width
         handle._undo.append(lambda: setattr(mod, "in_features", old))
     config = getattr(model, "config", None)
-    if config is not None and hasattr(model, "register_to_config") and "in_channels" in config:
-        old_in = config["in_channels"]
-        model.register_to_config(in_channels=width)
-        handle._undo.append(lambda: model.register_to_config(in_channels=old_in))
+    if config is not None and hasattr(model, "register_to_config"):
+        old_config = dict(config)
+        changed = {k: v for k, v in expanded_config(family, old_config, {name: width}).items()
+                   if old_config.get(k) != v}
+        if changed:
+            model.register_to_config(**changed)
+            handle._undo.append(lambda: model.register_to_config(**{k: old_config[k] for k in changed}))
 
 
 # ------------------------------------------------------------------------------------ quantized bases

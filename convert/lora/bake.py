@@ -45,11 +45,14 @@ class LoraSet:
         return cls(items)
 
     def plan(self, family: str, shapes: Mapping[str, tuple]) -> Plan:
-        # A baked file keeps the model's shapes: no input expansion (control LoRAs need a 128-channel model).
-        return Plan(family, self.items, shapes, allow_expand=False)
+        # A control LoRA widens the input layer here as it does on a loaded model (a dev file baked with
+        # FLUX.1-Depth-dev-lora becomes a 128-channel Depth model, as BFL publishes them).
+        return Plan(family, self.items, shapes)
 
     def patched_getter(self, family: str, plan_b: Mapping, get_b: Callable[[str], torch.Tensor]):
-        """(getter, report): `getter(name)` is `get_b(name)` with the LoRAs added where they patch it.
+        """(getter, report, expanded): `getter(name)` is `get_b(name)` with the LoRAs added where they patch
+        it; `expanded` maps the tensors a control LoRA widens to their new shapes (the config follows:
+        `patch.expanded_config`).
 
         `plan_b` maps each diffusers-side name to something with `.shape` (the conversion plan's steps).
         """
@@ -57,6 +60,7 @@ class LoraSet:
         plan = self.plan(family, shapes)
         _refuse_if_nothing_fits(self.items, plan, family)
         touched = plan.params
+        expanded = {name: (shapes[name][0], width) for name, width in plan.expand.items() if name in touched}
         cache: dict[str, torch.Tensor] = {}
 
         def getter(name: str):
@@ -67,7 +71,7 @@ class LoraSet:
                 cache.update(plan.compute([name], get_b))
             return cache.pop(name)
 
-        return getter, [r for r in plan.reports if r["parts"]]
+        return getter, [r for r in plan.reports if r["parts"]], expanded
 
 
 def patch_tensors(loras, family: str, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

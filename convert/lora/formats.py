@@ -142,6 +142,7 @@ class Lora:
     metadata: dict = field(default_factory=dict)
     dtypes: dict[str, int] = field(default_factory=dict)
     scale_convention: str = "1"
+    identity: tuple | None = None  # what the file was when read (path, size, mtime), set by the loader's cache
 
     def family_parts(self, family: str) -> list[Part]:
         return [p for p in self.parts if p.family == family]
@@ -464,6 +465,10 @@ def parse(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path
         if made and loc.family == FLUX:
             labels[label] += sum(len(p.keys) for p in made)
     not_placed += broken
+
+    from .siblings import check_siblings
+    parts, mismatched = check_siblings(parts)
+    not_placed += mismatched
 
     weights = [d["key"] for d in not_placed if d["reason"] == _FULL_WEIGHT]
     flux_parts = [p for p in parts if p.family == FLUX]

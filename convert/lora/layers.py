@@ -50,19 +50,28 @@ def bias_delta(part: Part, rows: tuple[int, int] | None = None, device="cpu") ->
 
 
 def dora_weight(part: Part, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """The DoRA weight m·(W+ΔW)/‖W+ΔW‖ (float32, source layout).
+    """The DoRA weight m·(W+ΔW)/‖W+ΔW‖ (float32, source layout) of `weight` patched with `delta` (= scale·ΔW),
+    the norm taken on the magnitude's axis as the trainers that write it take it: PEFT's
+    `lora_magnitude_vector` [out] and LyCORIS' `dora_scale` [out, 1] (`wd_on_output`) scale the rows, the norm
+    runs over each row's inputs; a `dora_scale` [1, in] (LyCORIS, kohya, OneTrainer) scales the columns.
 
-    The norm axis follows the magnitude's shape, as ComfyUI's `weight_decompose` decides it: PEFT's
-    `lora_magnitude_vector` [out] (and a `dora_scale` [out, 1]) scales rows, norms over the inputs;
-    LyCORIS/kohya/OneTrainer `dora_scale` [1, in] scales columns, norms over the outputs.
+    ComfyUI's `weight_decompose` agrees on the input axis; on the output axis it divides by the norm of the
+    unpatched weight instead, so such a file means other weights there (`write.py` does not write one for
+    ComfyUI). Every norm gets float32's epsilon added (as ComfyUI adds its weight dtype's), so an all-zero
+    row or column gives zeros, not NaN (PEFT adds none: a zero row is NaN there); elsewhere they agree.
     """
-    m = part.dora.to(device=weight.device, dtype=F32)
+    eps = torch.finfo(F32).eps
     merged = weight + delta
-    if m.dim() == 1 or (m.shape[0] == merged.shape[0] and m.shape[-1] == 1 and m.numel() == merged.shape[0]):
-        norm = merged.norm(p=2, dim=1, keepdim=True)
-        return merged * (m.reshape(-1, 1) / norm)
-    norm = merged.norm(p=2, dim=0, keepdim=True)
-    return merged * (m.reshape(1, -1) / norm)
+    m = part.dora.to(device=weight.device, dtype=F32)
+    if dora_on_rows(part, merged.shape[0]):
+        return merged * (m.reshape(-1, 1) / (merged.norm(p=2, dim=1, keepdim=True) + eps))
+    return merged * (m.reshape(1, -1) / (merged.norm(p=2, dim=0, keepdim=True) + eps))
+
+
+def dora_on_rows(part: Part, rows: int) -> bool:
+    """Whether a part's DoRA magnitude scales output rows (PEFT [out], `dora_scale` [out, 1]), as ComfyUI
+    tells the axes apart (the leading dimension); else it scales input columns (`dora_scale` [1, in])."""
+    return "magnitude" in part.tensors or part.tensors["dora_scale"].shape[0] == rows
 
 
 # ------------------------------------------------------------------------------- fusing / splitting

@@ -218,7 +218,7 @@ def _rows_of(key: str, rows) -> str:
 
 def _may_widen(part: Part, name: str, have, want) -> bool:
     """A control LoRA may widen the input of one layer (img_in), within bounds (as `patch.resolve` allows)."""
-    module = EXPANDABLE.get(part.family)
+    module = EXPANDABLE.get(part.family, (None,))[0]
     return (module is not None and name.endswith("." + module) and len(have) == 2 and len(want) == 2
             and want[0] == have[0] and have[1] < want[1] <= MAX_EXPAND * have[1])
 

@@ -21,8 +21,9 @@ from .formats import Lora, Part, family_module, rule_name
 from .layers import bias_delta, dora_weight, weight_delta
 
 F32 = torch.float32
-# The module whose input width a control LoRA may widen (BFL name; diffusers zero-pads it the same way).
-EXPANDABLE = {"flux-transformer": "img_in"}
+# The module whose input width a control LoRA may widen (BFL name; diffusers zero-pads it the same way), and
+# the model config key that follows that width.
+EXPANDABLE = {"flux-transformer": ("img_in", "in_channels")}
 # How much wider a control LoRA may make that input (FLUX.1 Fill: 64 -> 384, Depth/Canny: 64 -> 128). A reshape
 # is a few integers in the file, so a hostile one could otherwise ask for terabytes of zero padding.
 MAX_EXPAND = 16
@@ -124,7 +125,8 @@ def resolve(part: Part, shapes: Mapping[str, tuple], allow_expand: bool = True) 
     for mod, rows, swap in mods:
         n_rows = rows[1] if rows else (src[0] if src else part.out_features)
         if part.has_weight:
-            # a tensor-level rule (a norm's scale) names the tensor itself: a 1-D difference goes there
+            # A norm's scale is a tensor of its own in the table (`...query_norm.scale` -> `...norm_q.weight`):
+            # a full difference on it (ComfyUI `.scale.diff`) targets that tensor, not `<it>.weight`.
             name = mod if mod in shapes else mod + ".weight"
             have = _shape(shapes, name)
             if have is None:
@@ -155,11 +157,21 @@ def _render(table, name_a: str) -> str:
 
 
 def _expandable(part: Part, module_b: str) -> bool:
-    bfl = EXPANDABLE.get(part.family)
-    if bfl is None:
+    if part.family not in EXPANDABLE:
         return False
     table = family_module(part.family).TABLE
-    return module_b == _render(table, bfl)
+    return module_b == _render(table, EXPANDABLE[part.family][0])
+
+
+def expanded_config(family: str, config: Mapping, expand: Mapping[str, int]) -> dict:
+    """The model config after input expansion (`Plan.expand`): the input-width key follows the widened layer
+    (a control LoRA makes a FLUX.1 dev config one with `in_channels` 128, as BFL's Depth/Canny models have)."""
+    config = dict(config)
+    if family in EXPANDABLE and expand:
+        key = EXPANDABLE[family][1]
+        if key in config:
+            config[key] = max(expand.values())
+    return config
 
 
 # --------------------------------------------------------------------------------------------- plan
@@ -246,10 +258,12 @@ class Plan:
         return {q: members[find(q)] for q in parent}
 
     def compute(self, params: Iterable[str], read: Callable[[str], torch.Tensor],
-                device=None) -> dict[str, torch.Tensor]:
+                device=None, into: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The patched values of `params` (whole closures), each in its original dtype.
 
-        `read(name)` gives the current tensor (a model parameter, or a tensor streamed from a file).
+        `read(name)` gives the current tensor (a model parameter, or a tensor streamed from a file). `into`:
+        tensors of the same shape and dtype the results are written into (the parameters themselves, patched
+        in place: row by row, each row block read before it is written), instead of new tensors.
         """
         wanted = set()
         for name in params:
@@ -257,7 +271,7 @@ class Plan:
         patches = [p for p in self.patches if p.params & wanted]
         if len(wanted) == 1 and all(p.part.dora is None and p.value is None for p in patches):
             name = next(iter(wanted))
-            return {name: self._by_rows(name, patches, read, device)}
+            return {name: self._by_rows(name, patches, read, device, out=(into or {}).get(name))}
         work: dict[str, torch.Tensor] = {}
         dtypes: dict[str, torch.dtype] = {}
 
@@ -278,18 +292,22 @@ class Plan:
             get(name)
         for patch in patches:
             _apply(patch, get)
+        if into:
+            return {name: into[name].copy_(work[name]) for name in sorted(wanted)}
         return {name: work[name].to(dtypes[name]) for name in sorted(wanted)}
 
-    def _by_rows(self, name: str, patches: list[Patch], read, device=None) -> torch.Tensor:
+    def _by_rows(self, name: str, patches: list[Patch], read, device=None, out=None) -> torch.Tensor:
         """One tensor whose patches all act row by row (no DoRA, no set): float32 work in a reused
-        buffer of `CHUNK` elements, written straight into the new tensor (no full-size temporaries)."""
+        buffer of `CHUNK` elements, written straight into the new tensor, or into `out` (which may be the
+        tensor read: each row block is read before it is written; no full-size temporaries)."""
         t = read(name)
         if not isinstance(t, torch.Tensor) and hasattr(t, "dequantize"):
             t = t.dequantize(F32)
         dev = device or t.device
         width = self.expand.get(name)
         shape = (t.shape[0], width) if width is not None and t.dim() == 2 else tuple(t.shape)
-        out = torch.empty(shape, dtype=t.dtype, device=dev)
+        if out is None:
+            out = torch.empty(shape, dtype=t.dtype, device=dev)
         terms = []
         for patch in patches:
             for tgt in patch.weight:

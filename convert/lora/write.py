@@ -8,7 +8,8 @@ Targets:
              so each scale is folded into B (in float32).
   kohya      `lora_unet_<bfl with _>.lora_down/up.weight` + `.alpha`; CLIP `lora_te1_`, T5 `lora_te3_`.
   comfy      `diffusion_model.<bfl>.lora_down/up.weight` + `.alpha`, `.diff`, `.diff_b` (bias deltas too),
-             `.set_weight`, `.reshape_weight`, LoKr/LoHa/DoRA keys where ComfyUI reads them;
+             `.set_weight`, `.reshape_weight`, LoKr/LoHa keys and input-axis `.dora_scale` DoRA where ComfyUI
+             reads them (an output-axis magnitude is not written: ComfyUI normalises that axis otherwise);
              `text_encoders.clip_l.transformer.` / `text_encoders.t5xxl.transformer.`.
 
 Split → fused (bfl/kohya/comfy from diffusers-named parts): A stacked and B block-diagonal (ranks may
@@ -30,9 +31,17 @@ import torch
 from ...common.errors import BadInput
 from ..table import A, B, SWAP_HALVES, Split, swap_halves
 from .formats import CLIP, FLUX, T5, Lora, Part, _split_key, family_module, load_lora, rule_name
-from .layers import F32, bias_delta, fuse_lora, split_lora, weight_delta
+from .layers import F32, bias_delta, dora_on_rows, fuse_lora, split_lora, weight_delta
 
 TARGETS = ("diffusers", "bfl", "kohya", "comfy")
+# ComfyUI's `weight_decompose` divides an output-axis DoRA magnitude by the row norms of the weight *before*
+# the patch; PEFT (`lora_magnitude_vector`) and LyCORIS (`dora_scale` [out, 1]) divide by those of the patched
+# weight. No magnitude written without the base weights gives those weights there, so such a part is not
+# written for ComfyUI (baking it with `convert --lora` is exact). The input axis ([1, in]) agrees: written.
+OUTPUT_AXIS_DORA_FOR_COMFY = (
+    "an output-axis DoRA magnitude (PEFT lora_magnitude_vector, LyCORIS dora_scale [out, 1]) has no ComfyUI form: "
+    "ComfyUI divides it by the norm of the unpatched weight, PEFT and LyCORIS by that of the patched one, so "
+    "ComfyUI would apply other weights; bake it into the model with `convert --lora` instead")
 _TEXT_PREFIX = {
     "diffusers": {CLIP: "text_encoder."},
     "bfl": {CLIP: "text_encoders.clip_l.transformer.", T5: "text_encoders.t5xxl.transformer."},
@@ -425,6 +434,9 @@ def _write_side_a(out, item, to: str, report, lora: Lora) -> None:
     if to != "comfy":
         _not_written(report, p, _lowrank_problem(p, to) or f"cannot be written as {to}")
         return
+    if p.dora is not None and p.shape is not None and dora_on_rows(p, p.shape[0]):
+        _not_written(report, p, OUTPUT_AXIS_DORA_FOR_COMFY)
+        return
     # ComfyUI reads these natively
     base = key(p.module)
     t = p.tensors
@@ -441,8 +453,6 @@ def _write_side_a(out, item, to: str, report, lora: Lora) -> None:
         for r, v in t.items():
             if r == "up_bias":
                 out[base + ".diff_b"] = (v.to(F32) * p.scale).to(_out_dtype(v))
-            elif r == "magnitude":
-                out[base + ".dora_scale"] = v.reshape(-1, 1)
             else:
                 out[f"{base}.{names.get(r, r)}"] = v
         if p.alpha is not None:

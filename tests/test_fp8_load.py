@@ -1,0 +1,87 @@
+"""fp8 stays fp8 on load: a plain fp8 file (Linear weights F8_E4M3, the rest bf16, as the published fp8
+FLUX.1 files are) and a ComfyUI scaled-fp8 file (per-tensor and per-row scales) load with their Linear weights
+in fp8 (the file's bytes, no full-precision copy), and each layer upcasts as it runs: the output equals that of
+loading the same file in the compute dtype, bitwise."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fluxbridge.convert.families import flux
+from fluxbridge.convert.load import load_model
+from fluxbridge.convert.quant import quantize_fp8
+from fluxbridge.convert.table import A, B, materialize
+from fluxbridge.headless.factory import tiny_flux_transformer
+
+E4M3 = torch.float8_e4m3fn
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def bfl_state(seed=3):
+    m = tiny_flux_transformer(width=32, heads=2, double=1, single=1, seed=seed, init_std=0.1)
+    sd = {k: v.detach() for k, v in m.state_dict().items()}
+    plan, _ = flux.TABLE.convert({k: tuple(v.shape) for k, v in sd.items()}, B, A)
+    return {k: materialize(s, sd.__getitem__).contiguous() for k, s in plan.items()}
+
+
+def write_fp8(path, scaled=False):
+    """2-D weights in fp8 (scaled: ComfyUI's `scale_weight` + `scaled_fp8` marker; per-row on linear1), the
+    rest (biases, norm scales) bf16."""
+    out = {}
+    for k, v in bfl_state().items():
+        if v.dim() == 2:
+            if scaled:
+                q, s = quantize_fp8(v, E4M3, per_row=k.startswith("single_blocks.0.linear1"))
+                out[k], out[k[:-len("weight")] + "scale_weight"] = q, s
+            else:
+                out[k] = v.to(E4M3)
+        else:
+            out[k] = v.to(torch.bfloat16)
+    if scaled:
+        out["scaled_fp8"] = torch.zeros(0, dtype=E4M3)
+    save_file(out, str(path))
+    return out
+
+
+def run(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(hidden_states=torch.randn(1, 4, 64, generator=g), encoder_hidden_states=torch.randn(1, 3, 32, generator=g),
+              pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
+              img_ids=torch.zeros(4, 3), txt_ids=torch.zeros(3, 3), guidance=torch.tensor([3.5]))
+    with torch.no_grad():
+        return model(**kw).sample
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_fp8_file_loads_in_fp8_and_computes_like_the_dequantized_load(tmp_path, scaled):
+    path = tmp_path / "flux1-dev-fp8.safetensors"
+    written = write_fp8(path, scaled)
+    kept = load_model(path, dtype=torch.float32, fp8=E4M3)
+    full = load_model(path, dtype=torch.float32)
+    m = kept.model
+    linears = {n: mod for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)}
+    assert all(mod.weight.dtype == E4M3 for mod in linears.values())  # every Linear weight: fp8 as stored
+    assert kept.report["fp8_storage"] == {"float8_e4m3fn": len(linears)}
+    assert all(p.dtype == torch.float32 for n, p in m.named_parameters() if p.dtype != E4M3)  # biases, norms
+    assert m.dtype == torch.float32  # the compute dtype, which the sampler reads
+    # the file's bytes, not a copy: q and k are row views of the one fused qkv tensor of the file
+    q, k = m.transformer_blocks[0].attn.to_q.weight, m.transformer_blocks[0].attn.to_k.weight
+    assert q.view(torch.uint8).equal(written["double_blocks.0.img_attn.qkv.weight"][:32].view(torch.uint8))
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+    assert not kept.origins.rereadable("transformer_blocks.0.attn.to_q.weight")
+    if scaled:
+        assert m.single_transformer_blocks[0].proj_mlp.weight_scale.shape == (128, 1)  # per row, split
+        assert m.x_embedder.weight_scale.shape == ()
+        assert "weight_scale" not in "".join(m.state_dict())  # not saved with the model
+    assert torch.equal(run(m), run(full.model))
+    assert all(mod.weight.dtype == E4M3 for mod in linears.values())  # still stored in fp8 afterwards
+
+
+def test_wider_file_is_cast_to_fp8_except_where_layerwise_casting_skips(tmp_path):
+    path = tmp_path / "flux1-dev.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in bfl_state().items()}, str(path))
+    m = load_model(path, dtype=torch.float32, fp8=E4M3).model
+    assert m.transformer_blocks[0].attn.to_q.weight.dtype == E4M3
+    assert m.transformer_blocks[0].norm1.linear.weight.dtype == torch.float32  # a "norm" module: kept wide
+    ref = load_model(path, dtype=torch.float32).model
+    assert torch.equal(m.transformer_blocks[0].attn.to_q.weight.float(),
+                       ref.transformer_blocks[0].attn.to_q.weight.to(E4M3).float())
