@@ -9,7 +9,8 @@ without keeping a second copy of it while the LoRA is applied (`convert.lora.app
 Three cases, per parameter:
 * a view of the file's mapping (CPU, no cast): keeping the tensor itself costs nothing (`is_view`);
 * made from the file by a plan step and a cast (a copy): read again on removal (`rereadable`), provided the
-  file has not changed since the load (size and modification time, checked when a reader opens);
+  file has not changed since the load (size and modification time, checked when a reader opens and again
+  before each read: a file written over while a LoRA is applied is refused, never read as the original);
 * anything else (GGUF blocks dequantized, fp8 kept as stored, tensors the plan did not make): not rereadable,
   and `why_not` says why; LoRA removal then keeps the original.
 """
@@ -75,26 +76,59 @@ class Origins:
 
     def reader(self) -> "Reread | str":
         """A reader of the file as it was loaded, or why there is none (the file changed or went away)."""
+        from .safetensors_io import open_weights
         try:
-            now = signature(self.path)
+            # each tensor mapped on its own while it is read: the file's pages do not stay in this process
+            raw = open_weights(self.path, whole_map=False)
         except BadInput as exc:
             return f"the model file cannot be read again ({exc.cause})"
-        if now != self.signature:
-            return "the model file changed on disk since it was loaded (size or modification time)"
-        from .quant import logical_weights
-        from .safetensors_io import open_weights
-        # each tensor mapped on its own while it is read: the file's pages do not stay in this process
-        return Reread(self, logical_weights(open_weights(self.path, whole_map=False), keep_fp8=self.keep_fp8))
+        why = self.changed(raw)
+        if why:
+            raw.close()
+            return why
+        return Reread(self, raw)
+
+    def changed(self, raw) -> str | None:
+        """Why the opened file `raw` is not the one loaded (None: it is). What is checked is the file its held
+        descriptors read (a file renamed over since still reads the old bytes there, and passes); a file mapped
+        whole (GGUF) holds none, so its path is checked."""
+        held = raw.held_files() if hasattr(raw, "held_files") else {}
+        if not held:
+            try:
+                return None if signature(self.path) == self.signature else CHANGED
+            except BadInput as exc:
+                return f"the model file cannot be read again ({exc.cause})"
+        loaded = {name: (mtime, size) for name, mtime, size in self.signature}
+        for path, st in held.items():
+            name = path.name if path == self.path else os.path.relpath(path, self.path)
+            if loaded.get(name) != (st.st_mtime_ns, st.st_size):
+                return CHANGED
+        return None
+
+
+CHANGED = "the model file changed on disk since it was loaded (size or modification time)"
 
 
 class Reread:
-    """The model file opened again; `read(name)` is the parameter as the load made it, on `device`."""
+    """The model file opened again; `read(name)` is the parameter as the load made it, on `device`.
 
-    def __init__(self, origins: Origins, source):
-        self.origins, self.source = origins, source
+    It is opened when a LoRA is applied and read when the LoRA is removed, maybe hours later. The file may
+    change on disk meanwhile: renamed over (a download, our own writer), the descriptor held here still reads
+    the old bytes; written over in place (`cp`), it would read other values, or fault past a shortened end.
+    So each read first checks the file (`Origins.changed`) and refuses (`BadInput`) rather than put other
+    values into the model."""
+
+    def __init__(self, origins: Origins, raw):
+        from .quant import logical_weights
+        self.origins, self.raw = origins, raw
+        self.source = logical_weights(raw, keep_fp8=origins.keep_fp8)
 
     def read(self, name: str, device=None) -> torch.Tensor:
         o = self.origins
+        why = o.changed(self.raw)
+        if why:
+            raise BadInput(o.path, f"{why}, while a LoRA was applied: the original {name} cannot be read "
+                                   "back from it; load the model again")
         t = as_loaded(o.steps[name], lambda n: self.source[o.names[n]], o.dtype)
         return t if device is None or t.device == torch.device(device) else t.to(device)
 

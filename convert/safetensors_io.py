@@ -285,6 +285,12 @@ class WeightFile(Mapping):
         base = torch.frombuffer(self._buffer, dtype=torch.uint8, count=1).data_ptr()
         return base <= t.data_ptr() < base + len(self._buffer)
 
+    def held_files(self) -> dict[Path, os.stat_result]:
+        """The file this object reads through a descriptor it holds open (per-tensor mappings), with the status
+        that descriptor sees now: a file renamed over since keeps its old status here (its bytes are still the
+        ones read), one written over in place shows the change. Empty when no descriptor is held."""
+        return {} if self._file is None else {self.path: os.fstat(self._file.fileno())}
+
     # -- header facts (no data read)
     def shape(self, name: str) -> torch.Size:
         return torch.Size(self._infos[name].shape)
@@ -372,6 +378,9 @@ class ShardedWeights(Mapping):
 
     def maps(self, t) -> bool:
         return any(wf.maps(t) for wf in self.shards.values())
+
+    def held_files(self) -> dict[Path, os.stat_result]:
+        return {p: st for wf in self.shards.values() for p, st in wf.held_files().items()}
 
     def shape(self, name):
         return self._where[name].shape(name)

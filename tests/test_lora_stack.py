@@ -121,6 +121,49 @@ def test_copies_are_read_again_views_are_kept_and_nothing_else_is_held(files, on
     assert_bitwise(m, snap)
 
 
+@pytest.mark.parametrize("change", ["renamed over", "written over", "cut short"])
+def test_the_model_file_changing_while_a_lora_is_applied(files, change):
+    """The originals are read back from the model file on removal, maybe long after apply. A file renamed
+    over meanwhile (a download, our own writer) is still read through the descriptor held since apply: its
+    old bytes, bitwise. A file written over in place (`cp`) or cut short is refused with BadInput naming it:
+    no other values go into the model, and what could not be restored stays patched and listed on the handle."""
+    import struct
+
+    from fluxbridge.common.errors import BadInput
+    from fluxbridge.convert.load import load_model
+    path = files["dev"]
+    loaded = load_model(path, dtype=torch.float32)  # a cast: copies, read again on removal
+    m, snap = loaded.model, state(loaded.model)
+    h = apply_loras(m, FLUX, [(load_lora(files["a"]), 1.0)], origins=loaded.origins)
+    patched, applied = [n for n, _, _ in h._originals], state(m)
+    assert h.originals["reread"] == len(patched) > 0
+    if change == "renamed over":
+        other = save_layout(tiny_flux_transformer(width=32, heads=2, double=1, single=1, seed=8,
+                                                  dtype=torch.bfloat16), path.with_name("new.safetensors"), "bfl")
+        os.replace(other, path)
+        h.remove()
+        assert_bitwise(m, snap)
+        return
+    with open(path, "r+b") as f:
+        data_start = 8 + struct.unpack("<Q", f.read(8))[0]
+        if change == "written over":
+            f.seek(data_start)
+            f.write(bytes(os.path.getsize(path) - data_start))
+        else:
+            f.truncate(data_start + 16)
+    st = os.stat(path)  # a later modification time, whatever the clock's resolution
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
+    with pytest.raises(BadInput, match="changed on disk") as err:
+        h.remove()
+    assert str(path) in str(err.value)
+    now = state(m)
+    for k, v in snap.items():  # nothing took the file's new values: restored where possible, else as applied
+        assert torch.equal(now[k], applied[k] if k in patched else v), k
+    assert h.originals["reread"] == len(patched)
+    with pytest.raises(BadInput):  # and it stays so
+        h.remove()
+
+
 def test_gguf_dequantized_originals_are_kept(tmp_path):
     pytest.importorskip("gguf")
     from gguf_flux import write_flux_gguf  # tests/helpers

@@ -107,9 +107,13 @@ class LoraHandle:
         return counts
 
     def remove(self) -> None:
-        """Put every original back on its parameter's current device (a parameter may have moved since)."""
-        failed = None
-        for name, param, original in reversed(self._originals):
+        """Put every original back on its parameter's current device (a parameter may have moved since).
+
+        An original that cannot be put back (the model file changed on disk, so it cannot be read again) is
+        left patched and stays listed here; the others are restored, then the first failure is raised."""
+        failed, left = None, []
+        for entry in reversed(self._originals):
+            name, param, original = entry
             try:
                 # The device its parameter is on now: a host may have moved the layer while the LoRA was
                 # applied (ComfyUI's partial loading and unloading move layers one by one).
@@ -120,13 +124,15 @@ class LoraHandle:
                     param.data = t if t.device == param.device else t.to(param.device)
             except Exception as exc:  # restore the others, then report the first failure
                 failed = failed or exc
+                left.append(entry)
         for h in self._hooks:
             h.remove()
         for undo in reversed(self._undo):
             undo()
-        if self._reader is not None:
+        if self._reader is not None and not left:
             self._reader.close()
-        self._originals, self._hooks, self._undo, self._reader = [], [], [], None
+            self._reader = None
+        self._originals, self._hooks, self._undo = left[::-1], [], []
         self.original_shapes = {}
         if failed is not None:
             raise failed
