@@ -121,6 +121,28 @@ def test_copies_are_read_again_views_are_kept_and_nothing_else_is_held(files, on
     assert_bitwise(m, snap)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_handles_applied_one_over_another_come_off_one_by_one(files, dtype):
+    """Two handles on one model (the library allows it; the nodes keep one per model): removing the second
+    gives back the model with the first applied, not the file's weights; then the first gives back the base.
+    Loaded in float32 the weights are copies (read again from the file), in bf16 views of the file."""
+    from fluxbridge.convert.load import load_model
+    loaded = load_model(files["dev"], dtype=dtype)
+    m, base = loaded.model, state(loaded.model)
+    first = apply_loras(m, FLUX, [(load_lora(files["a"]), 1.0)], origins=loaded.origins)
+    with_a = state(m)
+    second = apply_loras(m, FLUX, [(load_lora(files["b"]), 0.5)], origins=loaded.origins)
+    assert second.originals["kept"] == 3  # q, k, v: patched by the first; the file no longer gives them
+    assert "another LoRA handle" in second.reports[0]["applied"]["originals"]["kept_why"]
+    second.remove()
+    assert_bitwise(m, with_a)
+    first.remove()
+    assert_bitwise(m, base)
+    with apply_loras(m, FLUX, [(load_lora(files["b"]), 1.0)], origins=loaded.origins) as h:
+        assert h.originals["kept"] == 0  # the base again: read from the file as before
+    assert_bitwise(m, base)
+
+
 @pytest.mark.parametrize("change", ["renamed over", "written over", "cut short"])
 def test_the_model_file_changing_while_a_lora_is_applied(files, change):
     """The originals are read back from the model file on removal, maybe long after apply. A file renamed

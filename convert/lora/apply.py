@@ -14,8 +14,8 @@ before. What happens to the original of each patched tensor (the report's `origi
   `convert.origins`): not kept at all. The patched values are computed into the parameter's own storage
   (no memory added, and the weights stay where they were: a fresh allocation can be slower to read), and
   removal reads the original again from the file, cast as the load cast it, and writes it back there;
-* otherwise (no `origins`, GGUF blocks dequantized, the file changed on disk): kept, where it is or on
-  `originals_device`.
+* otherwise (no `origins`, GGUF blocks dequantized, the file changed on disk, a parameter that another
+  handle not yet removed has patched): kept, where it is or on `originals_device`.
 
 Quantized weights (float8 storage with upcast compute, or a GGUF-like tensor with `.dequantize`): the
 weight stays quantized; a forward hook adds the patch to the layer's output on the fly in the compute
@@ -24,6 +24,7 @@ dtype (the input's dtype): `out += (x @ Aᵀ) @ (s·B)ᵀ` for LoRA parts, `out 
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Mapping
 
 import torch
@@ -106,8 +107,14 @@ class LoraHandle:
             counts["reread" if original is READ else "file_views" if isinstance(original, _View) else "kept"] += 1
         return counts
 
+    def _hold(self, name: str, param: torch.nn.Parameter, original) -> None:
+        """Record how a parameter's original comes back; until then the model counts it as patched."""
+        self._originals.append((name, param, original))
+        _patched_by_handles(self.model)[name] += 1
+
     def remove(self) -> None:
         """Put every original back on its parameter's current device (a parameter may have moved since).
+        Handles on one model come off in the reverse order of their application.
 
         An original that cannot be put back (the model file changed on disk, so it cannot be read again) is
         left patched and stays listed here; the others are restored, then the first failure is raised."""
@@ -125,6 +132,8 @@ class LoraHandle:
             except Exception as exc:  # restore the others, then report the first failure
                 failed = failed or exc
                 left.append(entry)
+                continue
+            _patched_by_handles(self.model)[name] -= 1
         for h in self._hooks:
             h.remove()
         for undo in reversed(self._undo):
@@ -145,6 +154,14 @@ class LoraHandle:
 
 
 READ = object()  # marks an original that is read again from the model file on removal
+_PATCHED = "_fluxbridge_lora_patched"
+
+
+def _patched_by_handles(model) -> Counter:
+    """Parameter name -> how many LoRA handles not yet removed have patched it (kept on the model itself).
+    Such a parameter no longer holds what the model file gives: another handle must keep its value, not read
+    the file again on removal, or it would take the first handle's patch off with its own."""
+    return model.__dict__.setdefault(_PATCHED, Counter())
 
 
 class _Held:
@@ -259,7 +276,8 @@ def apply_loras(model: torch.nn.Module, family: str | None = None, loras=(),
                 # The file gives the originals again: patch the parameters' own storage, adding no memory
                 # and leaving the weights where they were. Recorded first: a failure half-way through is
                 # undone by reading the file again.
-                handle._originals += [(n, params[n], READ) for n in group]
+                for n in group:
+                    handle._hold(n, params[n], READ)
                 dense_plan.compute(group, lambda n: params[n].data, into={n: params[n].data for n in group})
                 continue
             for name, tensor in dense_plan.compute(group, lambda n: params[n].data).items():
@@ -288,8 +306,12 @@ def _holding(names, params, origins, handle: LoraHandle) -> tuple[dict[str, str]
     any is kept (for the report)."""
     how, why = {}, None
     reader = None
+    patched = _patched_by_handles(handle.model)
     for name in sorted(names):
         t = params[name].data
+        if patched[name]:
+            how[name], why = "kept", f"{name} carries another LoRA handle's patch (applied before, not removed)"
+            continue
         if origins is None:
             how[name], why = "kept", "the model's origins are unknown (not loaded from a file by FluxBridge)"
             continue
@@ -327,7 +349,7 @@ def _assign(handle: LoraHandle, name: str, param: torch.nn.Parameter, tensor: to
         original = _Kept(original.to(keep_on))  # `remove()` copies it back to the parameter's device
     else:
         original = _Kept(original)
-    handle._originals.append((name, param, original))
+    handle._hold(name, param, original)
     param.data = tensor
 
 
