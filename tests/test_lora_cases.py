@@ -164,6 +164,16 @@ def test_a_module_of_the_wrong_shape_is_named_and_never_used(tmp_path):
     with apply_loras(m, FLUX, [load_lora(path)]) as h:
         assert any("[60, 64]" in d["reason"] for d in h.reports[0]["not_placed"])
 
+    # baked by `convert --lora`: q keeps the base's values, and the report names it with both shapes
+    dev = save_layout(m, tmp_path / "dev.safetensors", "bfl")
+    report = convert_file(dev, tmp_path / "baked.safetensors", "diffusers", loras=[(str(path), 1.0)])
+    [lora_report] = report["components"][0]["loras"]
+    assert any("to_q" in d["key"] and "[60, 64]" in d["reason"] and "[64, 64]" in d["reason"]
+               for d in lora_report["not_placed"])
+    baked = load_file(tmp_path / "baked.safetensors")
+    assert torch.equal(baked["transformer_blocks.0.attn.to_q.weight"], m.transformer_blocks[0].attn.to_q.weight)
+    assert not torch.equal(baked["transformer_blocks.0.attn.to_k.weight"], m.transformer_blocks[0].attn.to_k.weight)
+
 
 def test_siblings_of_one_fused_module_and_even_splits(tmp_path):
     """linear1's q, k, v have as many rows as inputs (the table's "in" sizes); with no majority (one to_k

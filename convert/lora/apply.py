@@ -30,7 +30,6 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from ...common.errors import BadInput
 from ..table import swap_halves
 from .formats import CLIP, FLUX, T5, TEXT_FAMILIES, Lora, load_lora
 from .layers import bias_delta, weight_delta
@@ -234,11 +233,7 @@ def apply_loras(model: torch.nn.Module, family: str | None = None, loras=(),
         weighted.append((lora, strength))
     shapes = logical_shapes(model)
     plan = Plan(family, weighted, shapes)
-    for (lora, _), report in zip(weighted, plan.reports):
-        if report["parts"] and not report["patched"] and report["not_placed"]:
-            first = report["not_placed"][0]
-            raise BadInput(lora.path, f"none of its {report['parts']} {family} part(s) fits this model: "
-                                      f"{first['key']}: {first['reason']}")
+    plan.refuse_if_nothing_fits()
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
 
@@ -262,8 +257,8 @@ def apply_loras(model: torch.nn.Module, family: str | None = None, loras=(),
 
     dense_plan = plan.subset(dense)
     handle = LoraHandle(model, family, [
-        dict(lora.report, applied=report, not_placed=lora.not_placed + report["not_placed"])
-        for (lora, _), report in zip(weighted, plan.reports)])
+        dict(lora.report, applied=report, not_placed=plan.report(i)["not_placed"])
+        for i, ((lora, _), report) in enumerate(zip(weighted, plan.reports))])
     holding, kept_why = _holding(dense_plan.params, params, origins, handle)
     if callable(originals_device):
         originals_device = originals_device(sum(params[n].nbytes for n, how in holding.items() if how == "kept"))

@@ -11,7 +11,6 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from ...common.errors import BadInput
 from .formats import Lora, load_lora
 from .patch import Plan
 
@@ -58,7 +57,7 @@ class LoraSet:
         """
         shapes = {name: tuple(step.shape) for name, step in plan_b.items()}
         plan = self.plan(family, shapes)
-        _refuse_if_nothing_fits(self.items, plan, family)
+        plan.refuse_if_nothing_fits()
         touched = plan.params
         expanded = {name: (shapes[name][0], width) for name, width in plan.expand.items() if name in touched}
         cache: dict[str, torch.Tensor] = {}
@@ -71,7 +70,7 @@ class LoraSet:
                 cache.update(plan.compute([name], get_b))
             return cache.pop(name)
 
-        return getter, [r for r in plan.reports if r["parts"]], expanded
+        return getter, [plan.report(i) for i, r in enumerate(plan.reports) if r["parts"]], expanded
 
 
 def patch_tensors(loras, family: str, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -83,17 +82,9 @@ def patch_tensors(loras, family: str, weights: Mapping[str, torch.Tensor]) -> di
     items = [(load_lora(x[0]), float(x[1])) if isinstance(x, tuple) else (load_lora(x), 1.0) for x in loras]
     shapes = {k: tuple(v.shape) for k, v in weights.items()}
     plan = Plan(family, items, shapes, allow_expand=False)
-    _refuse_if_nothing_fits(items, plan, family)
+    plan.refuse_if_nothing_fits()
     out = {}
     for group in plan.closures():
         out.update(plan.compute(group, weights.__getitem__))
     return out
 
-
-def _refuse_if_nothing_fits(items, plan: Plan, family: str) -> None:
-    """A LoRA with parts for this family of which none fits (another width, another model) would bake
-    nothing: `BadInput`, as the LoRA loader node refuses it."""
-    for (lora, _), report in zip(items, plan.reports):
-        if report["parts"] and not report["patched"] and report["not_placed"]:
-            first = report["not_placed"][0]
-            raise BadInput(lora.path, f"none of its {family} parts fits: {first['key']}: {first['reason']}")

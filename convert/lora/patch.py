@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
+from ...common.errors import BadInput
 from ..table import A, B, SWAP_HALVES, Split, swap_halves
 from .formats import Lora, Part, family_module, rule_name
 from .layers import bias_delta, dora_weight, weight_delta
@@ -181,7 +182,9 @@ class Plan:
 
     def __init__(self, family: str, loras: Iterable[tuple[Lora, float]], shapes: Mapping[str, tuple],
                  allow_expand: bool = True):
+        loras = list(loras)
         self.family = family
+        self.loras = [lora for lora, _ in loras]
         self.patches: list[Patch] = []
         self.reports: list[dict] = []
         self.expand: dict[str, int] = {}
@@ -206,6 +209,21 @@ class Plan:
                     self.expand[name] = max(width, self.expand.get(name, 0))
             report["patched"] = sorted(modules)
             self.reports.append(report)
+
+    def report(self, i: int) -> dict:
+        """LoRA `i`'s report, its `not_placed` led by the keys its file itself could not place (unknown
+        modules, broken adapters, shapes its siblings disagree with), then those that fit no tensor here."""
+        report = self.reports[i]
+        return dict(report, not_placed=list(self.loras[i].not_placed) + report["not_placed"])
+
+    def refuse_if_nothing_fits(self) -> None:
+        """BadInput for a LoRA that has parts for this family, none of which fits this model (another width,
+        another model): applying or baking it would change nothing."""
+        for lora, report in zip(self.loras, self.reports):
+            if report["parts"] and not report["patched"] and report["not_placed"]:
+                first = report["not_placed"][0]
+                raise BadInput(lora.path, f"none of its {self.family} parts fits this model ({report['parts']} "
+                                          f"part(s)): {first['key']}: {first['reason']}")
 
     def subset(self, patches: list[Patch]) -> "Plan":
         """The same plan restricted to some of its patches (order kept)."""
