@@ -49,9 +49,17 @@ def bias_delta(part: Part, rows: tuple[int, int] | None = None, device="cpu") ->
     return None
 
 
-def dora_weight(part: Part, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """The DoRA weight m·(W+ΔW)/‖W+ΔW‖ (float32, source layout) of `weight` patched with `delta` (= scale·ΔW),
-    the norm taken on the magnitude's axis as the trainers that write it take it: PEFT's
+def fit_inputs(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A delta narrower than a widened weight (control LoRA) is zero-padded on the input side."""
+    if delta.dim() == 2 and delta.shape[1] < weight.shape[1]:
+        return torch.cat([delta, delta.new_zeros(delta.shape[0], weight.shape[1] - delta.shape[1])], 1)
+    return delta
+
+
+def dora_weight(part: Part, weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """`weight` (float32, in the part's own layout: a fused module whole, BFL row halves) with a DoRA part
+    applied: m·(W+ΔW)/‖W+ΔW‖ (ΔW = scale·ΔW of the part), interpolated from W by `strength` as ComfyUI and
+    InvokeAI do. The norm is taken on the magnitude's axis as the trainers that write it take it: PEFT's
     `lora_magnitude_vector` [out] and LyCORIS' `dora_scale` [out, 1] (`wd_on_output`) scale the rows, the norm
     runs over each row's inputs; a `dora_scale` [1, in] (LyCORIS, kohya, OneTrainer) scales the columns.
 
@@ -61,11 +69,13 @@ def dora_weight(part: Part, weight: torch.Tensor, delta: torch.Tensor) -> torch.
     row or column gives zeros, not NaN (PEFT adds none: a zero row is NaN there); elsewhere they agree.
     """
     eps = torch.finfo(F32).eps
-    merged = weight + delta
+    merged = weight + fit_inputs(weight_delta(part, None, weight.device), weight)
     m = part.dora.to(device=weight.device, dtype=F32)
     if dora_on_rows(part, merged.shape[0]):
-        return merged * (m.reshape(-1, 1) / (merged.norm(p=2, dim=1, keepdim=True) + eps))
-    return merged * (m.reshape(1, -1) / (merged.norm(p=2, dim=0, keepdim=True) + eps))
+        new = merged * (m.reshape(-1, 1) / (merged.norm(p=2, dim=1, keepdim=True) + eps))
+    else:
+        new = merged * (m.reshape(1, -1) / (merged.norm(p=2, dim=0, keepdim=True) + eps))
+    return new if strength == 1 else weight + strength * (new - weight)
 
 
 def dora_on_rows(part: Part, rows: int) -> bool:

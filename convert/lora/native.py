@@ -37,8 +37,8 @@ import torch
 
 from ..table import A, B, SWAP_HALVES, Split, swap_halves
 from .formats import CLIP, FLUX, T5, Lora, Part, family_module
-from .layers import dora_weight, weight_delta
-from .patch import EXPANDABLE, MAX_EXPAND, _fit
+from .layers import bias_delta, dora_weight
+from .patch import may_widen
 
 F32 = torch.float32
 # Where each family's tensors sit in ComfyUI's native objects (the MODEL's and the Flux CLIP's state dicts).
@@ -182,7 +182,7 @@ def _part_patches(part: Part, prefix: str, shapes, widths: dict) -> list[NativeP
         want = tuple(int(x) for x in part.tensors["shape"].flatten().tolist())
         if want == tuple(have):
             return []
-        if not _may_widen(part, name, have, want):
+        if not may_widen(part.family, name[len(prefix):], A, have, want):
             return f"cannot reshape {weight_key} from {list(have)} to {list(want)}"
         widths[weight_key] = max(want[1], widths.get(weight_key, 0))
         return []
@@ -192,7 +192,7 @@ def _part_patches(part: Part, prefix: str, shapes, widths: dict) -> list[NativeP
         want = tuple(part.shape) if part.shape is not None else (part.out_features,)  # 1-D: a norm difference
         target = (n_rows,) + tuple(have[1:])
         if want != target:
-            if len(want) == 2 and want[0] == n_rows and _may_widen(part, name, have, want):
+            if want[0] == n_rows and may_widen(part.family, name[len(prefix):], A, have, want):
                 widths[weight_key] = max(want[1], widths.get(weight_key, 0))
             else:
                 return f"shape mismatch: {part.module} gives {list(want)}, the model's " \
@@ -206,21 +206,12 @@ def _part_patches(part: Part, prefix: str, shapes, widths: dict) -> list[NativeP
         if part.out_features != n_rows or tuple(bias) != (have[0],):
             return f"shape mismatch: bias delta of {part.module} has {part.out_features} rows, the model's " \
                    f"{_rows_of(bias_key, rows)} has {n_rows}"
-        t = part.tensors
-        delta = t["up_bias"].to(F32) * part.scale if "up_bias" in t else t["diff_b"]
-        out.append(NativePatch(bias_key, rows, swap, "diff", (delta,)))
+        out.append(NativePatch(bias_key, rows, swap, "diff", (bias_delta(part),)))
     return out
 
 
 def _rows_of(key: str, rows) -> str:
     return f"{key} rows {rows[0]}:{rows[0] + rows[1]}" if rows else key
-
-
-def _may_widen(part: Part, name: str, have, want) -> bool:
-    """A control LoRA may widen the input of one layer (img_in), within bounds (as `patch.resolve` allows)."""
-    module = EXPANDABLE.get(part.family, (None,))[0]
-    return (module is not None and name.endswith("." + module) and len(have) == 2 and len(want) == 2
-            and want[0] == have[0] and have[1] < want[1] <= MAX_EXPAND * have[1])
 
 
 def _weight_patch(part: Part, key: str, rows, swap: bool) -> NativePatch:
@@ -265,9 +256,6 @@ def dora_update(weight: torch.Tensor, part: Part, strength: float, swap: bool = 
     on the magnitude's own axis, as `Plan.compute` does on diffusers models (`layers.dora_weight`). `swap`: the
     weight is BFL `final_layer.adaLN_modulation.1` and the part speaks of `norm_out.linear` (halves swapped)."""
     w = weight.to(F32)
-    src = swap_halves(w) if swap else w
-    new = dora_weight(part, src, _fit(weight_delta(part, None, w.device), src))
-    if strength != 1:
-        new = src + strength * (new - src)
+    new = dora_weight(part, swap_halves(w) if swap else w, strength)
     weight.copy_((swap_halves(new) if swap else new).to(weight.dtype))
     return weight

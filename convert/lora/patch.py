@@ -19,7 +19,7 @@ import torch
 from ...common.errors import BadInput
 from ..table import A, B, SWAP_HALVES, Split, swap_halves
 from .formats import Lora, Part, family_module, rule_name
-from .layers import bias_delta, dora_weight, weight_delta
+from .layers import bias_delta, dora_weight, fit_inputs, weight_delta
 
 F32 = torch.float32
 # The module whose input width a control LoRA may widen (BFL name; diffusers zero-pads it the same way), and
@@ -116,8 +116,7 @@ def resolve(part: Part, shapes: Mapping[str, tuple], allow_expand: bool = True) 
             return f"not in this model: {mods[0][0]}"
         if want == have:
             return patch  # nothing to do
-        if not (allow_expand and _expandable(part, mods[0][0]) and len(want) == 2 and want[0] == have[0]
-                and have[1] < want[1] <= MAX_EXPAND * have[1]):
+        if not (allow_expand and may_widen(part.family, mods[0][0], B, have, want)):
             return f"cannot reshape {mods[0][0]} from {list(have)} to {list(want)}"
         patch.expand[name] = want[1]
         return patch
@@ -134,8 +133,7 @@ def resolve(part: Part, shapes: Mapping[str, tuple], allow_expand: bool = True) 
                 return f"not in this model: {mod}"
             want = (n_rows, src[1]) if src is not None else (n_rows,)
             if have != want:
-                if (allow_expand and _expandable(part, mod) and len(have) == 2 and len(want) == 2
-                        and have[0] == want[0] and have[1] < want[1] <= MAX_EXPAND * have[1]):
+                if allow_expand and may_widen(part.family, mod, B, have, want):
                     patch.expand[name] = want[1]
                 else:
                     return (f"shape mismatch: {part.module} gives {list(src or want)}, "
@@ -157,11 +155,17 @@ def _render(table, name_a: str) -> str:
     return table.render(m, B, 0)
 
 
-def _expandable(part: Part, module_b: str) -> bool:
-    if part.family not in EXPANDABLE:
+def may_widen(family: str, module: str, side: str, have, want) -> bool:
+    """Whether a control LoRA may widen `module` (named on `side` of the table) from shape `have` to `want`:
+    only the family's expandable input layer, the same rows, more inputs but at most MAX_EXPAND times as
+    many."""
+    if family not in EXPANDABLE:
         return False
-    table = family_module(part.family).TABLE
-    return module_b == _render(table, EXPANDABLE[part.family][0])
+    name = EXPANDABLE[family][0]
+    if side == B:
+        name = _render(family_module(family).TABLE, name)
+    return (module == name and len(have) == len(want) == 2 and want[0] == have[0]
+            and have[1] < want[1] <= MAX_EXPAND * have[1])
 
 
 def expanded_config(family: str, config: Mapping, expand: Mapping[str, int]) -> dict:
@@ -410,13 +414,6 @@ class _RowTerm:
             w[off:off + ln, :cols].addmm_(up, self.down, alpha=self.alpha)
 
 
-def _fit(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """A delta narrower than an expanded weight is zero-padded on the input side."""
-    if delta.dim() == 2 and delta.shape[1] < weight.shape[1]:
-        return torch.cat([delta, delta.new_zeros(delta.shape[0], weight.shape[1] - delta.shape[1])], 1)
-    return delta
-
-
 def _apply(patch: Patch, get: Callable[[str], torch.Tensor]) -> None:
     """One patch on the float32 working tensors (in place)."""
     part, s = patch.part, patch.strength
@@ -432,16 +429,13 @@ def _apply(patch: Patch, get: Callable[[str], torch.Tensor]) -> None:
             d = weight_delta(part, t.rows, w.device)
             if t.swap:
                 d = swap_halves(d)
-            w.add_(_fit(d, w), alpha=s)
+            w.add_(fit_inputs(d, w), alpha=s)
     elif patch.weight:
         # DoRA normalises over the whole source module: assemble it (rows in source order, halves back in
-        # BFL order), compute, interpolate by strength (ComfyUI / InvokeAI convention), scatter back.
+        # BFL order), compute, scatter back.
         parts = [get(t.param) for t in patch.weight]
         src = torch.cat([swap_halves(w) if t.swap else w for w, t in zip(parts, patch.weight)], 0)
-        d = _fit(weight_delta(part, None, src.device), src)
-        new = dora_weight(part, src, d)
-        if s != 1:
-            new = src + s * (new - src)
+        new = dora_weight(part, src, s)
         start = 0
         for w, t in zip(parts, patch.weight):
             n = w.shape[0]
