@@ -23,6 +23,7 @@ COMFY_PREFIX = ""
 ORIGINAL_LAYOUT = "comfy"  # ComfyUI's standalone clip_l.safetensors has the original HF names
 PREFIXES = ("", "text_encoders.clip_l.transformer.", "cond_stage_model.transformer.",
             "conditioner.embedders.0.transformer.", "clip_l.")
+NATIVE_PREFIX = "clip_l.transformer."  # where ComfyUI's native Flux CLIP holds these tensors (its state dict)
 
 FLATTENED_SINCE = (5, 6)
 

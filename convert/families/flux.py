@@ -13,6 +13,7 @@ from ..table import A, B, SWAP_HALVES, Rule, Split, Table
 FAMILY = "flux-transformer"
 COMFY_PREFIX = "model.diffusion_model."
 PREFIXES = ("", "model.diffusion_model.", "diffusion_model.")
+NATIVE_PREFIX = "diffusion_model."  # where ComfyUI's native MODEL holds these tensors (its state dict)
 
 _D, _S = "double_blocks.{i}.", "transformer_blocks.{i}."
 _SB, _SS = "single_blocks.{i}.", "single_transformer_blocks.{i}."

@@ -20,6 +20,7 @@ FAMILY = "t5-xxl"
 COMFY_PREFIX = ""
 ORIGINAL_LAYOUT = "comfy"  # ComfyUI's t5xxl_*.safetensors: the HF names, `shared.weight` only
 PREFIXES = ("", "text_encoders.t5xxl.transformer.")
+NATIVE_PREFIX = "t5xxl.transformer."  # where ComfyUI's native Flux CLIP holds these tensors (its state dict)
 
 TIED = {"encoder.embed_tokens.weight": "shared.weight"}  # b-side alias -> owner; needs no file tensor
 

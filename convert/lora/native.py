@@ -41,8 +41,6 @@ from .layers import bias_delta, dora_weight
 from .patch import may_widen
 
 F32 = torch.float32
-# Where each family's tensors sit in ComfyUI's native objects (the MODEL's and the Flux CLIP's state dicts).
-NATIVE_PREFIXES = {FLUX: ("diffusion_model.",), CLIP: ("clip_l.transformer.",), T5: ("t5xxl.transformer.",)}
 NAMES = {FLUX: "transformer", CLIP: "CLIP-L", T5: "T5-XXL"}
 
 
@@ -86,12 +84,11 @@ class NativePlan:
 
 
 def native_prefix(family: str, keys) -> str | None:
-    """The prefix under which a native state dict holds this family's tensors (None: it holds none)."""
-    table = family_module(family).TABLE
-    for prefix in NATIVE_PREFIXES[family]:
-        if any(k.startswith(prefix) and table.match(k[len(prefix):], A) for k in keys):
-            return prefix
-    return None
+    """The prefix under which a native state dict holds this family's tensors (the family's `NATIVE_PREFIX`;
+    None: it holds none)."""
+    family = family_module(family)
+    prefix = family.NATIVE_PREFIX
+    return prefix if any(k.startswith(prefix) and family.TABLE.match(k[len(prefix):], A) for k in keys) else None
 
 
 def native_plan(lora: Lora, families, shapes: Mapping[str, tuple]) -> NativePlan:
