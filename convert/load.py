@@ -24,7 +24,6 @@ import torch
 from ..common.errors import BadInput
 from .detect import Component, components, pick, what_it_holds
 from .lora.formats import looks_like_lora
-from .families import FAMILIES
 from .table import A, B, materialize
 from .safetensors_io import open_weights
 from .origins import Origins, as_loaded, signature

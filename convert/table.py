@@ -14,7 +14,7 @@ fused weight's input width), so the same table serves any width and depth.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 import torch
