@@ -11,6 +11,8 @@ baking path of `convert --lora` both call it, so they give identical tensors.
 """
 from __future__ import annotations
 
+import copy
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
@@ -19,6 +21,7 @@ import torch
 from ...common.errors import BadInput
 from ..table import A, B, SWAP_HALVES, Split, swap_halves
 from .formats import Lora, Part, family_module, rule_name
+from .groups import Groups
 from .layers import bias_delta, dora_weight, fit_inputs, weight_delta
 
 F32 = torch.float32
@@ -192,7 +195,6 @@ class Plan:
         self.patches: list[Patch] = []
         self.reports: list[dict] = []
         self.expand: dict[str, int] = {}
-        self._group_of = None
         for i, (lora, strength) in enumerate(loras):
             report = {"name": lora.name, "format": lora.format, "strength": strength, "patched": [],
                       "not_placed": [], "zero_filled": lora.zero_filled(family), "parts": 0}
@@ -231,53 +233,38 @@ class Plan:
 
     def subset(self, patches: list[Patch]) -> "Plan":
         """The same plan restricted to some of its patches (order kept)."""
-        other = object.__new__(Plan)
-        other.__dict__.update(self.__dict__)
+        other = copy.copy(self)
         other.patches = list(patches)
-        other._group_of = None
+        other.__dict__.pop("_closure", None)
         return other
 
     @property
     def params(self) -> set[str]:
         return set().union(*(p.params for p in self.patches)) if self.patches else set()
 
-    def closures(self, params: Iterable[str] | None = None) -> list[list[str]]:
-        """Groups of parameters that must be computed together (a DoRA part over a fused module reads all
+    def closures(self) -> list[list[str]]:
+        """The parameters in groups that must be computed together (a DoRA part over a fused module reads all
         of its targets); every other parameter is a group of its own."""
-        if getattr(self, "_group_of", None) is None:
-            self._group_of = self._groups()
-        wanted = set(self._group_of) if params is None else set(params)
-        groups: dict[int, list[str]] = {}
-        for q in sorted(wanted):
-            g = self._group_of.get(q)
-            groups.setdefault(id(g) if g is not None else id(q), []).append(q)
-        return list(groups.values())
+        return list({id(c): c for c in self._closure.values()}.values())
 
     def closure_of(self, name: str) -> list[str]:
-        if getattr(self, "_group_of", None) is None:
-            self._group_of = self._groups()
-        return list(self._group_of.get(name, [name]))
+        return list(self._closure.get(name, [name]))
 
-    def _groups(self) -> dict[str, list[str]]:
-        parent: dict[str, str] = {}
-
-        def find(x):
-            while parent.setdefault(x, x) != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
+    @functools.cached_property
+    def _closure(self) -> dict[str, list[str]]:
+        """Parameter -> its group (sorted), one list object per group."""
+        groups = Groups()
         for p in self.patches:
-            ps = sorted(p.params)
-            for q in ps:
-                find(q)
+            names = sorted(p.params)
             if p.part.dora is not None:
-                for q in ps[1:]:
-                    parent[find(q)] = find(ps[0])
-        members: dict[str, list[str]] = {}
-        for q in sorted(parent):
-            members.setdefault(find(q), []).append(q)
-        return {q: members[find(q)] for q in parent}
+                groups.join(*names)
+            else:
+                for q in names:
+                    groups.find(q)
+        members: dict = {}
+        for q in sorted(groups):
+            members.setdefault(groups.find(q), []).append(q)
+        return {q: members[groups.find(q)] for q in sorted(groups)}
 
     def compute(self, params: Iterable[str], read: Callable[[str], torch.Tensor],
                 device=None, into: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

@@ -14,32 +14,20 @@ from collections import Counter
 
 from ..families import FAMILIES
 from ..table import B, Split
+from .groups import Groups
 
 
 def check_siblings(parts: list) -> tuple[list, list[dict]]:
     """(the parts (`formats.Part`) that agree with their siblings, not-placed entries for those that do not)."""
     slots = {id(p): _slot(p) for p in parts}
-    parent: dict = {}
-
-    def find(x):
-        while parent.setdefault(x, x) != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
+    groups = Groups()  # a part, its template and its equal-rows group: one class of siblings
     for p in parts:
-        slot = slots[id(p)]
-        if slot is None:
-            continue
-        template, group = slot
-        find(id(p))
-        parent[find(template)] = find(id(p))
-        if group is not None:
-            parent[find(group)] = find(id(p))
+        if slots[id(p)] is not None:
+            groups.join(id(p), *(key for key in slots[id(p)] if key is not None))
     classes: dict = {}
     for p in parts:
         if slots[id(p)] is not None:
-            classes.setdefault(find(id(p)), []).append(p)
+            classes.setdefault(groups.find(id(p)), []).append(p)
 
     refused: dict[int, str] = {}
     for members in classes.values():
