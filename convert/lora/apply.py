@@ -242,8 +242,7 @@ def apply_loras(model: torch.nn.Module, family: str | None = None, loras=(),
         if any(is_quantized(params[p]) for p in patch.params):
             problem = _hook_problem(patch)
             if problem:
-                plan.reports[patch.lora]["not_placed"].append(
-                    {"key": patch.part.keys[0] if patch.part.keys else patch.part.module, "reason": problem})
+                plan.reports[patch.lora]["not_placed"].append({"key": patch.part.key, "reason": problem})
                 continue
             hooked.append(patch)
         else:

@@ -83,6 +83,11 @@ class Part:
     convention: str = "1"  # how scale was found: "alpha/rank", "alpha/sqrt(rank)" (rsLoRA) or "1"
 
     @property
+    def key(self) -> str:
+        """The name reports give this part by: its first key in the file (its module when it has none)."""
+        return self.keys[0] if self.keys else self.module
+
+    @property
     def dora(self) -> torch.Tensor | None:
         return self.tensors.get("dora_scale", self.tensors.get("magnitude"))
 

@@ -96,8 +96,8 @@ def native_plan(lora: Lora, families, shapes: Mapping[str, tuple]) -> NativePlan
     for the parts of `families` (the transformer; CLIP-L and T5 for a Flux CLIP).
 
     report: {"format", "parts", "patched" (native modules, rows of fused ones), "zero_filled" (fused modules
-    the LoRA covers only in part), "not_placed" [{key, reason}] (the file's unusable keys and the parts that
-    fit no tensor here)}.
+    the LoRA covers only in part), "not_placed" [{key, reason}] (the parts that fit no tensor here; the keys
+    the file itself could not place are `lora.not_placed`)}.
     """
     plan = NativePlan(report={"name": lora.name, "format": lora.format, "parts": 0, "patched": [],
                               "zero_filled": [], "not_placed": []})
@@ -111,15 +111,14 @@ def native_plan(lora: Lora, families, shapes: Mapping[str, tuple]) -> NativePlan
         prefix = native_prefix(family, shapes)
         if prefix is None:
             for part in parts:
-                plan.report["not_placed"].append({"key": _key(part),
-                                                  "reason": f"this model has no {NAMES[family]}"})
+                plan.report["not_placed"].append({"key": part.key, "reason": f"this model has no {NAMES[family]}"})
             continue
         plan.report["zero_filled"] += lora.zero_filled(family)
         widths: dict[str, int] = {}
         for part in parts:
             made = _part_patches(part, prefix, shapes, widths)
             if isinstance(made, str):
-                plan.report["not_placed"].append({"key": _key(part), "reason": made})
+                plan.report["not_placed"].append({"key": part.key, "reason": made})
             else:
                 body += made
         for key, width in widths.items():
@@ -128,10 +127,6 @@ def native_plan(lora: Lora, families, shapes: Mapping[str, tuple]) -> NativePlan
     plan.patches = pads + body
     plan.report["patched"] = sorted({p.module for p in body})
     return plan
-
-
-def _key(part: Part) -> str:
-    return part.keys[0] if part.keys else part.module
 
 
 # ----------------------------------------------------------------------------------------- one part

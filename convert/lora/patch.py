@@ -203,8 +203,7 @@ class Plan:
                 report["parts"] += 1
                 patch = resolve(part, shapes, allow_expand)
                 if isinstance(patch, str):
-                    report["not_placed"].append({"key": part.keys[0] if part.keys else part.module,
-                                                 "reason": patch})
+                    report["not_placed"].append({"key": part.key, "reason": patch})
                     continue
                 if not patch.params:
                     continue

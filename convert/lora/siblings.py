@@ -50,7 +50,7 @@ def check_siblings(parts: list) -> tuple[list, list[dict]]:
             if width_problem and id(p) not in refused:
                 refused[id(p)] = width_problem
     kept = [p for p in parts if id(p) not in refused]
-    not_placed = [{"key": p.keys[0] if p.keys else p.module, "reason": refused[id(p)]}
+    not_placed = [{"key": p.key, "reason": refused[id(p)]}
                   for p in parts if id(p) in refused]
     return kept, not_placed
 
