@@ -13,6 +13,7 @@ from fluxbridge.convert.table import A, B, materialize
 from fluxbridge.headless.factory import tiny_flux_transformer
 
 E4M3 = torch.float8_e4m3fn
+FLUX = "flux-transformer"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -85,3 +86,34 @@ def test_wider_file_is_cast_to_fp8_except_where_layerwise_casting_skips(tmp_path
     ref = load_model(path, dtype=torch.float32).model
     assert torch.equal(m.transformer_blocks[0].attn.to_q.weight.float(),
                        ref.transformer_blocks[0].attn.to_q.weight.to(E4M3).float())
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_lora_on_fp8_storage_computes_like_the_lora_on_the_dequantized_load(tmp_path, scaled):
+    """A LoRA on fp8 storage runs as forward hooks beside the upcast layers: the model's output equals that
+    of the dequantized load with the same LoRA applied to its weights (float32 rounding apart, the hook adds
+    x·ΔWᵀ instead of folding ΔW into W), the fp8 bytes stay as stored, and removal gives the output back
+    bitwise. Kohya keys on a fused qkv, linear1 (q, k, v and the MLP rows) and the swapped final layer."""
+    from fluxbridge.convert.lora import apply_loras, load_lora
+    path = tmp_path / "flux1-dev-fp8.safetensors"
+    write_fp8(path, scaled)
+    g = torch.Generator().manual_seed(7)
+    sd = {}
+    for module, (out, inp) in {"double_blocks_0_img_attn_qkv": (96, 32), "single_blocks_0_linear1": (224, 32),
+                               "final_layer_adaLN_modulation_1": (64, 32)}.items():
+        sd[f"lora_unet_{module}.lora_down.weight"] = torch.randn(4, inp, generator=g) * 0.3
+        sd[f"lora_unet_{module}.lora_up.weight"] = torch.randn(out, 4, generator=g) * 0.3
+        sd[f"lora_unet_{module}.alpha"] = torch.tensor(2.0)
+    lora = load_lora(sd, name="kohya")
+    kept = load_model(path, dtype=torch.float32, fp8=E4M3)
+    full = load_model(path, dtype=torch.float32)
+    bytes_before, before = {k: v.clone() for k, v in kept.model.state_dict().items()}, run(kept.model)
+    with apply_loras(full.model, FLUX, [(lora, 0.8)], origins=full.origins):
+        want = run(full.model)
+    with apply_loras(kept.model, FLUX, [(lora, 0.8)], origins=kept.origins) as h:
+        assert h.reports[0]["applied"]["mode"] == {"dense": 0, "hook": 3}  # every part: its layers are fp8
+        got = run(kept.model)
+        assert all(torch.equal(v, bytes_before[k]) for k, v in kept.model.state_dict().items())
+    assert not torch.allclose(want, before, atol=1e-3)  # the LoRA changes the output ...
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # ... and the hooks change it alike
+    assert torch.equal(run(kept.model), before)
