@@ -147,7 +147,8 @@ class LoadLoRA(io.ComfyNode):
             display_name="FluxBridge Load LoRA",
             category=LOADERS,
             description="Adds a LoRA (any Flux format) to the transformer's and the text encoders' LoRA stacks. "
-                        "The weights are patched only while a sampler or text encoder runs, then restored.",
+                        "The weights are patched when a sampler or text encoder uses the stack, and stay patched "
+                        "until a use with another stack (or none) restores them, bitwise.",
             inputs=[
                 TRANSFORMER.Input("transformer"),
                 io.Combo.Input("lora_name", options=files("loras")),
