@@ -66,7 +66,7 @@ class NativeLoRA(io.ComfyNode):
 
         patched = report["patched"] + (text.report["patched"] if text else [])
         zero = report["zero_filled"] + (text.report["zero_filled"] if text else [])
-        not_placed = list(lora.not_placed) + report["not_placed"] + (text.report["not_placed"] if text else [])
+        not_placed = report["not_placed"] + (text.report["not_placed"] if text else [])
         summary, payload = lora_summary(lora_name, lora, patched, zero, not_placed, strength_model=strength_model,
                                         strength_clip=strength_clip)
         return io.NodeOutput(model, clip, ui=ui(summary + lines, payload))

@@ -700,11 +700,12 @@ def open_lora(path):
 
 
 def lora_report(module, family: str, lora, strength: float) -> dict:
-    """What applying `lora` to the base `module` would do (format, patched modules, zero-filled, not placed),
-    worked out from the parameter shapes without touching the weights."""
+    """What applying `lora` to the base `module` would do (format, patched modules, zero-filled, and the parts
+    that fit no tensor of this module), worked out from the parameter shapes without touching the weights.
+    The file's own unusable keys (`lora.not_placed`) are not repeated here: they are the file's, whichever
+    models it is planned on."""
     from ..convert.lora.patch import Plan
-    report = Plan(family, [(lora, float(strength))], base_shapes(module)).reports[0]
-    return dict(report, not_placed=list(lora.not_placed) + list(report["not_placed"]))
+    return Plan(family, [(lora, float(strength))], base_shapes(module)).reports[0]
 
 
 # ------------------------------------------------------------------------------------------ checks
