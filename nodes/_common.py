@@ -49,6 +49,20 @@ def refuse_if_nothing_fits(lora_name: str, report: dict, placed, what: str) -> N
         raise BadInput(lora_name, f"none of the LoRA's {report['parts']} {what}: {first['key']}: {first['reason']}")
 
 
+def lora_summary(lora_name: str, lora, patched: list, zero_filled: list, not_placed: list,
+                 **strengths) -> tuple[list[str], dict]:
+    """(UI lines, payload) of a LoRA node: its format, how many modules it patched and zero-filled, and what
+    it did not place (the file's unusable keys, once, then `not_placed`: the parts that fit none of the models;
+    the first five shown with the reason). `strengths` go into the payload by name."""
+    not_placed = list(lora.not_placed) + list(not_placed)
+    lines = [f"{lora_name}: format {lora.format}; patched {len(patched)} module(s), zero-filled "
+             f"{len(zero_filled)}, not placed {len(not_placed)}"]
+    lines += [f"not placed: {n['key']}: {n['reason']}" for n in not_placed[:5]]
+    payload = {"name": lora_name, "format": lora.format, **strengths, "patched": patched,
+               "zero_filled": zero_filled, "not_placed": not_placed}
+    return lines, payload
+
+
 def files(kind: str) -> list:
     """Combo choices: the model files and folders of one kind (empty when none)."""
     try:

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from ..runtime import host, models
-from ._common import (CATEGORY, REDUX, TEXT_ENCODERS, TRANSFORMER, VAE, checked, files, io, name_errors,
-                      refuse_if_nothing_fits, ui)
+from ._common import (CATEGORY, REDUX, TEXT_ENCODERS, TRANSFORMER, VAE, checked, files, io, lora_summary,
+                      name_errors, refuse_if_nothing_fits, ui)
 
 LOADERS = CATEGORY + "/loaders"
 
@@ -147,7 +147,8 @@ class LoadLoRA(io.ComfyNode):
             display_name="FluxBridge Load LoRA",
             category=LOADERS,
             description="Adds a LoRA (any Flux format) to the transformer's and the text encoders' LoRA stacks. "
-                        "The weights are patched only while a sampler or text encoder runs, then restored.",
+                        "The weights are patched when a sampler or text encoder uses the stack, and stay patched "
+                        "until a use with another stack (or none) restores them, bitwise.",
             inputs=[
                 TRANSFORMER.Input("transformer"),
                 io.Combo.Input("lora_name", options=files("loras")),
@@ -168,7 +169,7 @@ class LoadLoRA(io.ComfyNode):
         strength_model, strength_text = checked(cls, strength_model=strength_model, strength_text=strength_text)
         path = host.model_path("loras", lora_name)
         lora = models.open_lora(path)
-        lines, notes = [], []
+        notes = []
         report = models.lora_report(transformer.module, transformer.family, lora, strength_model)
         refuse_if_nothing_fits(lora_name, report, report["patched"],
                                f"transformer part(s) fits the transformer {transformer.name!r}")
@@ -187,14 +188,10 @@ class LoadLoRA(io.ComfyNode):
 
         not_placed = list(report["not_placed"]) + [n for r in text_reports.values() for n in r["not_placed"]]
         patched = list(report["patched"]) + [f"{fam}: {m}" for fam, r in text_reports.items() for m in r["patched"]]
-        payload = {"name": lora_name, "format": lora.format, "strength_model": strength_model,
-                   "strength_text": strength_text, "patched": patched, "zero_filled": report["zero_filled"],
-                   "not_placed": not_placed, "stack": [e.name for e in transformer.loras]}
-        lines.append(f"{lora_name}: format {lora.format}; patched {len(patched)} module(s), zero-filled "
-                     f"{len(report['zero_filled'])}, not placed {len(not_placed)}")
-        lines += [f"not placed: {n['key']}: {n['reason']}" for n in not_placed[:5]]
-        lines += notes
-        return io.NodeOutput(transformer, text_encoders, ui=ui(lines, payload))
+        lines, payload = lora_summary(lora_name, lora, patched, report["zero_filled"], not_placed,
+                                      strength_model=strength_model, strength_text=strength_text)
+        payload["stack"] = [e.name for e in transformer.loras]
+        return io.NodeOutput(transformer, text_encoders, ui=ui(lines + notes, payload))
 
 
 class LoadRedux(io.ComfyNode):

@@ -4,7 +4,7 @@ backs up and restores; its own builder makes the model), so they mix with native
 from __future__ import annotations
 
 from ..runtime import host, models
-from ._common import CATEGORY, checked, files, io, name_errors, refuse_if_nothing_fits, ui
+from ._common import CATEGORY, checked, files, io, lora_summary, name_errors, refuse_if_nothing_fits, ui
 from .loaders import _warnings
 
 NATIVE = CATEGORY + "/native"
@@ -66,14 +66,10 @@ class NativeLoRA(io.ComfyNode):
 
         patched = report["patched"] + (text.report["patched"] if text else [])
         zero = report["zero_filled"] + (text.report["zero_filled"] if text else [])
-        not_placed = list(lora.not_placed) + report["not_placed"] + (text.report["not_placed"] if text else [])
-        payload = {"name": lora_name, "format": lora.format, "strength_model": strength_model,
-                   "strength_clip": strength_clip, "patched": patched, "zero_filled": zero,
-                   "not_placed": not_placed}
-        lines.insert(0, f"{lora_name}: format {lora.format}; patched {len(patched)} module(s), zero-filled "
-                        f"{len(zero)}, not placed {len(not_placed)}")
-        lines[1:1] = [f"not placed: {n['key']}: {n['reason']}" for n in not_placed[:5]]
-        return io.NodeOutput(model, clip, ui=ui(lines, payload))
+        not_placed = report["not_placed"] + (text.report["not_placed"] if text else [])
+        summary, payload = lora_summary(lora_name, lora, patched, zero, not_placed, strength_model=strength_model,
+                                        strength_clip=strength_clip)
+        return io.NodeOutput(model, clip, ui=ui(summary + lines, payload))
 
 
 class LoadNativeModel(io.ComfyNode):

@@ -1,7 +1,9 @@
 """Sampling: the FLUX.1 schedule, adding noise, one Euler step, and the whole sampler.
 
-The transformer's LoRA stack is applied around the model calls only (`with transformer.patched()`), and
-removed in a `finally`: an interrupt or an error leaves the cached base model exactly as it was.
+The transformer's LoRA stack is put on the shared base module where the model runs (`with
+transformer.patched()`, `runtime.models.use_stack`) and stays there until a use with another stack: a loop of
+SchedulerSteps applies it once. Applying is atomic, so an interrupt or an error while it is applied leaves
+the cached base as it was.
 """
 from __future__ import annotations
 

@@ -302,7 +302,9 @@ def load_to_device(handles, memory_required: int = 0):
     Inside ComfyUI the model manager does it, as for its native models: it frees other models as needed and
     loads ours whole or, when they do not fit, partly (the rest is streamed in per layer as it runs; see
     `make_castable`); the vram-state flags (--lowvram, --novram, --highvram, --gpu-only, --reserve-vram)
-    apply. A model holding quantized tensor subclasses is loaded whole. Standalone, the models not named
+    apply. A model holding quantized tensor subclasses asks for a full load; --novram loads it partly all the
+    same, and then its quantized layers, which are not castable (`make_castable`), are kept on the compute
+    device by `_keep_on_device`. Standalone, the models not named
     here go back to their offload device, so only the working set occupies the accelerator; a model that
     does not fit (or every model on a CUDA device under `set_lowvram(True)`) runs with diffusers' group
     offloading instead (`runtime/offload.py`).

@@ -549,15 +549,18 @@ def load_transformer(path, weight_dtype: str = "default", quantize: str = "none"
             _quant_library(quantize, path)  # fail before a long load
         loaded = load_model(source, family="flux-transformer", dtype=dtype,
                             fp8=_torch_dtype(weight_dtype) if fp8 else None)
-        module = host.make_castable(loaded.model)  # the fp8 upcast calls the (castable) layer's class forward
         storage = dtype_name(dtype)
         if fp8:
             names = {v: k for k, v in _DTYPE_NAMES.items()}
             held = ", ".join(names.get(n, n) for n in loaded.report.get("fp8_storage") or {}) or weight_dtype
             storage = f"{held} (computing in {dtype_name(dtype)})"
         elif quantize != "none":
-            library = _quantize(module, quantize, path)
+            library = _quantize(loaded.model, quantize, path)
             storage = f"{quantize} ({library}, computing in {dtype_name(dtype)})"
+        # After quantizing: a layer holding a quantized tensor stays a plain torch layer, which ComfyUI never
+        # casts (its cast cannot copy those tensors to another device). The fp8 upcast, by contrast, calls the
+        # (castable) layer's class forward, so fp8 layers stream like any other.
+        module = host.make_castable(loaded.model)
         return TransformerModel(module=module, handle=host.wrap(module, "diffusion"), name=_display_name(path),
                                 path=str(source), family=loaded.family, layout=loaded.layout,
                                 variant=loaded.variant, config=dict(loaded.config), dtype=dtype_name(dtype),
@@ -697,11 +700,12 @@ def open_lora(path):
 
 
 def lora_report(module, family: str, lora, strength: float) -> dict:
-    """What applying `lora` to the base `module` would do (format, patched modules, zero-filled, not placed),
-    worked out from the parameter shapes without touching the weights."""
+    """What applying `lora` to the base `module` would do (format, patched modules, zero-filled, and the parts
+    that fit no tensor of this module), worked out from the parameter shapes without touching the weights.
+    The file's own unusable keys (`lora.not_placed`) are not repeated here: they are the file's, whichever
+    models it is planned on."""
     from ..convert.lora.patch import Plan
-    report = Plan(family, [(lora, float(strength))], base_shapes(module)).reports[0]
-    return dict(report, not_placed=list(lora.not_placed) + list(report["not_placed"]))
+    return Plan(family, [(lora, float(strength))], base_shapes(module)).reports[0]
 
 
 # ------------------------------------------------------------------------------------------ checks

@@ -4,6 +4,9 @@ ComfyUI's own loader (`nodes.load_custom_node`) imports the pack from `custom_no
 subprocess, with the in-process harness order of the reference (ComfyUI first on sys.path, argument parsing
 enabled, `folder_paths`, then `utils.extra_config`, then `nodes`). Every node of NODE_LIST must then be
 registered in `nodes.NODE_CLASS_MAPPINGS` under its schema id.
+
+The subprocesses run with $COMFY_PY when it is set (a python with ComfyUI's requirements: einops, torchsde,
+...; on a CPU-only torch also a torchvision stand-in on PYTHONPATH), else with this python.
 """
 import json
 import os
@@ -15,6 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 COMFYUI = os.environ.get("COMFYUI_PATH")
+PYTHON = os.environ.get("COMFY_PY", sys.executable)
 
 pytestmark = pytest.mark.skipif(not COMFYUI, reason="set COMFYUI_PATH to a ComfyUI checkout to run these")
 
@@ -46,7 +50,7 @@ def test_comfyui_registers_every_node(tmp_path):
     pack = tmp_path / "custom_nodes" / "fluxbridge-under-another-name"
     pack.parent.mkdir()
     pack.symlink_to(ROOT, target_is_directory=True)
-    done = subprocess.run([sys.executable, "-c", HARNESS, COMFYUI, str(pack)], capture_output=True, text=True,
+    done = subprocess.run([PYTHON, "-c", HARNESS, COMFYUI, str(pack)], capture_output=True, text=True,
                           timeout=300, cwd=COMFYUI)
     lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
     assert lines, f"the harness failed:\n{done.stderr[-5000:]}"
@@ -91,28 +95,33 @@ runs = {"transformer": (tr.handle, lambda: tr.module(**x)[0]),
 lora = tr.with_lora("l", load_lora(models_dir + "/lora.safetensors"), 1.0)
 out = {}
 with torch.no_grad():
-    reference = {k: f() for k, (h, f) in runs.items()}
-    with lora.patched():
-        with_lora = tr.module(**x)[0]
     base = {k: v.clone() for k, v in tr.module.state_dict().items()}
+    reference = {k: f() for k, (h, f) in runs.items()}
+    with lora.patched():  # on the whole model
+        with_lora = tr.module(**x)[0]
+    with tr.patched():  # a use without the stack takes it off (it stays on after its block)
+        out["removed_whole"] = all(torch.equal(v, base[k]) for k, v in tr.module.state_dict().items())
     for k, (h, f) in runs.items():
         h.load(torch.device("cpu"), lowvram_model_memory=1)  # ComfyUI on a GPU with no room for weights
         layers = [m for m in h.model.modules() if list(m.parameters(recurse=False))]
         out[k] = {"layers": len(layers), "castable": sum(isinstance(m, comfy.ops.CastWeightBiasOp) for m in layers),
                   "behind": sum(bool(getattr(m, "comfy_cast_weights", False)) for m in layers),
                   "bitwise": bool(torch.equal(f(), reference[k]))}
-    with lora.patched():
+    with lora.patched():  # applied now to the partly loaded model
         out["lora_bitwise"] = bool(torch.equal(tr.module(**x)[0], with_lora))
-    out["restored"] = all(torch.equal(v, base[k]) for k, v in tr.module.state_dict().items())
+    with tr.patched():  # and removed from it
+        out["restored"] = all(torch.equal(v, base[k]) for k, v in tr.module.state_dict().items())
+        out["base_again"] = bool(torch.equal(tr.module(**x)[0], reference["transformer"]))
+    out["lora_changes"] = not torch.equal(with_lora, reference["transformer"])
 print("RESULT " + json.dumps(out))
 """
 
 
 def test_comfyui_loads_our_models_partly_and_they_compute_the_same(tmp_path):
     """ComfyUI's own ModelPatcher.load with a 1-byte budget leaves every layer of our transformer, CLIP-L, T5 and
-    VAE that carries its cast protocol on the offload device; the outputs are bitwise unchanged, and a LoRA on
-    the partly loaded transformer gives what it gives on the whole one and is removed bitwise. Runs with
-    $COMFY_PY (a python with ComfyUI's requirements) when set."""
+    VAE that carries its cast protocol on the offload device; the outputs are bitwise unchanged, and a LoRA
+    applied to the partly loaded transformer gives what it gives on the whole one and is removed bitwise (the
+    base's weights and output again)."""
     from safetensors.torch import save_file
     from fluxbridge.headless import demo, factory
 
@@ -121,8 +130,7 @@ def test_comfyui_loads_our_models_partly_and_they_compute_the_same(tmp_path):
                                 ("t5", factory.tiny_t5(), "comfy"), ("vae", factory.tiny_flux_vae(), "bfl")):
         factory.save_layout(model, tmp_path / f"{name}.safetensors", layout)
     save_file(demo.tiny_lora(tr, "peft", seed=1), str(tmp_path / "lora.safetensors"))
-    python = os.environ.get("COMFY_PY", sys.executable)
-    done = subprocess.run([python, "-c", PARTIAL, COMFYUI, str(ROOT), str(tmp_path)], capture_output=True, text=True,
+    done = subprocess.run([PYTHON, "-c", PARTIAL, COMFYUI, str(ROOT), str(tmp_path)], capture_output=True, text=True,
                           timeout=600, cwd=COMFYUI)
     lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
     assert lines, f"the harness failed:\n{done.stderr[-5000:]}"
@@ -132,4 +140,5 @@ def test_comfyui_loads_our_models_partly_and_they_compute_the_same(tmp_path):
         assert r["castable"] == r["layers"] == r["behind"] and r["bitwise"], (name, r)
     t5 = result["t5"]  # its own RMSNorm is kept on the device: not castable, not left behind
     assert t5["castable"] == t5["behind"] < t5["layers"] and t5["bitwise"], t5
-    assert result["lora_bitwise"] and result["restored"]
+    assert result["lora_changes"] and result["removed_whole"]
+    assert result["lora_bitwise"] and result["restored"] and result["base_again"]

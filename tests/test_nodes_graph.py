@@ -506,3 +506,29 @@ def test_inside_comfyui_the_bundled_tokenizers_come_before_the_packs(comfy_stubs
     assert [c["tokenizer"] for c in ui["fluxbridge"][0]["components"]] == [
         f"ComfyUI's bundled copy ({comfy_dir / 'sd1_tokenizer'})", f"the pack's own copy ({TOKENIZERS / 't5xxl'})"]
     assert (te.tokenizers.clip(PROMPT).input_ids, te.tokenizers.t5(PROMPT).input_ids) == CAT_IDS
+
+
+def test_lora_report_names_each_unusable_key_once(on_host):
+    """A LoRA with transformer and CLIP-L parts and one key that fits nothing, on a transformer and connected
+    text encoders: the report lists that key once (it belongs to the file, not to each model it was
+    planned on)."""
+    from safetensors.torch import load_file
+    g = load()
+    lora = load_file(str(on_host / "loras" / NAMES["lora_name"]))
+    gen = torch.Generator().manual_seed(11)
+    lora["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"] = torch.randn(4, 32, generator=gen)
+    lora["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"] = torch.randn(32, 4, generator=gen)
+    lora["lora_unet_no_such_module.lora_down.weight"] = torch.randn(4, 32, generator=gen)
+    lora["lora_unet_no_such_module.lora_up.weight"] = torch.randn(32, 4, generator=gen)
+    save_file(lora, str(on_host / "loras" / "with_text.safetensors"))
+    try:
+        (tr, te), ui = run(loaders.LoadLoRA, transformer=g["transformer"], lora_name="with_text.safetensors",
+                           strength_model=1.0, strength_text=1.0, text_encoders=g["text_encoders"])
+    finally:
+        (on_host / "loras" / "with_text.safetensors").unlink()
+    report = ui["fluxbridge"][0]
+    assert any(m.startswith("clip-l: ") for m in report["patched"])  # the text part was planned too
+    keys = [n["key"] for n in report["not_placed"]]
+    assert any("no_such_module" in k for k in keys)
+    assert len(keys) == len(set(keys)), keys
+    assert f"not placed {len(keys)}" in ui["text"][0]

@@ -125,3 +125,37 @@ def test_without_the_library_the_loader_says_what_to_install(on_host, monkeypatc
     with pytest.raises(BadInput, match=rf"quantize={how} needs {package}, which is not installed: "
                                        r"pip install 'fluxbridge\[quant\]'"):
         load(how)
+
+
+def test_inside_comfyui_quantized_layers_are_never_cast(comfy_stubs, reference, monkeypatch):
+    """ComfyUI's cast cannot move a torchao tensor (`comfy.model_management.cast_to` makes the copy with
+    `torch.empty_like(weight, device=...)`, which torchao's tensors do not implement), and `--novram` loads
+    even a model that asks for a full load partly. So the quantized Linear layers must stay plain torch
+    layers, which ComfyUI never casts: under --novram the host keeps them whole on the compute device, the
+    rest (norms, embeddings) is left behind and cast in, and the output is unchanged."""
+    pytest.importorskip("torchao")
+    cs = comfy_stubs
+    ops = sys.modules["comfy.ops"]
+    with pytest.raises(NotImplementedError):  # why: what ComfyUI's cast does to a weight on another device
+        torch.empty_like(load_quantized_linear(), device="meta")
+    models.clear_cache()
+    tr, _ = models.load_transformer(reference[1] / "diffusion_models" / NAME, weight_dtype="fp32", quantize="int8")
+    quantized = [m for m in tr.module.modules() if isinstance(m, torch.nn.Linear)]
+    assert quantized and all(type(m.weight) not in (torch.Tensor, torch.nn.Parameter) for m in quantized)
+    assert not any(isinstance(m, ops.CastWeightBiasOp) for m in quantized)
+    assert any(isinstance(m, ops.CastWeightBiasOp) for m in tr.module.modules())  # the other layers can be cast
+    before = forward(tr.module)
+    monkeypatch.setattr(cs.mm, "vram_state", cs.mm.VRAMState.NO_VRAM)
+    monkeypatch.setattr(cs.mm, "_cpu_counts_as_gpu", True)
+    cs.host.load_to_device([tr.handle])
+    assert tr.handle._left_behind  # partly loaded, although a full load was asked for
+    assert not any(getattr(m, "comfy_cast_weights", False) for m in quantized)
+    assert torch.equal(forward(tr.module), before)
+    models.clear_cache()
+
+
+def load_quantized_linear():
+    import torchao.quantization as tq
+    layer = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    tq.quantize_(layer, tq.Int8WeightOnlyConfig())
+    return layer[0].weight

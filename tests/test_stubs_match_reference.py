@@ -4,7 +4,9 @@ Each expected signature is ComfyUI 0.3.64's. The last column of a row says where
 N.N" is a section of the team's notes on the ComfyUI host (kept outside this repository), "source" is
 ComfyUI 0.3.64's own code (comfy/model_management.py, comfy/model_patcher.py, comfy/utils.py,
 folder_paths.py, comfy_api/latest). With COMFYUI_PATH set, the stubs are also compared with the real
-functions (in a subprocess), which needs neither.
+functions (in a subprocess), which needs neither. That subprocess runs with $COMFY_PY when it is set (a python
+with ComfyUI's requirements; on a CPU-only torch also a torchvision stand-in on PYTHONPATH), else with this
+python (which then needs ComfyUI's requirements itself).
 """
 import inspect
 import json
@@ -197,7 +199,8 @@ print("SIGNATURES " + json.dumps(out))
 def test_stubs_match_a_real_comfyui(comfy_stubs):
     import importlib
     names = [(m, p) for m, p, *_ in EXPECTED]
-    done = subprocess.run([sys.executable, "-c", PROBE, os.environ["COMFYUI_PATH"]], input=json.dumps(names),
+    python = os.environ.get("COMFY_PY", sys.executable)
+    done = subprocess.run([python, "-c", PROBE, os.environ["COMFYUI_PATH"]], input=json.dumps(names),
                           capture_output=True, text=True, timeout=300, cwd=os.environ["COMFYUI_PATH"])
     line = [l for l in done.stdout.splitlines() if l.startswith("SIGNATURES ")]
     assert line, done.stderr[-3000:]
