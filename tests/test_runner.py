@@ -485,7 +485,13 @@ def test_empty_latent_and_scale_by_follow_native_conventions():
     image = torch.rand(2, 20, 30, 3)
     for method in ("nearest-exact", "bilinear", "area", "bicubic", "lanczos"):
         (out,), _ = image_scale_by(ctx, image, method, 1.5)
-        assert out.shape == (2, 30, 45, 3) and out.min() >= 0 and out.max() <= 1
+        assert out.shape == (2, 30, 45, 3)
+        if method == "lanczos":  # ComfyUI's lanczos: PIL on 8-bit images, so within 0..1 in steps of 1/255
+            assert out.min() >= 0 and out.max() <= 1 and torch.equal((out * 255).round() / 255, out)
+        else:  # ComfyUI's common_upscale: torch's interpolate, unclamped (bicubic overshoots random pixels)
+            reference = torch.nn.functional.interpolate(image.movedim(-1, 1), size=(30, 45), mode=method)
+            assert torch.equal(out, reference.movedim(1, -1))
+    assert image_scale_by(ctx, image, "bicubic", 1.5)[0][0].max() > 1  # as in ComfyUI: not clamped
 
 
 def test_solid_mask_and_mask_composite_follow_native_conventions():
