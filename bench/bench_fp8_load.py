@@ -112,13 +112,13 @@ def run_child(kind: str, path: Path) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--double", type=int, default=2)
-    ap.add_argument("--single", type=int, default=4)
-    ap.add_argument("--scaled", action="store_true")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--dir")
-    ap.add_argument("--child", choices=("ours", "before", "forward"))
-    ap.add_argument("--file")
+    ap.add_argument("--double", type=int, default=2, help="double blocks of the FLUX.1-width model (default 2)")
+    ap.add_argument("--single", type=int, default=4, help="single blocks (default 4)")
+    ap.add_argument("--scaled", action="store_true", help="ComfyUI's scaled fp8 (a scale per layer)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds, each measurement in a fresh process (default 3)")
+    ap.add_argument("--dir", help="where the temporary checkpoint is written (default: the system's temp folder)")
+    ap.add_argument("--child", choices=("ours", "before", "forward"), help=argparse.SUPPRESS)  # one measurement
+    ap.add_argument("--file", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, Path(args.file))))

@@ -142,11 +142,12 @@ def run_child(task, ckpt, work) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--dir", default="/tmp/fluxbridge-bench")
-    ap.add_argument("--child")
-    ap.add_argument("--ckpt")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5, help="rounds, the task order rotated every round (default 5)")
+    ap.add_argument("--dir", default="/tmp/fluxbridge-bench",
+                    help="where the checkpoint and the outputs are written (default /tmp/fluxbridge-bench)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # one task, in a fresh process (set by the parent)
+    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.ckpt, args.dir)))

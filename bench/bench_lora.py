@@ -175,14 +175,14 @@ def run_child(side: str, args, tmp: Path, r: int) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--format", default="diffusers", choices=("diffusers", "kohya"))
-    ap.add_argument("--rank", type=int, default=32)
-    ap.add_argument("--double", type=int, default=2)
-    ap.add_argument("--single", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--child", choices=SIDES)
-    ap.add_argument("--dir")
-    ap.add_argument("--round", type=int, default=0)
+    ap.add_argument("--format", default="diffusers", choices=("diffusers", "kohya"), help="the LoRA file's format")
+    ap.add_argument("--rank", type=int, default=32, help="LoRA rank (default 32)")
+    ap.add_argument("--double", type=int, default=2, help="double blocks of the FLUX.1-width model (default 2)")
+    ap.add_argument("--single", type=int, default=4, help="single blocks (default 4)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds, each side in a fresh process (default 5)")
+    ap.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)  # one side, in a fresh process
+    ap.add_argument("--dir", help=argparse.SUPPRESS)
+    ap.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help="torch threads in every process (0: torch's default)")
     args = ap.parse_args(argv)
     if args.threads:

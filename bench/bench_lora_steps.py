@@ -64,15 +64,15 @@ def kohya_lora(model, rank: int, path: Path) -> int:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=6)
-    ap.add_argument("--steps", type=int, default=28)
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--double", type=int, default=2)
-    ap.add_argument("--single", type=int, default=4)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=1)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=6, help="interleaved rounds (default 6)")
+    ap.add_argument("--steps", type=int, default=28, help="SchedulerStep runs per loop (default 28)")
+    ap.add_argument("--size", type=int, default=256, help="image size in pixels (default 256)")
+    ap.add_argument("--width", type=int, default=256, help="transformer width (default 256)")
+    ap.add_argument("--double", type=int, default=2, help="double blocks (default 2)")
+    ap.add_argument("--single", type=int, default=4, help="single blocks (default 4)")
+    ap.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default; default 1)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

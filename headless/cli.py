@@ -134,9 +134,8 @@ def _lora_spec(text: str):
 # ---------------------------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
-        prog=PROG, formatter_class=fmt,
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,  # the epilog's two lines
         description="FluxBridge: inspect and convert FLUX.1 weights and LoRAs between layouts, and run "
                     "FluxBridge workflows without ComfyUI.",
         epilog="Exit status: 0 done, 2 bad input (one line on stderr), 1 internal error.\n"
@@ -145,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser(
-        "inspect", formatter_class=fmt, help="say what a weights file or diffusers folder is",
+        "inspect", help="say what a weights file or diffusers folder is",
         description="Detect what a weights file (.safetensors, .gguf) or a diffusers folder holds: family "
                     "(flux-transformer, flux-vae, clip-l, t5-xxl, flux-lora, ...), layout (bfl, comfy, "
                     "diffusers, kohya, ...), variant (dev, schnell, fill, ...), dtypes, the configuration "
@@ -156,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser(
-        "convert", formatter_class=fmt, help="rewrite full weights in another layout",
+        "convert", help="rewrite full weights in another layout",
         description="Rewrite full model weights in another layout (renaming, splitting and fusing tensors "
                     "as the layouts require), optionally with LoRAs baked in: each LoRA's parts that target "
                     "this model (transformer, CLIP-L or T5) are merged. Prints a JSON report of what was "
@@ -172,19 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bake this LoRA in at STRENGTH (default 1.0); repeat for several")
     p.set_defaults(func=_cmd_convert)
 
-    lora = sub.add_parser("lora", formatter_class=fmt, help="inspect or convert a LoRA",
+    lora = sub.add_parser("lora", help="inspect or convert a LoRA",
                           description="Inspect or convert a Flux LoRA (diffusers/PEFT, BFL, kohya, "
                                       "ComfyUI, XLabs, ... formats).")
     lora_sub = lora.add_subparsers(dest="lora_command", metavar="SUBCOMMAND")
     p = lora_sub.add_parser(
-        "inspect", formatter_class=fmt, help="say what a LoRA file holds",
+        "inspect", help="say what a LoRA file holds",
         description="Detect a LoRA's format and list the modules it targets, its ranks and alphas, its "
                     "text-encoder parts, and the keys it cannot place (with the reason).")
     p.add_argument("path", help="the LoRA file")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.set_defaults(func=_cmd_lora_inspect)
     p = lora_sub.add_parser(
-        "convert", formatter_class=fmt, help="rewrite a LoRA in another format",
+        "convert", help="rewrite a LoRA in another format",
         description="Rewrite a LoRA in another format. The result loads in the tool that format belongs "
                     "to and gives the same weight deltas. Prints a JSON report.")
     p.add_argument("src", help="the LoRA file to read")
@@ -194,12 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     lora.set_defaults(func=None, parser=lora)
 
     p = sub.add_parser(
-        "run", formatter_class=fmt, help="run an API-format workflow without ComfyUI",
+        "run", help="run an API-format workflow without ComfyUI",
         description="Execute an API-format workflow (ComfyUI's 'Export (API)') headless, without ComfyUI. "
                     "The workflow is validated in full before anything runs. Model names resolve only "
                     "inside the models folder, which has ComfyUI's sub-folders: diffusion_models/, "
-                    "text_encoders/, vae/, loras/, plus tokenizers/clip_l/ and tokenizers/t5xxl/. Prints "
-                    "a JSON report of the files written.")
+                    "text_encoders/, vae/, loras/ (style_models/ and clip_vision/ for Redux), optionally "
+                    "tokenizers/clip_l/ and tokenizers/t5xxl/ (else the pack's own tokenizers are used). "
+                    "Prints a JSON report of the files written.")
     p.add_argument("workflow", metavar="WORKFLOW.json", help="the API-format workflow file")
     p.add_argument("--models", metavar="DIR", help="the models folder (default: $FLUXBRIDGE_MODELS)")
     p.add_argument("--output", metavar="DIR", default="output", help="where files go (default: ./output)")
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser(
-        "demo", formatter_class=fmt, help="run the text-to-image example on small random models",
+        "demo", help="run the text-to-image example on small random models",
         description="Build small random Flux models (once), run the text-to-image "
                     "example workflow on them, write the image and its JSON report into the output folder "
                     "and print a short summary. Needs nothing but the installed pack: no downloads, no GPU.")

@@ -52,6 +52,19 @@ def _not_full_size(width: int, what: str) -> None:
         raise ValueError(f"{what}: width 3072 is FLUX.1's real width; tiny models must use another width")
 
 
+def _block_groups(block_out_channels, norm_num_groups: int | None, what: str) -> int:
+    """GroupNorm groups for a VAE / UNet with these block widths: the given count, else the loader's rule
+    (`families.vae.norm_groups`: checkpoints do not store it); each width must be tiny and divisible by it."""
+    from ..convert.families.vae import norm_groups
+
+    norm_num_groups = norm_num_groups or norm_groups(block_out_channels)
+    for ch in block_out_channels:
+        _not_full_size(ch, what)
+        if ch % norm_num_groups:
+            raise ValueError(f"norm_num_groups {norm_num_groups} does not divide block width {ch}")
+    return norm_num_groups
+
+
 def rope_axes(head_dim: int) -> tuple[int, int, int]:
     """RoPE axes for a head size (FLUX.1: 128 -> (16, 56, 56)): the loader's rule, since checkpoints
     do not store them."""
@@ -102,13 +115,8 @@ def tiny_flux_vae(block_out_channels: tuple[int, ...] = (16, 32, 32, 32), layers
     downscale (the real one is (128, 256, 512, 512), 2 layers per block, 32 groups). GroupNorm groups
     default to the loader's rule (they are not stored in a checkpoint)."""
     from diffusers import AutoencoderKL
-    from ..convert.families.vae import norm_groups
 
-    norm_num_groups = norm_num_groups or norm_groups(block_out_channels)
-    for ch in block_out_channels:
-        _not_full_size(ch, "tiny_flux_vae")
-        if ch % norm_num_groups:
-            raise ValueError(f"norm_num_groups {norm_num_groups} does not divide block width {ch}")
+    norm_num_groups = _block_groups(block_out_channels, norm_num_groups, "tiny_flux_vae")
     n = len(block_out_channels)
     with _seeded(seed):
         model = AutoencoderKL(
@@ -175,13 +183,8 @@ def tiny_sd15_unet(block_out_channels: tuple[int, ...] = (32, 32, 64, 64), layer
     plain, mirrored up blocks, 2 layers per block, 4 latent channels). `time_cond_proj_dim` (LCM: 256)
     adds `time_embedding.cond_proj`."""
     from diffusers import UNet2DConditionModel
-    from ..convert.families.vae import norm_groups
 
-    norm_num_groups = norm_num_groups or norm_groups(block_out_channels)
-    for ch in block_out_channels:
-        _not_full_size(ch, "tiny_sd15_unet")
-        if ch % norm_num_groups:
-            raise ValueError(f"norm_num_groups {norm_num_groups} does not divide block width {ch}")
+    norm_num_groups = _block_groups(block_out_channels, norm_num_groups, "tiny_sd15_unet")
     n = len(block_out_channels)
     down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
     up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)

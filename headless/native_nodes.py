@@ -187,6 +187,8 @@ def empty_sd3_latent(ctx: RunContext, width=1024, height=1024, batch_size=1):
 
 
 def image_scale_by(ctx: RunContext, image, upscale_method="nearest-exact", scale_by=1.0):
+    """ImageScaleBy: `comfy.utils.common_upscale` without a crop, unclamped as there (bicubic can overshoot
+    0..1; lanczos goes through 8-bit images)."""
     from ..pipeline.images import scale
 
     width = round(image.shape[2] * scale_by)
@@ -195,7 +197,7 @@ def image_scale_by(ctx: RunContext, image, upscale_method="nearest-exact", scale
     if width > MAX_RESOLUTION or height > MAX_RESOLUTION:  # chained upscales grow without bound otherwise
         raise BadInput("scale_by", f"{image.shape[2]}x{image.shape[1]} scaled by {scale_by} is {width}x{height}, "
                                    f"over {MAX_RESOLUTION} pixels a side")
-    return (scale(image, width, height, upscale_method).clamp(0, 1),), {}
+    return (scale(image, width, height, upscale_method),), {}
 
 
 def reference_latent(ctx: RunContext, conditioning, latent=None):

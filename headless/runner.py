@@ -42,8 +42,8 @@ def run_workflow(path, models_dir=None, output_dir=None, progress=True, input_di
                  ui_workflow=None, lowvram=False) -> dict:
     """Validate, then execute the API-format workflow at `path`; returns the report.
 
-    models_dir: the models folder (`diffusion_models/`, `text_encoders/`, `vae/`, `loras/`, `tokenizers/`);
-        default: env FLUXBRIDGE_MODELS.
+    models_dir: the models folder (`diffusion_models/`, `text_encoders/`, `vae/`, `loras/`, `style_models/`,
+        `clip_vision/`, optionally `tokenizers/`); default: env FLUXBRIDGE_MODELS.
     output_dir: where files go (default `./output`); nothing is written anywhere else.
     input_dir: where LoadImage finds images (default: env FLUXBRIDGE_INPUT, else `./input`).
     overrides: {node id: {input: value}} applied before validation (e.g. a smaller size or fewer steps).

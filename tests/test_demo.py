@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +21,9 @@ def cache(tmp_path_factory):
 
 
 def test_run_demo_writes_an_image_and_its_report(tmp_path, cache):
-    t0 = time.perf_counter()
     report = run_demo(tmp_path / "out", progress=False, cache_dir=cache)
-    seconds = time.perf_counter() - t0
-    print(f"\nrun_demo (models built, cold): {seconds:.2f} s; "
-          f"models {report['timings']['models_seconds']} s, workflow {report['timings']['workflow_seconds']} s")
-    assert seconds < 120
+    print(f"\nrun_demo (models built, cold): models {report['timings']['models_seconds']} s, "
+          f"workflow {report['timings']['workflow_seconds']} s")
     out = tmp_path / "out"
     assert len(report["images"]) == 1
     png = out / report["images"][0]
@@ -58,14 +54,17 @@ def test_run_demo_writes_an_image_and_its_report(tmp_path, cache):
         sorted(report["images"] + [REPORT_NAME])
 
 
-def test_second_demo_reuses_the_cached_models(tmp_path, cache):
-    demo.demo_models(cache)  # built already by the test above (or now, when this test runs alone)
-    t0 = time.perf_counter()
+def test_second_demo_reuses_the_cached_models(tmp_path, cache, monkeypatch):
+    models = demo.demo_models(cache)  # built already by the test above (or now, when this test runs alone)
+    stamps = {p: p.stat().st_mtime_ns for p in models.rglob("*")}
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the cached models were built again")
+    monkeypatch.setattr(demo, "build_models", no_rebuild)
     report = run_demo(tmp_path / "out", progress=False, cache_dir=cache)
-    seconds = time.perf_counter() - t0
-    print(f"\nrun_demo (models cached): {seconds:.2f} s")
-    assert report["models_cached"] is True
-    assert report["timings"]["models_seconds"] < 1.0
+    assert report["models_cached"] is True and report["models_dir"] == str(models)
+    assert {p: p.stat().st_mtime_ns for p in models.rglob("*")} == stamps  # read, not rewritten
+    assert len(report["images"]) == 1
 
 
 def test_demo_finds_the_example_through_the_package():

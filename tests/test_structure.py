@@ -2,6 +2,7 @@
 root that holds the entry points only. Read from the sources (every `import`, at module level or inside a
 function), so a circle is caught before it bites at run time."""
 import ast
+import fnmatch
 import re
 from pathlib import Path
 
@@ -107,3 +108,27 @@ def test_the_library_knows_nothing_of_nodes_runtime_or_headless():
 def test_the_root_holds_the_entry_points_only():
     modules = {p.name for p in ROOT.glob("*.py")}
     assert modules == {"__init__.py", "__main__.py"}
+
+
+def test_the_architecture_page_names_every_module_and_no_other():
+    """docs/ARCHITECTURE.md's package layout table lists each module of the pack and of bench/ (modules may
+    share their folder's row: `convert/families/flux.py`, `vae.py`, ...; `bench_*.py`), and every path it
+    names exists."""
+    doc = (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    table = doc[doc.index("| path | job |"):doc.index("\n\n", doc.index("| path | job |"))]
+    rows = table.splitlines()
+    files = [p.relative_to(ROOT) for p in list(pack_modules().values()) + list((ROOT / "bench").glob("*.py"))]
+    missing = []
+    for rel in files:
+        if rel.name == "__init__.py" and rel.parent != Path("."):
+            continue  # package docstrings: their folder's row
+        spelled = f"`{rel.as_posix()}`"
+        in_folder_row = any(f"`{rel.parent.as_posix()}/" in row and any(fnmatch.fnmatch(rel.name, name)
+                                                                         for name in re.findall(r"`([^`]+)`", row))
+                            for row in rows)
+        if spelled not in table and not in_folder_row:
+            missing.append(rel.as_posix())
+    assert missing == []
+    named = re.findall(r"`([a-z_0-9/]+\.py)`", table)
+    gone = [name for name in named if "/" in name and not (ROOT / name).is_file()]
+    assert gone == []
