@@ -53,7 +53,6 @@ import gc
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 

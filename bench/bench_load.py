@@ -104,7 +104,6 @@ def peak_rss() -> int:
 def child(task: str, ckpt: str, work: str) -> dict:
     # Libraries are imported before the clock starts: we time loading, not Python start-up.
     import torch
-    import diffusers  # noqa: F401
     from diffusers import FluxTransformer2DModel
     from fluxbridge.convert.load import load_model
     from fluxbridge.convert.write import convert_file

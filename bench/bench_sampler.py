@@ -25,7 +25,6 @@ import gc
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -158,7 +157,7 @@ def main(argv=None):
 
     t_ours, t_floor, ratios = interleaved(run_ours, run_floor, args.runs)
     per_step = statistics.median(t_floor) / args.steps
-    print(f"\nwhole sampling call, seconds (min / median / max):")
+    print("\nwhole sampling call, seconds (min / median / max):")
     print(f"  ours  {mmm(t_ours)}")
     print(f"  floor {mmm(t_floor)}   ({per_step * 1e3:.1f} ms per step)")
 

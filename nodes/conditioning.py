@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from ..runtime import host
-from ..common.errors import BadInput
+from ..pipeline import fill as fill_lib
+from ..pipeline import images as images_lib
 from ..pipeline import kontext as kontext_lib
 from ..pipeline import latents as latents_lib
 from ..pipeline import redux as redux_lib
@@ -55,47 +56,6 @@ class TextEncode(io.ComfyNode):
         return io.NodeOutput(cond, ui=ui(notes))
 
 
-def _mask_like(mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-    """MASK [B?, H, W] at the image's size (bilinear, as ComfyUI's InpaintModelConditioning does)."""
-    m = mask.float()
-    if m.ndim == 2:
-        m = m[None]
-    if m.ndim == 4 and m.shape[1] == 1:
-        m = m[:, 0]
-    if m.ndim != 3:
-        raise BadInput("mask", f"expected MASK [B, H, W], got shape {list(mask.shape)}")
-    if tuple(m.shape[-2:]) != tuple(image.shape[1:3]):
-        m = torch.nn.functional.interpolate(m[:, None], size=tuple(image.shape[1:3]), mode="bilinear")[:, 0]
-    return m
-
-
-def _image(image) -> torch.Tensor:
-    if image.ndim == 3:
-        image = image[None]
-    if image.ndim != 4 or image.shape[-1] < 3:
-        raise BadInput("image", f"expected IMAGE [B, H, W, 3], got shape {list(image.shape)}")
-    return image
-
-
-def _crop_to_patches(vae, notes, image, *alike):
-    """The image (and pixel-aligned masks) cropped, centred, to a multiple of 16 pixels: the VAE's 8 x the
-    transformer's 2x2 patches, which extra input channels need."""
-    step = vae.downscale * 2
-    _, h, w, _ = image.shape
-    h2, w2 = h // step * step, w // step * step
-    if h2 == 0 or w2 == 0:
-        raise BadInput("image", f"{w}x{h} is smaller than {step}x{step} pixels")
-    if (h2, w2) != (h, w):
-        notes.append(f"image {w}x{h} is not a multiple of {step}; cropped to {w2}x{h2} (centred)")
-        oy, ox = (h - h2) // 2, (w - w2) // 2
-        image, alike = image[:, oy:oy + h2, ox:ox + w2], [t[:, oy:oy + h2, ox:ox + w2] for t in alike]
-    return (image, *alike)
-
-
-def _with_fill(conditioning, latent_image: torch.Tensor, mask: torch.Tensor):
-    return [[c, dict(d, concat_latent_image=latent_image, concat_mask=mask)] for c, d in conditioning]
-
-
 class FillConditioning(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -119,24 +79,13 @@ class FillConditioning(io.ComfyNode):
     @classmethod
     def execute(cls, vae, positive, image, mask, negative=None):
         notes = []
-        image = _image(image)
-        image, m = _crop_to_patches(vae, notes, image, _mask_like(mask, image))
-        m = (m >= 0.5).float()
-        if image.shape[0] != m.shape[0]:
-            if m.shape[0] == 1:
-                m = m.expand(image.shape[0], -1, -1)
-            elif image.shape[0] == 1:
-                image = image.expand(m.shape[0], -1, -1, -1)
-            else:
-                raise BadInput("mask", f"{m.shape[0]} masks for {image.shape[0]} images")
-        pixels = image[..., :3].float()
-        # masked image (2x - 1) * (1 - mask): the repainted area is mid grey, as FluxFillPipeline makes it
-        masked = pixels * (1 - m[..., None]) + 0.5 * m[..., None]
+        # the transformer's 2x2 patches of the VAE's latent pixels: the extra input channels need whole ones
+        pixels, masked, m = fill_lib.masked_image(image, mask, vae.downscale * 2, notes)
         host.load_to_device([vae.handle], memory_required=vae_lib.encode_memory(vae.module, pixels.shape))
         masked_latent = vae_lib.encode(vae.module, masked, notes=notes)
         latent = vae_lib.encode(vae.module, pixels, notes=notes)
-        positive = _with_fill(positive, masked_latent, m)
-        negative = _with_fill(negative, masked_latent, m) if negative is not None else None
+        positive = fill_lib.with_fill(positive, masked_latent, m)
+        negative = fill_lib.with_fill(negative, masked_latent, m) if negative is not None else None
         return io.NodeOutput(positive, negative, {"samples": latent}, ui=ui(notes))
 
 
@@ -164,17 +113,13 @@ class ControlConditioning(io.ComfyNode):
     @classmethod
     def execute(cls, vae, positive, control_image, negative=None):
         notes = []
-        (image,) = _crop_to_patches(vae, notes, _image(control_image))
+        (image,) = images_lib.crop_to_multiple(images_lib.image_batch(control_image), vae.downscale * 2, notes=notes)
         host.load_to_device([vae.handle], memory_required=vae_lib.encode_memory(vae.module, image.shape))
         latent = vae_lib.encode(vae.module, image, notes=notes)  # the posterior mean, as ComfyUI's VAEEncode
-        positive = _with_control(positive, latent)
-        negative = _with_control(negative, latent) if negative is not None else None
+        positive = fill_lib.with_control(positive, latent)
+        negative = fill_lib.with_control(negative, latent) if negative is not None else None
         empty = {"samples": torch.zeros_like(latent, device=host.intermediate_device())}
         return io.NodeOutput(positive, negative, empty, ui=ui(notes))
-
-
-def _with_control(conditioning, latent_image: torch.Tensor):
-    return [[c, dict(d, concat_latent_image=latent_image)] for c, d in conditioning]
 
 
 class KontextReference(io.ComfyNode):
@@ -198,7 +143,7 @@ class KontextReference(io.ComfyNode):
     @classmethod
     def execute(cls, vae, conditioning, image):
         notes = []
-        image = _image(image)
+        image = images_lib.image_batch(image)
         host.load_to_device([vae.handle], memory_required=vae_lib.encode_memory(vae.module, image.shape))
         latent = vae_lib.encode(vae.module, image, notes=notes)  # cropped to the VAE's 8-pixel grid, like VAEEncode
         conditioning = kontext_lib.add_reference(conditioning, latent)
@@ -238,7 +183,7 @@ class ReduxConditioning(io.ComfyNode):
         strength = checked(cls, strength=strength)
         source = f"the Redux encoder {redux.encoder.name!r}"
         redux_lib.check_width(conditioning, redux.text_width, source=source)  # before any work
-        pixels = redux_lib.preprocess(_image(image), redux.image_size, redux.mean, redux.std, crop)
+        pixels = redux_lib.preprocess(image, redux.image_size, redux.mean, redux.std, crop)
         host.load_to_device(redux.handles)
         tokens = redux_lib.image_tokens(redux.vision.module, redux.encoder.module, pixels)
         out = redux_lib.append_tokens(conditioning, tokens, strength, source=source)

@@ -1,7 +1,6 @@
 """Image nodes: scaling an input image to the size FLUX.1 Kontext was trained at."""
 from __future__ import annotations
 
-from ..common.errors import BadInput
 from ..pipeline import images as images_lib
 from ..pipeline import kontext as kontext_lib
 from ._common import CATEGORY, io, ui
@@ -25,10 +24,7 @@ class KontextImageScale(io.ComfyNode):
 
     @classmethod
     def execute(cls, image):
-        if image.ndim == 3:
-            image = image[None]
-        if image.ndim != 4:
-            raise BadInput("image", f"expected IMAGE [B, H, W, C], got shape {list(image.shape)}")
+        image = images_lib.image_batch(image)
         h, w = int(image.shape[1]), int(image.shape[2])
         width, height = kontext_lib.preferred_size(w, h)
         out = images_lib.scale(image, width, height, "lanczos", "center")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..common.errors import BadInput
+from .images import crop_to_multiple, image_batch
 from .latents import LatentFormat, pack
 from .vae import _pixels, encode, encode_pixels
 
@@ -126,11 +127,48 @@ def from_native_conditioning(cond_dict: dict, latent_shape, extra_channels: int,
     mask = cond_dict.get("concat_mask")
     if mask is None:
         mask = torch.ones(b, h * fmt.downscale, w * fmt.downscale)
-    mask = _mask_bhw(mask.float().cpu())
-    if tuple(mask.shape[-2:]) != (h * fmt.downscale, w * fmt.downscale):
-        mask = torch.nn.functional.interpolate(mask[:, None], size=(h * fmt.downscale, w * fmt.downscale),
-                                               mode="bilinear")[:, 0]
+    mask = mask_like(mask.float().cpu(), h * fmt.downscale, w * fmt.downscale)
     return torch.cat((lat, pack_mask(_batch(mask, b, "concat_mask"), fmt.downscale)), dim=-1)
+
+
+def mask_like(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """MASK [H, W] / [B, H, W] / [B, 1, H, W] at `height` x `width` pixels, float [B, H, W] (bilinear, as
+    ComfyUI's InpaintModelConditioning resizes it)."""
+    m = _mask_bhw(mask)
+    if tuple(m.shape[-2:]) != (height, width):
+        m = torch.nn.functional.interpolate(m[:, None], size=(height, width), mode="bilinear")[:, 0]
+    return m
+
+
+def masked_image(image: torch.Tensor, mask: torch.Tensor, multiple: int, notes: list | None = None):
+    """The Fill inputs in native form, from IMAGE [B, H, W, C] (0..1) and MASK (1 = repaint; any size, resized
+    to the image): (pixels [B, H', W', 3], masked pixels, binary mask [B, H', W']), cropped (centred) to a
+    multiple of `multiple` pixels, one mask for every image or one image for every mask. The mask is binarised
+    at 0.5 and the masked image is mid grey where it is 1, as FluxFillPipeline's `(2x - 1) * (1 - mask)` is
+    in pixel space."""
+    image = image_batch(image)
+    image, m = crop_to_multiple(image, multiple, mask_like(mask, image.shape[1], image.shape[2]), notes=notes)
+    m = (m >= 0.5).float()
+    if image.shape[0] != m.shape[0]:
+        if m.shape[0] == 1:
+            m = m.expand(image.shape[0], -1, -1)
+        elif image.shape[0] == 1:
+            image = image.expand(m.shape[0], -1, -1, -1)
+        else:
+            raise BadInput("mask", f"{m.shape[0]} masks for {image.shape[0]} images")
+    pixels = image[..., :3].float()
+    return pixels, pixels * (1 - m[..., None]) + 0.5 * m[..., None], m
+
+
+def with_fill(conditioning, latent_image: torch.Tensor, mask: torch.Tensor) -> list:
+    """A copy of a CONDITIONING carrying Fill inputs as ComfyUI's InpaintModelConditioning sets them: the
+    masked image's raw latents (`concat_latent_image`) and the pixel mask (`concat_mask`)."""
+    return [[c, dict(d, concat_latent_image=latent_image, concat_mask=mask)] for c, d in conditioning]
+
+
+def with_control(conditioning, latent_image: torch.Tensor) -> list:
+    """A copy of a CONDITIONING carrying a Depth/Canny control image's raw latents (`concat_latent_image`)."""
+    return [[c, dict(d, concat_latent_image=latent_image)] for c, d in conditioning]
 
 
 def expected_extra_channels(transformer, latent_channels: int = 16) -> int:
@@ -139,4 +177,5 @@ def expected_extra_channels(transformer, latent_channels: int = 16) -> int:
 
 
 __all__ = ["fill_conditioning", "fill_from_latent", "pack_mask", "control_conditioning",
-           "from_native_conditioning", "expected_extra_channels"]
+           "from_native_conditioning", "expected_extra_channels", "mask_like", "masked_image", "with_fill",
+           "with_control"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..common.errors import BadInput
+from ._notes import note
 
 METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
 CROPS = ("disabled", "center")
@@ -54,3 +55,28 @@ def scale(image: torch.Tensor, width: int, height: int, method: str = "lanczos",
     else:
         y = torch.nn.functional.interpolate(x, size=(height, width), mode=method)
     return y.movedim(1, -1).contiguous()
+
+
+def image_batch(image: torch.Tensor, what: str = "image") -> torch.Tensor:
+    """A native IMAGE as [B, H, W, C] with at least 3 channels (one image [H, W, C] gets a batch axis)."""
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4 or image.shape[-1] < 3:
+        raise BadInput(what, f"expected IMAGE [B, H, W, 3], got shape {list(image.shape)}")
+    return image
+
+
+def crop_to_multiple(image: torch.Tensor, multiple: int, *aligned: torch.Tensor, notes: list | None = None) -> tuple:
+    """(image, *aligned) cropped, centred, to a multiple of `multiple` pixels on each side, as ComfyUI's
+    VAEEncode crops (with a note when anything is cut). `image` is [B, H, W, ...]; each of `aligned` (masks
+    [B, H, W]) is cut at the same pixels."""
+    _, h, w = image.shape[:3]
+    h2, w2 = h // multiple * multiple, w // multiple * multiple
+    if h2 == 0 or w2 == 0:
+        raise BadInput("image", f"{w}x{h} is smaller than {multiple}x{multiple} pixels, the least it can be "
+                                f"cropped to")
+    if (h2, w2) != (h, w):
+        note(f"image {w}x{h} is not a multiple of {multiple}; cropped to {w2}x{h2} (centred)", notes)
+        oy, ox = (h - h2) // 2, (w - w2) // 2
+        image, aligned = image[:, oy:oy + h2, ox:ox + w2], [t[:, oy:oy + h2, ox:ox + w2] for t in aligned]
+    return (image, *aligned)

@@ -17,6 +17,7 @@ import torch
 
 from ..common.errors import BadInput
 from .device import execution_device
+from .images import image_batch
 
 CROPS = ("center", "none")
 
@@ -25,9 +26,7 @@ def preprocess(image: torch.Tensor, size: int, mean, std, crop: str = "center") 
     """IMAGE [B, H, W, C] 0..1 -> pixel values [B, 3, size, size] for the vision tower."""
     if crop not in CROPS:
         raise BadInput("crop", f"{crop!r}: expected one of {', '.join(CROPS)}")
-    if image.ndim != 4 or image.shape[-1] < 3:
-        raise BadInput("image", f"expected IMAGE [B, H, W, 3], got shape {list(image.shape)}")
-    x = image[..., :3].movedim(-1, 1).float()
+    x = image_batch(image)[..., :3].movedim(-1, 1).float()
     if tuple(x.shape[-2:]) != (size, size):
         if crop == "center":
             scale = size / min(x.shape[-2:])

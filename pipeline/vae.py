@@ -15,6 +15,7 @@ import torch
 from ..common.errors import BadInput
 from ._notes import note
 from .device import execution_device
+from .images import crop_to_multiple, image_batch
 
 TILE = 64  # latent pixels per side of a tile of the tiled decode
 
@@ -151,18 +152,7 @@ def _decode_tiled(vae, z: torch.Tensor, tile_size: int = TILE, overlap: int = 16
 def _pixels(image: torch.Tensor, ds: int, notes) -> torch.Tensor:
     """IMAGE [B, H, W, C] 0..1 -> VAE input [B, 3, H', W'] in -1..1, H'/W' cropped (centred) to a
     multiple of the VAE downscale, like ComfyUI's VAEEncode."""
-    if image.ndim == 3:
-        image = image[None]
-    if image.ndim != 4 or image.shape[-1] < 3:
-        raise BadInput("image", f"expected IMAGE [B, H, W, 3], got shape {tuple(image.shape)}")
-    _, h, w, _ = image.shape
-    h2, w2 = h // ds * ds, w // ds * ds
-    if h2 == 0 or w2 == 0:
-        raise BadInput("image", f"{w}x{h} is smaller than the VAE's {ds}x{ds} block")
-    if (h2, w2) != (h, w):
-        note(f"image {w}x{h} is not a multiple of {ds}; cropped to {w2}x{h2} (centred)", notes)
-        oy, ox = (h - h2) // 2, (w - w2) // 2
-        image = image[:, oy:oy + h2, ox:ox + w2]
+    (image,) = crop_to_multiple(image_batch(image), ds, notes=notes)
     # contiguous: the same pixels must give the same latents whatever the IMAGE's memory layout (a BHWC view
     # of a BCHW tensor, as native nodes return, would otherwise reach the convolutions channels-last)
     return (2.0 * image[..., :3].permute(0, 3, 1, 2) - 1.0).contiguous()

@@ -1,5 +1,4 @@
 """Flux transformer conversion: exact round trips, agreement with diffusers, tolerant loading."""
-import json
 
 import pytest
 import torch

@@ -12,7 +12,6 @@ bitwise, and bad combinations are refused naming both parts.
 import copy
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch

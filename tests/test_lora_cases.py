@@ -5,11 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fluxbridge.convert.families import flux
 from fluxbridge.convert.inspect import inspect_path
 from fluxbridge.convert.load import load_model
 from fluxbridge.convert.lora import apply_loras, convert_lora, inspect_lora, load_lora
-from fluxbridge.convert.table import A, B, materialize
 from fluxbridge.convert.write import convert_file
 from fluxbridge.headless.factory import save_layout, tiny_flux_transformer
 from model_state import snapshot as state  # tests/helpers

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import textwrap
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -34,7 +34,7 @@ from safetensors.torch import load as safetensors_load, save_file
 
 import fluxbridge
 from fluxbridge.headless import cli, demo, factory, native_nodes, runner
-from fluxbridge.runtime import host, models
+from fluxbridge.runtime import host
 from fluxbridge.common.errors import BadInput
 from fluxbridge.nodes import conditioning, convert, latent, loaders, sampling
 from gguf_bytes import ARCH, gguf_bytes, gguf_string  # tests/helpers
