@@ -32,6 +32,7 @@ from fluxbridge.convert.lora.write import convert_lora
 from fluxbridge.convert.write import convert_file
 from fluxbridge.nodes import conditioning, convert, latent, loaders, sampling
 from fluxbridge.pipeline import vae as vae_lib
+from model_state import assert_same_state, snapshot  # tests/helpers
 
 MODEL, VAE, CLIP, T5 = "flux1-dev.safetensors", "ae.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors"
 LORA, TEXT_LORA = "flux_lora_style.safetensors", "text_lora.safetensors"
@@ -70,17 +71,6 @@ def fault():
     mp = pytest.MonkeyPatch()
     yield mp
     mp.undo()
-
-
-def snapshot(module) -> dict:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def assert_bitwise(module, snap) -> None:
-    now = module.state_dict()
-    assert now.keys() == snap.keys()
-    for k, v in snap.items():
-        assert now[k].dtype == v.dtype and now[k].shape == v.shape and torch.equal(now[k], v), k
 
 
 def hooks(module) -> int:
@@ -147,7 +137,7 @@ def test_failure_while_loading_caches_nothing_and_the_next_load_works(on_host, f
     tr = transformer()
     assert [k[0] for k in models.cache_keys()] == ["transformer"]
     fresh = load_model(on_host / "diffusion_models" / MODEL, family="flux-transformer", dtype=torch.float32).model
-    assert_bitwise(tr.module, snapshot(fresh))
+    assert_same_state(tr.module, snapshot(fresh))
     assert not any(p.is_meta for p in tr.module.parameters())
 
 
@@ -178,13 +168,13 @@ def test_transformer_lora_failing_half_way_leaves_the_model_unchanged(on_host, f
         with tr.patched():
             pytest.fail("the body must not run")
     assert flaky.calls == 4
-    assert_bitwise(tr.module, base)
+    assert_same_state(tr.module, base)
     assert hooks(tr.module) == hooks_before
     fault.undo()
     with tr.patched() as module:  # and it still patches afterwards, and comes off bitwise
         assert any(not torch.equal(v, base[k]) for k, v in module.state_dict().items())
     with dataclasses.replace(tr, loras=()).patched() as module:
-        assert_bitwise(module, base)
+        assert_same_state(module, base)
 
 
 def test_text_encoder_lora_failing_in_t5_unwinds_clip_too(on_host, fault):
@@ -199,15 +189,15 @@ def test_text_encoder_lora_failing_in_t5_unwinds_clip_too(on_host, fault):
     with pytest.raises(RuntimeError, match="injected fault"):
         conditioning.TextEncode.execute(text_encoders=te, clip_text="a cat", max_sequence_length=16)
     assert flaky.calls == 2
-    assert_bitwise(te.clip.module, clip)
-    assert_bitwise(te.t5.module, t5)
+    assert_same_state(te.clip.module, clip)
+    assert_same_state(te.t5.module, t5)
     fault.undo()
     (cond,) = conditioning.TextEncode.execute(text_encoders=te, clip_text="a cat", max_sequence_length=16).args
     (plain,) = conditioning.TextEncode.execute(text_encoders=text_encoders(), clip_text="a cat",
                                                max_sequence_length=16).args
     assert not torch.equal(cond[0][0], plain[0][0])  # the LoRA applies...
-    assert_bitwise(te.clip.module, clip)  # ... and an encode without it sees the bases
-    assert_bitwise(te.t5.module, t5)
+    assert_same_state(te.clip.module, clip)  # ... and an encode without it sees the bases
+    assert_same_state(te.t5.module, t5)
 
 
 # -------------------------------------------------------------------------------------------- sampling
@@ -246,7 +236,7 @@ def test_fault_at_step_k_leaves_the_cached_transformer_unchanged(on_host, kind):
     assert calls["n"] == 2
     assert hooks(tr.module) == hooks_before and tr.loras == stack
     with dataclasses.replace(tr, loras=()).patched() as module:  # the base under the stack is as loaded
-        assert_bitwise(module, base)
+        assert_same_state(module, base)
     after = sample(tr, cond, empty)
     assert torch.equal(after["samples"], fresh["samples"])
     models.clear_cache()  # and a truly fresh run (everything loaded again) gives the same
@@ -273,7 +263,7 @@ def test_interrupt_at_step_k_inside_comfyui(comfy_stubs, model_dir):
         finally:
             handle.remove()
         assert calls["n"] == 2
-        assert_bitwise(tr.module, base)
+        assert_same_state(tr.module, base)
         assert hooks(tr.module) == hooks_before
         assert torch.equal(sample(tr, cond, empty)["samples"], fresh["samples"])
     finally:
