@@ -125,8 +125,7 @@ def use_stack(module, family: str, loras, strength_of: Callable[[LoraEntry], flo
         if current is not None and current.key == key:
             return module
         if current is not None:
-            del module.__dict__[_APPLIED]
-            current.handle.remove()
+            _take_off(module, current)
             if not pairs:
                 host.weights_changed(module)
         if pairs:
@@ -145,12 +144,26 @@ def use_stack(module, family: str, loras, strength_of: Callable[[LoraEntry], flo
     return module
 
 
+def _take_off(module, current: _Applied) -> None:
+    """Remove the applied stack `current` from `module`. Where an original cannot be put back (its model file
+    was written over since the load) the error goes up, and the record stays with no stack's key: the module
+    is neither the base nor that stack now, so every later use tries the removal again and fails the same
+    way, naming the file, instead of computing with half-restored weights."""
+    try:
+        current.handle.remove()
+    except BaseException:
+        current.key = None
+        host.weights_changed(module)  # some originals did go back
+        raise
+    del module.__dict__[_APPLIED]
+
+
 def release_loras(module) -> None:
     """Remove whatever stack `module` carries (it is the clean base afterwards)."""
     with _stack_lock:
-        current = module.__dict__.pop(_APPLIED, None)
+        current = module.__dict__.get(_APPLIED)
         if current is not None:
-            current.handle.remove()
+            _take_off(module, current)
             host.weights_changed(module)
 
 
@@ -374,7 +387,12 @@ def _evict(key) -> None:
     value = _cache.pop(key)
     module = getattr(value, "module", None)
     if module is not None:
-        release_loras(module)
+        try:
+            release_loras(module)
+        except BadInput:
+            # its file was written over, so the originals are gone: it leaves patched, and any holder's next
+            # use of it fails naming the file; the load that is replacing it goes on
+            pass
 
 
 def clear_cache() -> None:

@@ -186,6 +186,38 @@ def test_the_model_file_changing_while_a_lora_is_applied(files, change):
         h.remove()
 
 
+def test_a_cached_model_whose_file_was_written_over_under_its_stack(files):
+    """The stack cannot come off a cached model whose file was written over in place: each use of that model
+    says so, naming the file (never the same stack "already applied" to half-restored weights, never a
+    stack over them), and loading the file again gives the new file's model, clean."""
+    import struct
+
+    from fluxbridge.common.errors import BadInput
+    models.clear_cache()
+    path = files["dev"]
+    base, _ = models.load_transformer(path)
+    a = base.with_lora("a", models.open_lora(files["a"]), 1.0)
+    with a.patched():
+        pass
+    with open(path, "r+b") as f:  # `cp new old`: the same file, other bytes
+        data_start = 8 + struct.unpack("<Q", f.read(8))[0]
+        f.seek(data_start)
+        f.write(bytes(os.path.getsize(path) - data_start))
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
+    b = base.with_lora("b", models.open_lora(files["b"]), 1.0)
+    for use in (base, a, b, a):
+        with pytest.raises(BadInput, match="changed on disk") as err:
+            with use.patched():
+                pass
+        assert str(path) in str(err.value)
+    fresh, cached = models.load_transformer(path)  # the stale entry is dropped without stopping the load
+    assert not cached and fresh.module is not base.module
+    assert all(torch.count_nonzero(v) == 0 for v in state(fresh.module).values())  # the zeros written
+    assert models.applied_handle(fresh.module) is None
+    models.clear_cache()
+
+
 def test_gguf_dequantized_originals_are_kept(tmp_path):
     pytest.importorskip("gguf")
     from gguf_flux import write_flux_gguf  # tests/helpers
