@@ -11,9 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fluxbridge.convert.lora import apply_loras, load_lora, patch_tensors
-from fluxbridge.convert.lora.synth import NO_ALPHA, Entry, write_keys
+from fluxbridge.convert.lora.synth import Entry, write_keys
 from fluxbridge.convert.lora.write import render_lora
 from fluxbridge.headless.factory import tiny_flux_transformer
+from lora_reference import BIAS, NAMING, lora_entries, ref_delta  # tests/helpers
 
 FLUX = "flux-transformer"
 
@@ -134,47 +135,12 @@ def source_modules(naming: str, shape="small", model=None) -> dict[str, tuple[in
     return out
 
 
-NAMING = {"kohya": "bfl", "comfy": "bfl", "bfl-peft": "bfl", "bfl-control": "bfl", "fal-kontext": "bfl",
-          "diffusers": "diffusers", "ai-toolkit": "diffusers", "peft": "diffusers", "peft-named": "diffusers",
-          "diffusers-legacy": "diffusers", "onetrainer": "diffusers", "lycoris": "diffusers", "omi": "omi",
-          "xlabs": "xlabs"}
 LOWRANK_FORMATS = list(NAMING)
-
-
-def ref_delta(e: Entry, fmt: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """ΔW and Δb straight from the factors, in the file's own naming (float64 for the reference)."""
-    t = {k: v.double() for k, v in e.tensors.items()}
-    if e.kind == "lora":
-        r = t["down"].shape[0]
-        s = e.alpha / r if (e.alpha is not None and fmt not in NO_ALPHA) or (e.alpha is not None and fmt == "diffusers") else 1.0
-        dw = s * t["up"] @ t["down"]
-        return dw, (s * t["up_bias"] if "up_bias" in t else None)
-    if e.kind == "loha":
-        s = e.alpha / t["hada_w1_b"].shape[0]
-        return s * (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]), None
-    if e.kind == "lokr":
-        w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
-        s = e.alpha / t["lokr_w2_b"].shape[0]
-        return s * torch.kron(t["lokr_w1"], w2), None
-    if e.kind == "full":
-        return t.get("diff"), t.get("diff_b")
-    raise AssertionError(e.kind)
 
 
 def make_entries(fmt: str, gen: torch.Generator, shape="small", ranks=(2, 8), alphas=(None, 1.0, 4.0, 16.0),
                  skip=lambda name: False, bias=False):
-    naming = NAMING[fmt]
-    entries = []
-    for name, (out, inp) in source_modules(naming, shape).items():
-        if skip(name):
-            continue
-        r = int(torch.randint(ranks[0], ranks[1] + 1, (1,), generator=gen))
-        alpha = alphas[int(torch.randint(0, len(alphas), (1,), generator=gen))]
-        t = {"down": torch.randn(r, inp, generator=gen) * 0.5, "up": torch.randn(out, r, generator=gen) * 0.5}
-        if bias:
-            t["up_bias"] = torch.randn(out, generator=gen) * 0.5
-        entries.append(Entry(name, "lora", t, alpha))
-    return entries
+    return lora_entries(source_modules(NAMING[fmt], shape), gen, ranks, alphas, skip, bias, std=0.5)
 
 
 def model_delta(before, after, name, naming, bmap, param="weight"):
@@ -232,7 +198,7 @@ def check_deltas(fmt, entries, before, after, shape="small", strength=1.0):
 @pytest.mark.parametrize("fmt", LOWRANK_FORMATS)
 def test_format_applies_its_own_delta(fmt):
     gen = torch.Generator().manual_seed(hash(fmt) % 1000)
-    entries = make_entries(fmt, gen, bias=fmt in ("bfl-peft", "bfl-control", "fal-kontext", "diffusers", "peft"))
+    entries = make_entries(fmt, gen, bias=fmt in BIAS)
     lora, _ = check_applied(fmt, entries)
     assert lora.format == fmt.replace("peft-named", "diffusers"), lora.format
     from fluxbridge.convert.lora import looks_like_lora
@@ -250,7 +216,7 @@ def test_baking_with_convert_changes_exactly_the_targets(fmt, tmp_path):
     from fluxbridge.headless.factory import save_layout
 
     gen = torch.Generator().manual_seed(hash(fmt) % 1000)
-    entries = make_entries(fmt, gen, bias=fmt in ("bfl-peft", "bfl-control", "fal-kontext", "diffusers", "peft"))
+    entries = make_entries(fmt, gen, bias=fmt in BIAS)
     sd, meta = write_keys(entries, fmt)
     base = save_layout(tiny(), tmp_path / "base.safetensors", "bfl")
     lora_file = tmp_path / "lora.safetensors"

@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from fluxbridge.common.errors import BadInput
 from fluxbridge.convert.lora import load_lora
 from fluxbridge.convert.lora.native import native_plan
-from fluxbridge.convert.lora.synth import NO_ALPHA, Entry, write_keys
+from fluxbridge.convert.lora.synth import Entry, write_keys
+from lora_reference import BIAS, NAMING, lora_entries, ref_delta  # tests/helpers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -126,37 +127,6 @@ def sources(naming: str) -> dict[str, tuple[str, int, int, bool, int]]:
     raise AssertionError(naming)
 
 
-NAMING = {"kohya": "bfl", "comfy": "bfl", "bfl-peft": "bfl", "bfl-control": "bfl", "fal-kontext": "bfl",
-          "diffusers": "diffusers", "ai-toolkit": "diffusers", "peft": "diffusers", "peft-named": "diffusers",
-          "diffusers-legacy": "diffusers", "onetrainer": "diffusers", "lycoris": "diffusers", "omi": "omi",
-          "xlabs": "xlabs"}
-BIAS = ("bfl-peft", "bfl-control", "fal-kontext", "diffusers", "peft")
-
-
-def lora_scale(e: Entry, fmt: str) -> float:
-    r = e.tensors["down"].shape[0]
-    return e.alpha / r if e.alpha is not None and (fmt not in NO_ALPHA or fmt == "diffusers") else 1.0
-
-
-def ref_delta(e: Entry, fmt: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """ΔW, Δb of an entry from its factors (float64), in the entry's own rows."""
-    t = {k: v.double() for k, v in e.tensors.items()}
-    if e.kind == "lora":
-        s = lora_scale(e, fmt)
-        return s * t["up"] @ t["down"], (s * t["up_bias"] if "up_bias" in t else None)
-    if e.kind == "loha":
-        s = e.alpha / t["hada_w1_b"].shape[0]
-        return s * (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]), None
-    if e.kind == "lokr":
-        w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
-        w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
-        rank = t["lokr_w1_b"].shape[0] if "lokr_w1_b" in t else t["lokr_w2_b"].shape[0]
-        return (e.alpha / rank) * torch.kron(w1, w2), None
-    if e.kind == "full":
-        return t.get("diff"), t.get("diff_b")
-    raise AssertionError(e.kind)
-
-
 def place(expected: dict, bfl_key: str, start: int, delta: torch.Tensor, swap: bool) -> None:
     if swap:
         h = delta.shape[0] // 2
@@ -181,17 +151,8 @@ def reference(entries, fmt: str, strength: float) -> dict[str, torch.Tensor]:
 
 
 def make_entries(fmt: str, gen, ranks=(1, 6), alphas=(None, 1.0, 4.0, 16.0), skip=lambda name: False):
-    entries = []
-    for name, (_, _, rows, _, inp) in sources(NAMING[fmt]).items():
-        if skip(name):
-            continue
-        r = int(torch.randint(ranks[0], ranks[1] + 1, (1,), generator=gen))
-        alpha = alphas[int(torch.randint(0, len(alphas), (1,), generator=gen))]
-        t = {"down": torch.randn(r, inp, generator=gen) * 0.3, "up": torch.randn(rows, r, generator=gen) * 0.3}
-        if fmt in BIAS:
-            t["up_bias"] = torch.randn(rows, generator=gen) * 0.3
-        entries.append(Entry(name, "lora", t, alpha))
-    return entries
+    modules = {name: (rows, inp) for name, (_, _, rows, _, inp) in sources(NAMING[fmt]).items()}
+    return lora_entries(modules, gen, ranks, alphas, skip, bias=fmt in BIAS, std=0.3)
 
 
 # ------------------------------------------------------------------------------------- native objects
