@@ -6,11 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fluxbridge.convert.families import flux
 from fluxbridge.convert.load import load_model
 from fluxbridge.convert.quant import quantize_fp8
-from fluxbridge.convert.table import A, B, materialize
 from fluxbridge.headless.factory import tiny_flux_transformer
+from model_state import as_bfl  # tests/helpers
 
 E4M3 = torch.float8_e4m3fn
 FLUX = "flux-transformer"
@@ -18,10 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bfl_state(seed=3):
-    m = tiny_flux_transformer(width=32, heads=2, double=1, single=1, seed=seed, init_std=0.1)
-    sd = {k: v.detach() for k, v in m.state_dict().items()}
-    plan, _ = flux.TABLE.convert({k: tuple(v.shape) for k, v in sd.items()}, B, A)
-    return {k: materialize(s, sd.__getitem__).contiguous() for k, s in plan.items()}
+    return as_bfl(tiny_flux_transformer(width=32, heads=2, double=1, single=1, seed=seed, init_std=0.1))
 
 
 def write_fp8(path, scaled=False):

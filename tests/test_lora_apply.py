@@ -11,6 +11,7 @@ from fluxbridge.convert.lora import apply as apply_mod
 from fluxbridge.convert.lora import patch as patch_mod
 from fluxbridge.convert.lora.synth import Entry, write_keys
 from fluxbridge.headless.factory import tiny_clip_l, tiny_flux_transformer, tiny_t5
+from model_state import as_bfl, assert_same_state as assert_bitwise, snapshot  # tests/helpers
 
 FLUX = "flux-transformer"
 
@@ -48,19 +49,6 @@ def _shape(name, sd):
 KOHYA = list(_FUSED)
 DIFF = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "single_transformer_blocks.0.proj_mlp",
         "norm_out.linear", "proj_out", "transformer_blocks.0.ff.net.2"]
-
-
-def snapshot(m):
-    return {k: v.clone() for k, v in m.state_dict().items()}
-
-
-def assert_bitwise(m, snap):
-    sd = m.state_dict()
-    assert sd.keys() == snap.keys()
-    for k, v in sd.items():
-        assert v.dtype == snap[k].dtype and v.shape == snap[k].shape, k
-        assert torch.equal(v.view(torch.uint8) if v.dtype.itemsize == 1 else v, snap[k].view(torch.uint8)
-                           if v.dtype.itemsize == 1 else snap[k]), k
 
 
 def run(m, seed=0, in_ch=64):
@@ -368,14 +356,10 @@ def test_convert_with_lora_equals_apply(tmp_path):
     the tensors of the model patched in memory."""
     from safetensors.torch import load_file, save_file
 
-    from fluxbridge.convert.families import flux
-    from fluxbridge.convert.table import A, B, materialize
     from fluxbridge.convert.write import convert_file
     gen = torch.Generator().manual_seed(8)
     m = model(torch.bfloat16)
-    sd = m.state_dict()
-    plan, _ = flux.TABLE.convert({k: tuple(v.shape) for k, v in sd.items()}, B, A)
-    save_file({k: materialize(s, sd.__getitem__).contiguous() for k, s in plan.items()}, tmp_path / "bfl.safetensors")
+    save_file(as_bfl(m), tmp_path / "bfl.safetensors")
     k, _ = lora_of("kohya", KOHYA[:-1], gen, name="k")
     save_file(write_keys(_, "kohya")[0], tmp_path / "k.safetensors")
     report = convert_file(tmp_path / "bfl.safetensors", tmp_path / "out.safetensors", "diffusers", "keep",

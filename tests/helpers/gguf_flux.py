@@ -10,17 +10,14 @@ def write_flux_gguf(model, path: Path, qtype_name: str = "Q8_0", f16=("img_in.we
     2-D weights whose rows are whole blocks go in `qtype_name`, those named in `f16` in F16, the rest F32."""
     import gguf
 
-    from fluxbridge.convert.families import flux
-    from fluxbridge.convert.table import A, B, materialize
+    from model_state import as_bfl
 
     q = gguf.GGMLQuantizationType[qtype_name]
     block = gguf.GGML_QUANT_SIZES[q][0]
-    sd = {k: v.detach().float() for k, v in model.state_dict().items()}
-    plan, _ = flux.TABLE.convert({k: tuple(v.shape) for k, v in sd.items()}, B, A)
     w = gguf.GGUFWriter(str(path), "flux")
     types = {}
-    for name, step in plan.items():
-        x = materialize(step, sd.__getitem__).contiguous().numpy()
+    for name, t in as_bfl(model).items():
+        x = t.float().numpy()
         if name in f16:
             w.add_tensor(name, x.astype(np.float16))
             types[name] = "F16"
