@@ -6,6 +6,7 @@ from fluxbridge.headless import factory
 from fluxbridge import pipeline as P
 from fluxbridge.common.errors import BadInput
 from fluxbridge.runtime.models import PACK_TOKENIZERS
+from parity import encode as _encode  # tests/helpers
 
 LONG = " ".join(["a very detailed photo of a small cat sitting on a red chair in the garden"] * 12)
 
@@ -19,11 +20,6 @@ def comps():
 def pipe(comps):
     from diffusers import FluxPipeline
     return FluxPipeline(**comps)
-
-
-def _encode(comps, prompt, **kw):
-    return P.encode_prompt(comps["tokenizer"], comps["text_encoder"], comps["tokenizer_2"],
-                           comps["text_encoder_2"], prompt, **kw)
 
 
 def test_conditioning_is_native_flux(comps):
