@@ -40,29 +40,6 @@ import torch  # noqa: E402
 import checkout  # noqa: E402,F401  (the pack as `fluxbridge`, installed or not)
 
 
-def kohya_lora(model, rank: int, path: Path) -> int:
-    """A rank-`rank` kohya LoRA on every block Linear of `model` (fused BFL modules), written to `path`."""
-    from safetensors.torch import save_file
-    D = model.config.num_attention_heads * model.config.attention_head_dim
-    g = torch.Generator().manual_seed(3)
-    shapes = {}
-    for i in range(model.config.num_layers):
-        for s in ("img", "txt"):
-            d = f"double_blocks_{i}_{s}_"
-            shapes.update({d + "mod_lin": (6 * D, D), d + "attn_qkv": (3 * D, D), d + "attn_proj": (D, D),
-                           d + "mlp_0": (4 * D, D), d + "mlp_2": (D, 4 * D)})
-    for i in range(model.config.num_single_layers):
-        shapes.update({f"single_blocks_{i}_linear1": (7 * D, D), f"single_blocks_{i}_linear2": (D, 5 * D),
-                       f"single_blocks_{i}_modulation_lin": (3 * D, D)})
-    sd = {}
-    for name, (out, inp) in shapes.items():
-        sd[f"lora_unet_{name}.lora_down.weight"] = (torch.randn(rank, inp, generator=g) * 0.01).bfloat16()
-        sd[f"lora_unet_{name}.lora_up.weight"] = (torch.randn(out, rank, generator=g) * 0.01).bfloat16()
-        sd[f"lora_unet_{name}.alpha"] = torch.tensor(float(rank))
-    save_file(sd, str(path))
-    return len(shapes)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=6, help="interleaved rounds (default 6)")
@@ -76,6 +53,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+
+    from bench_lora import make_lora
 
     from fluxbridge.headless.factory import save_layout, tiny_flux_transformer
     from fluxbridge.nodes import latent, sampling
@@ -94,7 +73,7 @@ def main(argv=None):
                                     single=args.single, joint_attention_dim=64, pooled_projection_dim=64,
                                     dtype=torch.bfloat16)
         path = save_layout(net, root / "diffusion_models" / "flux1-dev.safetensors", "bfl")
-        modules = kohya_lora(net, args.rank, root / "loras" / "lora.safetensors")
+        modules = make_lora(root / "loras" / "lora.safetensors", net, "kohya", args.rank)  # every block Linear
         base, _ = models.load_transformer(path)
         lora = base.with_lora("lora", models.open_lora(root / "loras" / "lora.safetensors"), 1.0)
         g = torch.Generator().manual_seed(1)
