@@ -217,10 +217,6 @@ def measure(fn, device, steps) -> dict:
 WAYS = ("ours", "diffusers model offload", "diffusers group offload")
 
 
-def is_oom(exc: BaseException) -> bool:
-    return vae_lib.is_oom(exc)
-
-
 def set_cap(device, gib: float):
     """Cap this process's CUDA memory at `gib` GiB; returns the fraction set, or None (no CUDA: not enforced).
     Raises ValueError when the device has less."""
@@ -321,7 +317,7 @@ def run_caps(args, device, dtype, t_cfg, v_cfg, tokens, size) -> int:
                     row["image"] = torch.as_tensor(m["image"]).float()
                 row["how"] = how()
             except Exception as exc:  # noqa: BLE001 - a way that does not fit is a result, not a failure
-                row["error"] = "out of memory" if is_oom(exc) else f"{type(exc).__name__}: {str(exc)[:160]}"
+                row["error"] = "out of memory" if vae_lib.is_oom(exc) else f"{type(exc).__name__}: {str(exc)[:160]}"
             finally:
                 teardown(pipe, transformer, vae)
             rows.append(row)
