@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 import checkout  # noqa: E402,F401  (the pack as `fluxbridge`, installed or not)
-from memory import PeakRSS  # noqa: E402
+from memory import PeakRSS, fresh_process, touch  # noqa: E402
 
 E4M3 = torch.float8_e4m3fn
 
@@ -66,14 +65,6 @@ def write_file(path: Path, double: int, single: int, scaled: bool) -> int:
     return path.stat().st_size
 
 
-def touch(module) -> None:
-    """Read every byte of every parameter once (a view's pages come in as they are read)."""
-    total = 0
-    for p in module.parameters():
-        total += int(p.detach().reshape(-1).view(torch.uint8)[::4096].sum())
-    return total
-
-
 def child(kind: str, path: Path) -> dict:
     from diffusers import FluxTransformer2DModel  # noqa: F401  (imports before the baseline)
 
@@ -104,12 +95,6 @@ def child(kind: str, path: Path) -> dict:
     return out
 
 
-def run_child(kind: str, path: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--file", str(path)]
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--double", type=int, default=2, help="double blocks of the FLUX.1-width model (default 2)")
@@ -134,7 +119,7 @@ def main(argv=None):
         for r in range(args.rounds):
             order = ("ours", "before", "forward") if r % 2 == 0 else ("before", "forward", "ours")
             for kind in order:
-                got[kind].append(run_child(kind, path))
+                got[kind].append(fresh_process(__file__, "--child", kind, "--file", path))
             print(f"  round {r + 1}: " + ", ".join(f"{k} {got[k][-1]['peak'] / size:.3f}x" for k in got))
     med = statistics.median
     compute = got["ours"][0]["compute"]

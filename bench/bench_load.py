@@ -21,12 +21,11 @@ import os
 import resource
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import checkout  # noqa: F401  (the pack as `fluxbridge`, installed or not)
+from memory import fresh_process, touch
 
 D, DOUBLE, SINGLE = 3072, 2, 4
 
@@ -79,17 +78,6 @@ def make_config(folder: Path):
     (folder / "config.json").write_text(json.dumps(cfg))
 
 
-def touch(model) -> int:
-    """Read every page of every parameter, so a lazily mapped model is as resident as a copied one."""
-    import torch
-    total = 0
-    for p in model.parameters():
-        flat = p.detach().reshape(-1).view(torch.uint8) if p.dtype.itemsize == 1 else p.detach().reshape(-1)
-        step = max(1, 4096 // p.element_size())
-        total += int(flat[::step].float().sum().item() != 0)
-    return total
-
-
 # ----------------------------------------------------------------------------------- child tasks
 
 def peak_rss() -> int:
@@ -134,12 +122,6 @@ def child(task: str, ckpt: str, work: str) -> dict:
     return {"seconds": seconds, "peak_rss": peak_rss() - base_rss}
 
 
-def run_child(task, ckpt, work) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", task, "--ckpt", str(ckpt), "--dir", str(work)],
-                         check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5, help="rounds, the task order rotated every round (default 5)")
@@ -160,14 +142,14 @@ def main():
     tasks = ("read", "ours", "diffusers", "copy", "convert")
     outputs = {"copy": work / "copy.safetensors", "convert": work / "converted.safetensors"}
     results = {t: [] for t in tasks}
-    run_child("read", ckpt, work)  # warm the page cache
+    fresh_process(__file__, "--child", "read", "--ckpt", ckpt, "--dir", work)  # warm the page cache
     for r in range(args.runs):
         order = tasks[r % len(tasks):] + tasks[:r % len(tasks)]  # rotated each round: no task always follows another
         for t in order:  # interleaved, so drift hits every task alike
             if t in outputs:  # both write a new file: neither pays for freeing the last run's 2.6 GB
                 outputs[t].unlink(missing_ok=True)
                 os.sync()
-            results[t].append(run_child(t, ckpt, work))
+            results[t].append(fresh_process(__file__, "--child", t, "--ckpt", ckpt, "--dir", work))
     for out in outputs.values():
         out.unlink(missing_ok=True)
     med = {t: statistics.median(r["seconds"] for r in results[t]) for t in tasks}

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ from pathlib import Path
 import torch
 
 import checkout  # noqa: E402,F401  (the pack as `fluxbridge`, installed or not)
-from memory import PeakRSS  # noqa: E402
+from memory import PeakRSS, fresh_process, touch  # noqa: E402
 
 from fluxbridge.convert.lora import apply_loras, load_lora  # noqa: E402
 from fluxbridge.convert.lora.synth import Entry, write_keys  # noqa: E402
@@ -122,8 +121,7 @@ def child(side: str, model_path: Path, lora_path: Path, fused_path: Path) -> dic
     from safetensors.torch import save_file
     loaded = load(model_path, copies=side != "views")
     model = loaded.model
-    for p in model.parameters():  # every page resident before the baseline (a view's come in as it is read)
-        p.detach().reshape(-1).view(torch.uint8)[::4096].sum()
+    touch(model)  # every page resident before the baseline
 
     def watched():  # block 0's attention weights, under their plain names (PEFT adds ".base_layer")
         return {n.replace(".base_layer", ""): p.detach().clone() for n, p in model.named_parameters()
@@ -166,13 +164,6 @@ def child(side: str, model_path: Path, lora_path: Path, fused_path: Path) -> dic
     return out
 
 
-def run_child(side: str, args, tmp: Path, r: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", side, "--dir", str(tmp), "--round", str(r), "--format", args.format,
-           "--threads", str(args.threads)]
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--format", default="diffusers", choices=("diffusers", "kohya"), help="the LoRA file's format")
@@ -212,7 +203,8 @@ def main(argv=None):
               f"{args.rounds} rounds of {len(SIDES)} fresh processes ({', '.join(SIDES)}), the order rotated")
         for r in range(args.rounds):
             for side in SIDES[r % len(SIDES):] + SIDES[:r % len(SIDES)]:
-                got[side].append(run_child(side, args, tmp, r))
+                got[side].append(fresh_process(__file__, "--child", side, "--dir", tmp, "--round", r,
+                                                "--format", args.format, "--threads", args.threads))
             a, b = got["ours"][-1], got["diffusers"][-1]
             print(f"  round {r + 1}: apply ours {a['apply']:5.2f} s, diffusers {b['apply']:5.2f} s, "
                   f"ours / diffusers {a['apply'] / b['apply']:.2f}x; peak RSS above the model ours "

@@ -1,5 +1,9 @@
-"""Peak resident memory of this process above a starting level, for the benchmarks' fresh child processes."""
+"""Resident memory in the benchmarks' fresh child processes: the peak above a starting level (PeakRSS), every
+page of a model's weights brought in (touch), and the fresh process itself (fresh_process)."""
+import json
 import resource
+import subprocess
+import sys
 import threading
 import time
 
@@ -42,3 +46,18 @@ class PeakRSS:
 
 def _maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def touch(module) -> None:
+    """Read one byte of every 4 KiB of every parameter: weights that are views of a mapped file come in as
+    they are read, so afterwards the model is as resident as one whose weights are copies."""
+    import torch
+    for p in module.parameters():
+        p.detach().reshape(-1).view(torch.uint8)[::4096].sum()
+
+
+def fresh_process(script, *argv) -> dict:
+    """Run `script` with `argv` in a fresh Python (its own imports, its own peak RSS); the JSON object its last
+    line of output holds."""
+    done = subprocess.run([sys.executable, str(script), *map(str, argv)], check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
