@@ -24,6 +24,7 @@ from fluxbridge.nodes import conditioning, image as image_nodes, latent, loaders
 from fluxbridge.pipeline import kontext as kontext_lib
 from fluxbridge.runtime import host, models
 from node_graph import copy_tokenizers, run  # tests/helpers
+from parity import image_diff, pipe as _pipe  # tests/helpers
 
 TOKENIZERS = models.PACK_TOKENIZERS  # the real CLIP-L / T5 tokenizers the pack carries
 PROMPT = "make the sky a warm sunset"
@@ -120,19 +121,8 @@ def _sample_decode(tr, vae, cond, lat):
     return img
 
 
-def _pipe(cls, **comps):
-    pipe = cls(**comps)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _bchw(x):
     return x.permute(0, 3, 1, 2)
-
-
-def _diff(ours, ref):
-    assert ours.shape == ref.permute(0, 2, 3, 1).shape
-    return (ours - ref.permute(0, 2, 3, 1)).abs().max().item()
 
 
 def _noise(h, w):
@@ -161,14 +151,14 @@ def test_kontext_one_and_two_references_match_flux_kontext_pipeline(on_host, par
     ours2 = _sample_decode(tr, vae, cond2, lat)
 
     dev = parts["dev"]
-    pipe = _pipe(FluxKontextPipeline, **dev)
+    pipe = _pipe(FluxKontextPipeline, dev)
     kw = dict(prompt=PROMPT, height=64, width=80, max_area=64 * 80, num_inference_steps=STEPS, guidance_scale=2.5,
               max_sequence_length=T5_TOKENS, output_type="pt")
     theirs1 = pipe(image=_bchw(ref1), _auto_resize=False, generator=torch.Generator().manual_seed(SEED), **kw).images
     # diffusers takes one image: two references stitched the way both are placed (ids of one taller image)
     stitched = P.process_in(torch.cat(cond2[0][1]["reference_latents"], dim=2), dev["vae"])
     theirs2 = pipe(image=stitched, generator=torch.Generator().manual_seed(SEED), **kw).images
-    d1, d2 = _diff(ours1, theirs1), _diff(ours2, theirs2)
+    d1, d2 = image_diff(ours1, theirs1), image_diff(ours2, theirs2)
     print(f"Kontext max |diff|: one reference {d1:.3g}, two references {d2:.3g}")
     assert d1 <= TOL and d2 <= TOL
     assert (ours1 - ours2).abs().max() > TOL  # the second reference was read
@@ -221,7 +211,7 @@ def test_kontext_image_scale_picks_the_preferred_size_as_diffusers(on_host):
 
 def _control_reference(comps, control, h, w, lora=None):
     from diffusers import FluxControlPipeline
-    pipe = _pipe(FluxControlPipeline, **comps)
+    pipe = _pipe(FluxControlPipeline, comps)
     if lora is not None:
         pipe.load_lora_weights(lora)
     vae = comps["vae"]
@@ -241,7 +231,7 @@ def test_depth_model_matches_flux_control_pipeline(on_host, parts):
     assert neg is None and lat["samples"].shape == (1, 16, 8, 6) and not lat["samples"].any()
     assert pos[0][1]["concat_latent_image"].shape == (1, 16, 8, 6) and "concat_mask" not in pos[0][1]
     ours = _sample_decode(tr, vae, pos, lat)
-    d = _diff(ours, _control_reference(parts["depth"], control, 64, 48))
+    d = image_diff(ours, _control_reference(parts["depth"], control, 64, 48))
     print(f"Depth max |diff|: {d:.3g}")
     assert d <= TOL
 
@@ -272,7 +262,7 @@ def test_dev_with_control_lora_matches_diffusers_and_comes_off_bitwise(on_host, 
     theirs = _control_reference(comps, control, 64, 64, demo.tiny_control_lora(comps["transformer"], seed=3,
                                                                                 layout="diffusers"))
     assert comps["transformer"].x_embedder.in_features == 128  # diffusers widened it too
-    d = _diff(ours, theirs)
+    d = image_diff(ours, theirs)
     print(f"dev + control LoRA max |diff|: {d:.3g}")
     assert d <= TOL
     (other, _, _), _ = run(conditioning.ControlConditioning, vae=vae, positive=_encode(te, 10.0),
@@ -306,10 +296,10 @@ def test_redux_matches_prior_redux_then_flux_pipeline(on_host, parts):
                                    text_encoder=dev["text_encoder"], tokenizer=dev["tokenizer"],
                                    text_encoder_2=dev["text_encoder_2"], tokenizer_2=dev["tokenizer_2"])
     embeds, pooled = prior(Image.fromarray(pixels), prompt=PROMPT, return_dict=False)
-    theirs = _pipe(FluxPipeline, **dev)(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=64, width=64,
+    theirs = _pipe(FluxPipeline, dev)(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=64, width=64,
                                         num_inference_steps=STEPS, guidance_scale=3.5,
                                         generator=torch.Generator().manual_seed(SEED), output_type="pt").images
-    d = _diff(ours, theirs)
+    d = image_diff(ours, theirs)
     print(f"Redux max |diff|: {d:.3g}")
     assert d <= TOL
     assert (ours - _sample_decode(tr, vae, cond, empty)).abs().max() > TOL  # the image tokens were read

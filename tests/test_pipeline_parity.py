@@ -6,10 +6,9 @@ import torch
 
 from fluxbridge.headless import factory
 from fluxbridge import pipeline as P
-from parity import encode as _encode, gen as _gen, pipe as _pipe  # tests/helpers
+from parity import assert_image_close as _close, encode as _encode, gen as _gen, pipe as _pipe  # tests/helpers
 
 PROMPT = "a photo of a cat sitting on a chair, soft light"
-TOL = 1 / 255
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -42,13 +41,6 @@ def _image(h, w, seed=5):
 
 def _bhwc(x):
     return x.permute(0, 2, 3, 1)
-
-
-def _close(ours, ref):
-    diff = (ours - _bhwc(ref)).abs().max().item()
-    assert ours.shape == _bhwc(ref).shape
-    assert diff <= TOL, f"max pixel diff {diff:.3g} > 1/255"
-    return diff
 
 
 @pytest.mark.parametrize("height,width", [(64, 64), (64, 96), (128, 80)])

@@ -7,9 +7,8 @@ import torch
 
 from fluxbridge import pipeline as P
 from fluxbridge.headless import factory
-from parity import encode, gen as _gen, pipe as _pipe  # tests/helpers
+from parity import assert_image_close as _close, encode, gen as _gen, pipe as _pipe  # tests/helpers
 
-TOL = 1 / 255
 BF16 = torch.bfloat16
 PROMPT = "a photo of a cat sitting on a chair, soft light"
 
@@ -23,14 +22,6 @@ def dev():
 
 def _encode(comps, prompt, **kw):
     return encode(comps, prompt, dtype=BF16, **kw)
-
-
-def _close(ours, ref):
-    ref = ref.permute(0, 2, 3, 1).float()
-    assert ours.shape == ref.shape
-    diff = (ours - ref).abs().max().item()
-    assert diff <= TOL, f"max pixel diff {diff * 255:.2f}/255 > 1/255"
-    return diff
 
 
 def test_the_timesteps_reaching_the_model_are_the_pipelines():
