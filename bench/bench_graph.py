@@ -39,7 +39,6 @@ import checkout  # noqa: E402,F401  (the pack as `fluxbridge`, installed or not)
 
 from fluxbridge.headless import factory
 from fluxbridge.runtime import host, models  # noqa: E402
-from fluxbridge.convert.write import convert_file  # noqa: E402
 from fluxbridge.nodes.conditioning import TextEncode  # noqa: E402
 from fluxbridge.nodes.latent import EmptyLatent, VAEDecode  # noqa: E402
 from fluxbridge.nodes.sampling import Sampler  # noqa: E402
@@ -60,24 +59,10 @@ PNG_COMPRESS_LEVEL = 4  # what SaveImage uses
 
 def write_models(root: Path, width: int, double: int, single: int, text_width: int) -> None:
     """Small random models in the usual files and layouts (the tokenizers are the pack's own)."""
-    from safetensors.torch import save_file
-
     comps = factory.tiny_pipeline_components("dev", width=width, heads=width // 128, double=double, single=single,
                                              text_width=text_width)
-    with tempfile.TemporaryDirectory(prefix="fluxbridge-bench-") as tmp:
-        for part, (rel, layout) in FILES.items():
-            state, seen = {}, set()
-            # tied weights (T5's encoder.embed_tokens = shared) are stored once, as released files do
-            items = sorted(comps[part].state_dict().items(), key=lambda kv: kv[0] == "encoder.embed_tokens.weight")
-            for k, v in items:
-                key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-                if key not in seen:
-                    seen.add(key)
-                    state[k] = v.detach().contiguous()
-            src = Path(tmp) / f"{part}.safetensors"
-            save_file(state, str(src))
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            convert_file(src, root / rel, to=layout)
+    for part, (rel, layout) in FILES.items():
+        factory.save_layout(comps[part], root / rel, layout)
 
 
 def load_models(root: Path):

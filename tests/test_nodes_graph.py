@@ -18,7 +18,6 @@ from safetensors.torch import save_file
 
 from fluxbridge.headless import factory
 from fluxbridge.runtime import host, models
-from fluxbridge.convert.write import convert_file
 from fluxbridge.common.errors import BadInput
 from fluxbridge.nodes import conditioning, convert, latent, loaders, sampling
 from model_state import assert_same_state, snapshot  # tests/helpers
@@ -30,24 +29,6 @@ SIZE, STEPS, SEED = 64, 3, 7
 PROMPT = "a photo of a cat"
 NAMES = dict(model_name="flux1-dev.safetensors", clip_name="clip_l.safetensors", t5_name="t5xxl_fp16.safetensors",
              vae_name="ae.safetensors", lora_name="flux_lora.safetensors")
-TIED = ("encoder.embed_tokens.weight",)  # T5: tied to shared.weight, stored once as files do
-
-
-def _write(model, dst: Path, layout: str, tmp: Path) -> None:
-    """Save a model's state dict, then rewrite it in `layout` with the converter (the usual file layouts)."""
-    state, seen = {}, set()
-    for k, v in sorted(model.state_dict().items(), key=lambda kv: kv[0] in TIED):
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-        if key not in seen:
-            seen.add(key)
-            state[k] = v.detach().contiguous()
-    src = tmp / "src.safetensors"
-    save_file(state, str(src))
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    convert_file(src, dst, to=layout)
-    src.unlink()
-
-
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     """A models folder: dev and fill transformers (BFL layout), FLUX VAE and a 4-channel VAE (BFL), CLIP-L and
@@ -56,18 +37,18 @@ def tiny_models(tmp_path_factory):
     from fluxbridge.headless.demo import tiny_lora
 
     root = tmp_path_factory.mktemp("nodes-models")
-    tmp = tmp_path_factory.mktemp("nodes-src")
     width = 32
     dev = factory.tiny_flux_transformer(width=width, heads=2, joint_attention_dim=width, pooled_projection_dim=width,
                                         init_std=0.05, seed=1)
     fill = factory.tiny_flux_transformer(width=width, heads=2, in_channels=384, joint_attention_dim=width,
                                          pooled_projection_dim=width, init_std=0.05, seed=2)
-    _write(dev, root / "diffusion_models" / NAMES["model_name"], "bfl", tmp)
-    _write(fill, root / "diffusion_models" / "flux1-fill-dev.safetensors", "bfl", tmp)
-    _write(factory.tiny_flux_vae(seed=3), root / "vae" / NAMES["vae_name"], "bfl", tmp)
-    _write(factory.tiny_flux_vae(latent_channels=4, seed=4), root / "vae" / "sd_vae.safetensors", "bfl", tmp)
-    _write(factory.tiny_clip_l(hidden_size=width, seed=5), root / "text_encoders" / NAMES["clip_name"], "comfy", tmp)
-    _write(factory.tiny_t5(d_model=width, seed=6), root / "text_encoders" / NAMES["t5_name"], "comfy", tmp)
+    factory.save_layout(dev, root / "diffusion_models" / NAMES["model_name"], "bfl")
+    factory.save_layout(fill, root / "diffusion_models" / "flux1-fill-dev.safetensors", "bfl")
+    factory.save_layout(factory.tiny_flux_vae(seed=3), root / "vae" / NAMES["vae_name"], "bfl")
+    factory.save_layout(factory.tiny_flux_vae(latent_channels=4, seed=4), root / "vae" / "sd_vae.safetensors", "bfl")
+    factory.save_layout(factory.tiny_clip_l(hidden_size=width, seed=5), root / "text_encoders" / NAMES["clip_name"],
+                        "comfy")
+    factory.save_layout(factory.tiny_t5(d_model=width, seed=6), root / "text_encoders" / NAMES["t5_name"], "comfy")
     (root / "loras").mkdir()
     lora = {k: v * 20 for k, v in tiny_lora(dev, "kohya", seed=8).items() if not k.endswith(".alpha")}
     save_file(lora, str(root / "loras" / NAMES["lora_name"]))
