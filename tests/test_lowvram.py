@@ -24,7 +24,8 @@ from fluxbridge.headless import demo, factory
 from fluxbridge.nodes import conditioning, latent, loaders, sampling
 from fluxbridge.pipeline.device import execution_device
 from fluxbridge.runtime import models, offload
-from model_state import assert_same_state, snapshot
+from model_state import assert_same_state, snapshot  # tests/helpers
+from node_graph import run  # tests/helpers
 
 SIZE, STEPS, SEED, PROMPT = 32, 2, 3, "a red fox in the snow"
 NAMES = dict(model_name="flux1-dev.safetensors", clip_name="clip_l.safetensors", t5_name="t5xxl_fp16.safetensors",
@@ -69,19 +70,18 @@ def demo_dir(tmp_path_factory):
 
 def graph(lora=None):
     """Loaders (+ LoRA) -> text encode -> empty latent -> sampler -> decode, through the node classes."""
-    run = lambda cls, **kw: cls.execute(**kw).args  # noqa: E731
-    (tr,) = run(loaders.LoadTransformer, model_name=NAMES["model_name"], weight_dtype="default", quantize="none")
-    (te,) = run(loaders.LoadTextEncoders, clip_name=NAMES["clip_name"], t5_name=NAMES["t5_name"],
-                weight_dtype="default")
-    (vae,) = run(loaders.LoadVAE, vae_name=NAMES["vae_name"])
+    (tr,), _ = run(loaders.LoadTransformer, model_name=NAMES["model_name"], weight_dtype="default", quantize="none")
+    (te,), _ = run(loaders.LoadTextEncoders, clip_name=NAMES["clip_name"], t5_name=NAMES["t5_name"],
+                   weight_dtype="default")
+    (vae,), _ = run(loaders.LoadVAE, vae_name=NAMES["vae_name"])
     if lora is not None:
-        (tr, te) = run(loaders.LoadLoRA, transformer=tr, lora_name=NAMES["lora_name"], strength_model=lora,
-                       strength_text=1.0, text_encoders=te)
-    (cond,) = run(conditioning.TextEncode, text_encoders=te, clip_text=PROMPT, t5_text="", guidance=3.5,
-                  max_sequence_length=32)
-    (empty,) = run(latent.EmptyLatent, width=SIZE, height=SIZE, batch_size=1)
-    (lat,) = run(sampling.Sampler, transformer=tr, positive=cond, latent=empty, seed=SEED, steps=STEPS)
-    (image,) = run(latent.VAEDecode, vae=vae, latent=lat, tiled="auto")
+        (tr, te), _ = run(loaders.LoadLoRA, transformer=tr, lora_name=NAMES["lora_name"], strength_model=lora,
+                          strength_text=1.0, text_encoders=te)
+    (cond,), _ = run(conditioning.TextEncode, text_encoders=te, clip_text=PROMPT, t5_text="", guidance=3.5,
+                     max_sequence_length=32)
+    (empty,), _ = run(latent.EmptyLatent, width=SIZE, height=SIZE, batch_size=1)
+    (lat,), _ = run(sampling.Sampler, transformer=tr, positive=cond, latent=empty, seed=SEED, steps=STEPS)
+    (image,), _ = run(latent.VAEDecode, vae=vae, latent=lat, tiled="auto")
     return dict(transformer=tr, text_encoders=te, vae=vae, conditioning=cond, latent=lat, image=image)
 
 
