@@ -46,12 +46,6 @@ class ModelPatcher:
     def loaded_size(self):
         return self.model.model_loaded_weight_memory
 
-    def is_clone(self, other):
-        return getattr(other, "model", None) is self.model
-
-    def current_loaded_device(self):
-        return self.model.device
-
     def add_callback(self, call_type, callback):
         self.callbacks.setdefault(call_type, {}).setdefault(None, []).append(callback)
 
