@@ -9,6 +9,7 @@ from fluxbridge.convert.load import load_model
 from fluxbridge.convert.table import A, B, materialize
 from fluxbridge.convert.write import convert_file
 from fluxbridge.common.errors import BadInput
+from model_state import as_bfl  # tests/helpers
 
 SHAPES = [  # (width, head_dim, double, single, in_channels, guidance)
     (32, 16, 1, 2, 64, True),
@@ -28,11 +29,6 @@ def tiny_model(width, head, double, single, in_ch, guidance, seed=0):
         for p in model.parameters():
             p.normal_(0, 0.5)
     return model.eval()
-
-
-def to_bfl(sd):
-    plan, _ = flux.TABLE.convert({k: tuple(v.shape) for k, v in sd.items()}, B, A)
-    return {k: materialize(s, sd.__getitem__).contiguous() for k, s in plan.items()}
 
 
 def forward(model, seed=1):
@@ -55,7 +51,7 @@ def forward(model, seed=1):
 def test_round_trips_are_bitwise(tmp_path, shape):
     sd = tiny_model(*shape).state_dict()
     bfl = tmp_path / "bfl.safetensors"
-    save_file(to_bfl(sd), bfl)
+    save_file(as_bfl(sd), bfl)
     for start, via in (("bfl", "diffusers"), ("comfy", "diffusers"), ("bfl", "comfy")):
         first = tmp_path / f"{start}.safetensors"
         if start == "comfy":
@@ -125,7 +121,7 @@ def test_loaded_model_matches_diffusers_from_pretrained(tmp_path, shape):
         for p in theirs.parameters():
             p.data = p.data.clone()
     ours_folder = load_model(tmp_path / "folder", dtype=torch.float32)
-    save_file(to_bfl(model.state_dict()), tmp_path / "flux1-dev.safetensors")
+    save_file(as_bfl(model.state_dict()), tmp_path / "flux1-dev.safetensors")
     ours_bfl = load_model(tmp_path / "flux1-dev.safetensors", dtype=torch.float32)
     assert ours_bfl.layout == "bfl" and ours_folder.layout == "diffusers"
     for ours in (ours_folder, ours_bfl):  # ours are views of the files too: same treatment
@@ -143,7 +139,7 @@ def test_loaded_model_matches_diffusers_from_pretrained(tmp_path, shape):
 
 
 def test_loading_names_missing_unexpected_and_misshapen_tensors(tmp_path):
-    bfl = to_bfl(tiny_model(*SHAPES[0]).state_dict())
+    bfl = as_bfl(tiny_model(*SHAPES[0]).state_dict())
     broken = dict(bfl)
     del broken["double_blocks.0.img_mlp.2.weight"]
     save_file(broken, tmp_path / "missing.safetensors")

@@ -4,7 +4,8 @@ import torch
 from safetensors.torch import save_file
 
 from fluxbridge.convert.families import clip, t5
-from fluxbridge.convert.table import A, B, materialize
+from fluxbridge.convert.table import A, B
+from model_state import assert_same_tensors as assert_bitwise, convert_state as convert, shapes_of  # tests/helpers
 
 CLIP_SHAPES = [  # (hidden, layers, intermediate, vocab, positions): heads = hidden // 64
     (64, 2, 96, 100, 16),
@@ -15,21 +16,6 @@ T5_SHAPES = [  # (d_model, heads, d_kv, d_ff, layers, buckets, vocab, gated)
     (48, 2, 32, 80, 3, 16, 90, False),  # original T5: relu, wi; inner width 64 ≠ d_model
 ]
 EXTRAS = {"text_projection.weight", "logit_scale", "text_model.embeddings.position_ids"}
-
-
-def shapes_of(sd):
-    return {k: tuple(v.shape) for k, v in sd.items()}
-
-
-def convert(table, sd, src, dst, config={}):
-    plan, report = table.convert(shapes_of(sd), src, dst, config)
-    return {k: materialize(s, sd.__getitem__).contiguous() for k, s in plan.items()}, report
-
-
-def assert_bitwise(x, y):
-    assert x.keys() == y.keys(), sorted(set(x) ^ set(y))
-    for k in x:
-        assert x[k].dtype == y[k].dtype and x[k].shape == y[k].shape and torch.equal(x[k], y[k]), k
 
 
 def randomize(model, seed=0, std=0.3):

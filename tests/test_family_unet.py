@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from fluxbridge.convert.families import sd15_unet as unet
-from fluxbridge.convert.table import A, B, materialize
+from fluxbridge.convert.table import A, B
+from model_state import assert_same_tensors as assert_bitwise, convert_state, shapes_of  # tests/helpers
 
 PREFIX = "model.diffusion_model."
 SHAPES = [  # (block_out_channels, layers_per_block, attention per level, cross_attention_dim, time_cond_proj_dim)
@@ -25,21 +26,6 @@ def tiny_unet(channels, layers, attention, context, cond_proj, seed=0):
         for p in model.parameters():
             p.normal_(0, 0.15)
     return model.eval()
-
-
-def shapes_of(sd):
-    return {k: tuple(v.shape) for k, v in sd.items()}
-
-
-def convert(sd, src, dst, config):
-    plan, report = unet.TABLE.convert(shapes_of(sd), src, dst, config)
-    return {k: materialize(s, sd.__getitem__).contiguous() for k, s in plan.items()}, report
-
-
-def assert_bitwise(x, y):
-    assert x.keys() == y.keys(), sorted(set(x) ^ set(y))
-    for k in x:
-        assert x[k].dtype == y[k].dtype and x[k].shape == y[k].shape and torch.equal(x[k], y[k]), k
 
 
 def run(model, seed=1):
@@ -66,7 +52,7 @@ def test_round_trips_are_bitwise_and_config_is_inferred_on_both_sides(shape):
                                              "norm_num_groups", "attention_head_dim", "in_channels", "out_channels")}
     assert {k: config[k] for k in expected} == {k: tuple(v) if isinstance(v, list) else v for k, v in expected.items()}
 
-    ldm, report = convert(sd, B, A, config)
+    ldm, report = convert_state(unet.TABLE, sd, B, A, config)
     assert report["unplaced"] == []
     assert unet.infer_config(shapes_of(ldm), A) == config
     assert ("time_embedding.cond_proj.weight" in ldm) is (cond_proj is not None)
@@ -76,9 +62,9 @@ def test_round_trips_are_bitwise_and_config_is_inferred_on_both_sides(shape):
     assert ups == sorted(f"output_blocks.{b * step + layers}.{2 if a else 1}"
                          for b, a in enumerate(reversed(attention)) if b < len(channels) - 1)
 
-    back, _ = convert(ldm, A, B, config)
+    back, _ = convert_state(unet.TABLE, ldm, A, B, config)
     assert_bitwise(back, sd)
-    again, _ = convert(back, B, A, config)
+    again, _ = convert_state(unet.TABLE, back, B, A, config)
     assert_bitwise(again, ldm)
 
 
@@ -92,11 +78,11 @@ def test_ldm_to_diffusers_equals_diffusers_converter_except_its_lcm_failure(shap
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
     sd = tiny_unet(*shape).state_dict()
     config = unet.infer_config(shapes_of(sd), B)
-    ldm, _ = convert(sd, B, A, config)
+    ldm, _ = convert_state(unet.TABLE, sd, B, A, config)
     checkpoint = {PREFIX + k: v for k, v in ldm.items()}
     checkpoint.update(betas=torch.zeros(3), alphas_cumprod=torch.ones(3))  # schedule buffers: not UNet
     theirs = convert_ldm_unet_checkpoint(checkpoint, dict(config))
-    ours, _ = convert(ldm, A, B, config)
+    ours, _ = convert_state(unet.TABLE, ldm, A, B, config)
     lcm = "time_embedding.cond_proj.weight"
     if shape[4] is not None:
         assert lcm in ours and lcm in ldm and lcm not in theirs  # diffusers drops it
@@ -112,11 +98,11 @@ def test_model_built_from_ldm_weights_gives_the_same_outputs(shape):
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
     model = tiny_unet(*shape)
     sd = model.state_dict()
-    ldm, _ = convert(sd, B, A, unet.infer_config(shapes_of(sd), B))
+    ldm, _ = convert_state(unet.TABLE, sd, B, A, unet.infer_config(shapes_of(sd), B))
     config = unet.infer_config(shapes_of(ldm), A)
     ours = unet.build(config)
     assert all(p.is_meta for p in ours.parameters())
-    converted, _ = convert(ldm, A, B, config)
+    converted, _ = convert_state(unet.TABLE, ldm, A, B, config)
     ours.load_state_dict(converted, strict=True, assign=True)
     assert not any(p.is_meta for p in ours.parameters())
     reference = run(model)
@@ -171,7 +157,7 @@ def test_full_checkpoint_parts_are_separate_components():
     from fluxbridge.convert.detect import components
     from fluxbridge.convert.families import clip, vae
     sd = tiny_unet(*SHAPES[0]).state_dict()
-    ldm, _ = convert(sd, B, A, unet.infer_config(shapes_of(sd), B))
+    ldm, _ = convert_state(unet.TABLE, sd, B, A, unet.infer_config(shapes_of(sd), B))
     keys = [PREFIX + k for k in ldm]
     keys += ["first_stage_model." + k for k in ("encoder.conv_in.weight", "encoder.down.0.block.0.conv1.weight",
                                                 "decoder.up.0.block.0.conv1.weight", "decoder.mid.attn_1.q.weight")]

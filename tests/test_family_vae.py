@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from fluxbridge.convert.families import vae
-from fluxbridge.convert.table import A, B, materialize
+from fluxbridge.convert.table import A, B
+from model_state import assert_same_tensors as assert_bitwise, convert_state, shapes_of  # tests/helpers
 
 SHAPES = [  # (block_out_channels, layers_per_block, latent_channels, quant_conv)
     ((32, 64), 1, 16, False),  # FLUX-like: 16 latent channels, no quant_conv, 32 groups
@@ -23,21 +24,6 @@ def tiny_vae(channels, layers, latent, quant, seed=0):
         for p in model.parameters():
             p.normal_(0, 0.2)
     return model.eval()
-
-
-def shapes_of(sd):
-    return {k: tuple(v.shape) for k, v in sd.items()}
-
-
-def convert(sd, src, dst, config):
-    plan, report = vae.TABLE.convert(shapes_of(sd), src, dst, config)
-    return {k: materialize(s, sd.__getitem__).contiguous() for k, s in plan.items()}, report
-
-
-def assert_bitwise(x, y):
-    assert x.keys() == y.keys(), sorted(set(x) ^ set(y))
-    for k in x:
-        assert x[k].dtype == y[k].dtype and x[k].shape == y[k].shape and torch.equal(x[k], y[k]), k
 
 
 def run(model, seed=1):
@@ -62,7 +48,7 @@ def test_round_trips_are_bitwise_and_config_is_inferred_on_both_sides(shape):
     assert config["norm_num_groups"] == model.config.norm_num_groups
     assert (config["scaling_factor"], config["shift_factor"]) == ((0.18215, None) if quant else (0.3611, 0.1159))
 
-    ldm, report = convert(sd, B, A, config)
+    ldm, report = convert_state(vae.TABLE, sd, B, A, config)
     assert report["unplaced"] == [] and len(report["reshaped"]) == 8  # q, k, v, proj_out weights × 2
     assert vae.infer_config(shapes_of(ldm), A) == config
     # LDM naming: attention as 1x1 convs, decoder levels counted from the top (up.0 = widest)
@@ -72,9 +58,9 @@ def test_round_trips_are_bitwise_and_config_is_inferred_on_both_sides(shape):
     assert "decoder.up.0.upsample.conv.weight" not in ldm and "decoder.up.1.upsample.conv.weight" in ldm
     assert ("quant_conv.weight" in ldm) is quant
 
-    back, _ = convert(ldm, A, B, config)
+    back, _ = convert_state(vae.TABLE, ldm, A, B, config)
     assert_bitwise(back, sd)
-    again, _ = convert(back, B, A, config)
+    again, _ = convert_state(vae.TABLE, back, B, A, config)
     assert_bitwise(again, ldm)
 
 
@@ -84,9 +70,9 @@ def test_ldm_to_diffusers_equals_diffusers_converter(shape):
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     sd = tiny_vae(*shape).state_dict()
     config = vae.infer_config(shapes_of(sd), B)
-    ldm, _ = convert(sd, B, A, config)
+    ldm, _ = convert_state(vae.TABLE, sd, B, A, config)
     theirs = convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in ldm.items()}, dict(config))
-    ours, _ = convert(ldm, A, B, config)
+    ours, _ = convert_state(vae.TABLE, ldm, A, B, config)
     assert_bitwise(ours, {k: v.contiguous() for k, v in theirs.items()})
 
 
@@ -96,11 +82,11 @@ def test_model_built_from_ldm_weights_gives_the_same_outputs(shape):
     encoder moments and decoder output are bit-identical to the original diffusers model (CPU fp32)."""
     model = tiny_vae(*shape)
     sd = model.state_dict()
-    ldm, _ = convert(sd, B, A, vae.infer_config(shapes_of(sd), B))
+    ldm, _ = convert_state(vae.TABLE, sd, B, A, vae.infer_config(shapes_of(sd), B))
     config = vae.infer_config(shapes_of(ldm), A)
     ours = vae.build(config)
     assert all(p.is_meta for p in ours.parameters())
-    converted, _ = convert(ldm, A, B, config)
+    converted, _ = convert_state(vae.TABLE, ldm, A, B, config)
     ours.load_state_dict(converted, strict=True, assign=True)
     assert not any(p.is_meta for p in ours.parameters())
     assert tuple(ours.config.block_out_channels) == tuple(model.config.block_out_channels)
@@ -124,11 +110,11 @@ def test_legacy_diffusers_attention_names_are_read_and_written_modern():
         legacy[k] = v
     assert "decoder.mid_block.attentions.0.proj_attn.weight" in legacy
     assert vae.infer_config(shapes_of(legacy), B) == config
-    from_legacy, report = convert(legacy, B, A, config)
-    from_modern, _ = convert(sd, B, A, config)
+    from_legacy, report = convert_state(vae.TABLE, legacy, B, A, config)
+    from_modern, _ = convert_state(vae.TABLE, sd, B, A, config)
     assert report["unplaced"] == []
     assert_bitwise(from_legacy, from_modern)
-    back, _ = convert(from_legacy, A, B, config)
+    back, _ = convert_state(vae.TABLE, from_legacy, A, B, config)
     assert_bitwise(back, sd)
 
 

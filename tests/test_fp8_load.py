@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bfl_state(seed=3):
-    return as_bfl(tiny_flux_transformer(width=32, heads=2, double=1, single=1, seed=seed, init_std=0.1))
+    return as_bfl(tiny_flux_transformer(width=32, heads=2, double=1, single=1, seed=seed, init_std=0.1).state_dict())
 
 
 def write_fp8(path, scaled=False):

@@ -359,7 +359,7 @@ def test_convert_with_lora_equals_apply(tmp_path):
     from fluxbridge.convert.write import convert_file
     gen = torch.Generator().manual_seed(8)
     m = model(torch.bfloat16)
-    save_file(as_bfl(m), tmp_path / "bfl.safetensors")
+    save_file(as_bfl(m.state_dict()), tmp_path / "bfl.safetensors")
     k, _ = lora_of("kohya", KOHYA[:-1], gen, name="k")
     save_file(write_keys(_, "kohya")[0], tmp_path / "k.safetensors")
     report = convert_file(tmp_path / "bfl.safetensors", tmp_path / "out.safetensors", "diffusers", "keep",

@@ -16,7 +16,7 @@ def write_flux_gguf(model, path: Path, qtype_name: str = "Q8_0", f16=("img_in.we
     block = gguf.GGML_QUANT_SIZES[q][0]
     w = gguf.GGUFWriter(str(path), "flux")
     types = {}
-    for name, t in as_bfl(model).items():
+    for name, t in as_bfl(model.state_dict()).items():
         x = t.float().numpy()
         if name in f16:
             w.add_tensor(name, x.astype(np.float16))
