@@ -1,17 +1,15 @@
 """The `fluxbridge` command: help, dispatch to the library, output, and exit codes (0 / 2 / 1)."""
 import json
-import os
 import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 
 from fluxbridge.headless import cli
 from fluxbridge.common.errors import BadInput
+from checkout_env import checkout_env  # tests/helpers
 
-ROOT = Path(__file__).resolve().parents[1]
 
 HELP = {  # sub-command -> words its --help must say
     ("inspect",): ["family", "layout", "variant", "--json"],
@@ -133,8 +131,7 @@ def test_inspect_prints_text_or_json(monkeypatch, capsys):
 
 def test_python_dash_m(tmp_path):
     """`python -m fluxbridge` runs the same main (the checkout linked as `fluxbridge` on PYTHONPATH)."""
-    (tmp_path / "fluxbridge").symlink_to(ROOT, target_is_directory=True)
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    env = checkout_env(tmp_path)
     done = subprocess.run([sys.executable, "-m", "fluxbridge", "--version"], capture_output=True, text=True,
                           env=env, cwd=tmp_path, timeout=60)
     assert done.returncode == 0 and done.stdout.startswith("fluxbridge 0.1.0"), done.stderr

@@ -1,7 +1,6 @@
 """`fluxbridge demo`: small random models built once, the text-to-image example run on them, the image and
 its report written; the command line does the same."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from PIL import Image
 import fluxbridge
 from fluxbridge.headless import demo
 from fluxbridge.headless.demo import REPORT_NAME, models_key, run_demo
+from checkout_env import checkout_env  # tests/helpers
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +75,7 @@ def test_demo_finds_the_example_through_the_package():
 def test_cli_demo(tmp_path, cache):
     pypath = tmp_path.parent / f"{tmp_path.name}-pypath"  # this checkout linked as `fluxbridge`
     pypath.mkdir()
-    (pypath / "fluxbridge").symlink_to(Path(fluxbridge.__file__).resolve().parent, target_is_directory=True)
-    env = dict(os.environ, FLUXBRIDGE_CACHE=str(cache), PYTHONPATH=os.pathsep.join(
-        p for p in (str(pypath), os.environ.get("PYTHONPATH")) if p))
+    env = checkout_env(pypath, FLUXBRIDGE_CACHE=str(cache))
     err_file = tmp_path.parent / f"{tmp_path.name}-err.txt"  # stderr into a file, as in `2>err.txt`
     with open(err_file, "wb") as err:
         result = subprocess.run([sys.executable, "-m", "fluxbridge", "demo", "--output", str(tmp_path / "cli-out")],

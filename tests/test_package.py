@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import fluxbridge
+from checkout_env import checkout_env  # tests/helpers
 
 try:
     import tomllib
@@ -68,11 +69,10 @@ def package_folders():
 
 def test_importing_the_pack_is_light(tmp_path):
     """Importing the pack (and its command-line and host modules) loads no torch, diffusers or ComfyUI."""
-    (tmp_path / "fluxbridge").symlink_to(ROOT, target_is_directory=True)
     code = ("import sys, fluxbridge, fluxbridge.runtime.host, fluxbridge.headless.cli, fluxbridge.common.errors;"
             f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                          env=dict(os.environ, PYTHONPATH=str(tmp_path)), timeout=60)
+                          env=checkout_env(tmp_path), timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 

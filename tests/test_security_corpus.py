@@ -37,6 +37,7 @@ from fluxbridge.headless import cli, demo, factory, native_nodes, runner
 from fluxbridge.runtime import host
 from fluxbridge.common.errors import BadInput
 from fluxbridge.nodes import conditioning, convert, latent, loaders, sampling
+from checkout_env import checkout_env  # tests/helpers
 from gguf_bytes import ARCH, gguf_bytes, gguf_string  # tests/helpers
 
 GOOD = "flux-good.safetensors"  # the tiny transformer every "good request" uses
@@ -800,8 +801,7 @@ def test_cli_subprocess_corpus(workflows_written, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     w = workflows_written
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (str(_package_link(tmp_path)), os.environ.get("PYTHONPATH")) if p))
+    env = checkout_env(tmp_path)
     env.pop("TQDM_DISABLE", None)
 
     def run(i):
@@ -841,13 +841,6 @@ def test_cli_subprocess_corpus(workflows_written, tmp_path):
     assert not (w.converted / "sub-baked.safetensors").exists() and not (w.converted / "sub-cut.safetensors").exists()
     assert not w.marker.exists()
     print(f"CLI subprocess corpus: {len(results)} runs, exit 2 (one line): {counts[2]}, exit 0: {counts[0]}")
-
-
-def _package_link(folder: Path) -> Path:
-    link = folder / "fluxbridge"
-    if not link.exists():
-        link.symlink_to(Path(fluxbridge.__file__).resolve().parent, target_is_directory=True)
-    return folder
 
 
 # ----------------------------------------------------------------------------------------------- memory
@@ -901,8 +894,7 @@ def test_terabyte_claims_are_refused_before_allocating(world, tmp_path):
     """Peak RSS (VmHWM of a fresh process: ru_maxrss would include the parent's) grows by less than 200 MB
     while files claiming terabytes, LoRAs whose products would be terabytes, and a config.json asking for a
     million layers are all refused."""
-    env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=os.pathsep.join(
-        p for p in (str(_package_link(tmp_path)), os.environ.get("PYTHONPATH")) if p))
+    env = checkout_env(tmp_path, TQDM_DISABLE="1")
     r = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(world.models / "diffusion_models"),
                         str(world.models / "loras"), GOOD, ",".join(TERABYTE_FILES)],
                        capture_output=True, text=True, env=env, timeout=300)
