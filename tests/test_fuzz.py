@@ -38,6 +38,7 @@ from fluxbridge.convert.lora.write import TARGETS, render_lora
 from fluxbridge.convert.safetensors_io import DTYPES, open_weights
 from fluxbridge.common.errors import BadInput
 from gguf_bytes import ARCH, gguf_bytes, gguf_string  # tests/helpers
+from model_state import assert_same_state, shapes_of, snapshot  # tests/helpers
 
 # FLUXBRIDGE_FUZZ_EXAMPLES=20000 runs a longer campaign locally
 FUZZ = settings(max_examples=int(os.environ.get("FLUXBRIDGE_FUZZ_EXAMPLES", "150")), deadline=None, database=None,
@@ -294,11 +295,10 @@ def test_fuzz_lora_parser_planner_and_writers(tiny_models, tensors, metadata, st
     event(f"parsed: {len(lora.parts)} part(s)")
     json.dumps(lora.report)
     for family, model in tiny_models.items():
-        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        Plan(family, [(lora, strength)], shapes)
+        Plan(family, [(lora, strength)], shapes_of(model.state_dict()))
         if not lora.family_parts(family):
             continue
-        before = {k: v.clone() for k, v in model.state_dict().items()}
+        before = snapshot(model)
         try:
             handle = apply_loras(model, family, [(lora, strength)])
         except BadInput:
@@ -306,8 +306,7 @@ def test_fuzz_lora_parser_planner_and_writers(tiny_models, tensors, metadata, st
         if handle is not None:
             event(f"applied to {family}: {sum(len(r['applied']['patched']) for r in handle.reports)} module(s)")
             handle.remove()
-        after = model.state_dict()
-        assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+        assert_same_state(model, before)
     for to in TARGETS:
         try:
             render_lora(lora, to)
