@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from fluxbridge.convert.load import load_model
 from fluxbridge.convert.quant import quantize_fp8
 from fluxbridge.headless.factory import tiny_flux_transformer
-from model_state import as_bfl  # tests/helpers
+from model_state import as_bfl, assert_same_state, snapshot  # tests/helpers
 
 E4M3 = torch.float8_e4m3fn
 FLUX = "flux-transformer"
@@ -103,13 +103,13 @@ def test_lora_on_fp8_storage_computes_like_the_lora_on_the_dequantized_load(tmp_
     lora = load_lora(sd, name="kohya")
     kept = load_model(path, dtype=torch.float32, fp8=E4M3)
     full = load_model(path, dtype=torch.float32)
-    bytes_before, before = {k: v.clone() for k, v in kept.model.state_dict().items()}, run(kept.model)
+    bytes_before, before = snapshot(kept.model), run(kept.model)
     with apply_loras(full.model, FLUX, [(lora, 0.8)], origins=full.origins):
         want = run(full.model)
     with apply_loras(kept.model, FLUX, [(lora, 0.8)], origins=kept.origins) as h:
         assert h.reports[0]["applied"]["mode"] == {"dense": 0, "hook": 3}  # every part: its layers are fp8
         got = run(kept.model)
-        assert all(torch.equal(v, bytes_before[k]) for k, v in kept.model.state_dict().items())
+        assert_same_state(kept.model, bytes_before)
     assert not torch.allclose(want, before, atol=1e-3)  # the LoRA changes the output ...
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # ... and the hooks change it alike
     assert torch.equal(run(kept.model), before)

@@ -15,6 +15,7 @@ from fluxbridge.convert.lora.synth import Entry, write_keys
 from fluxbridge.convert.lora.write import render_lora
 from fluxbridge.headless.factory import tiny_flux_transformer
 from lora_reference import BIAS, NAMING, lora_entries, ref_delta  # tests/helpers
+from model_state import snapshot  # tests/helpers
 
 FLUX = "flux-transformer"
 
@@ -544,7 +545,7 @@ def test_norm_differences_and_comfy_set_weight_of_a_norm():
           "diffusion_model.single_blocks.0.norm.key_norm.scale.set_weight": value}
     lora = load_lora(sd, name="norms")
     assert not lora.not_placed and sorted(p.kind for p in lora.parts) == ["full", "set"]
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model)
     with apply_loras(model, FLUX, [(lora, 0.5)]) as handle:
         assert handle.reports[0]["applied"]["not_placed"] == []
         after = model.state_dict()
