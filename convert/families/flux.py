@@ -5,10 +5,9 @@ Three value changes, everything else is a rename: the qkv split, the linear1 spl
 """
 from __future__ import annotations
 
-import re
 from typing import Mapping
 
-from ..table import A, B, SWAP_HALVES, Rule, Split, Table
+from ..table import A, B, SWAP_HALVES, Rule, Split, Table, depth
 
 FAMILY = "flux-transformer"
 COMFY_PREFIX = "model.diffusion_model."
@@ -84,12 +83,6 @@ def default_axes(head_dim: int) -> tuple[int, int, int]:
     return first, second, head_dim - first - second
 
 
-def _depth(keys, pattern: str) -> int:
-    rx = re.compile("^" + pattern)
-    found = {int(m.group(1)) for k in keys if (m := rx.match(k))}
-    return max(found) + 1 if found else 0
-
-
 def infer_config(shapes: Mapping[str, tuple], side: str) -> dict:
     """diffusers FluxTransformer2DModel config from tensor shapes alone (any width and depth)."""
     s = 0 if side == A else 1
@@ -118,8 +111,8 @@ def infer_config(shapes: Mapping[str, tuple], side: str) -> dict:
         "patch_size": 1,
         "in_channels": img_in[1],
         "out_channels": out[0],
-        "num_layers": _depth(shapes, double_rx),
-        "num_single_layers": _depth(shapes, single_rx),
+        "num_layers": depth(shapes, double_rx),
+        "num_single_layers": depth(shapes, single_rx),
         "attention_head_dim": head_dim,
         "num_attention_heads": width // head_dim,
         "joint_attention_dim": txt_in[1],
