@@ -305,14 +305,7 @@ def load_original(path, family: str = "flux-transformer", dtype: torch.dtype | N
     shapes = {n: tuple(source.shape(k)) for n, k in comp.names.items()}
     plan, _ = module.TABLE.convert(shapes, comp.side, A, config)
     get = lambda name: source[comp.names[name]]
-    state = {}
-    for k, step in plan.items():
-        t = materialize(step, get)
-        if not isinstance(t, torch.Tensor):  # a GGUF quantized tensor (rows already split)
-            t = t.dequantize(target)
-        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-            t = t.to(dtype)
-        state[k] = t
+    state = {k: as_loaded(step, get, dtype, dequantize_to=target) for k, step in plan.items()}
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state.values() if t.is_floating_point()})
     report.update(dtype=", ".join(dtypes), tensor_count=len(comp.names), quant=getattr(source, "report", {}))
     variant = module.variant(config, path.name) if hasattr(module, "variant") else None
