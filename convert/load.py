@@ -247,18 +247,20 @@ def _fp8_weights(model, plan, source, comp, fp8) -> set[str]:
         key = f"{name}.weight"
         if not isinstance(mod, torch.nn.Linear) or key not in plan:
             continue
-        files = [comp.names[n] for n in plan[key].sources]
-        held = all(source.is_scaled(f) or source.dtype(f) in FP8_DTYPES for f in files)
-        if held or not any(re.search(p, name) for p in skip):
+        if _held_in_fp8(source, comp, plan[key]) or not any(re.search(p, name) for p in skip):
             out.add(key)
     return out
+
+
+def _held_in_fp8(source, comp, step) -> bool:
+    """Whether the file holds every source tensor of a plan step in fp8 (plain, or scaled with its scale)."""
+    return all(source.is_scaled(f) or source.dtype(f) in FP8_DTYPES for f in (comp.names[n] for n in step.sources))
 
 
 def _as_fp8(step, source, comp, fp8):
     """(weight in fp8, scale or None) of a plan step: the file's fp8 bytes (with their scale) where it holds
     fp8, else the logical weight cast to `fp8`."""
-    files = [comp.names[n] for n in step.sources]
-    if not all(source.is_scaled(f) or source.dtype(f) in FP8_DTYPES for f in files):
+    if not _held_in_fp8(source, comp, step):
         t = materialize(step, lambda n: source[comp.names[n]])
         if not isinstance(t, torch.Tensor):
             t = t.dequantize(torch.float32)
