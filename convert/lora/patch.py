@@ -39,6 +39,12 @@ class Target:
     rows: tuple[int, int] | None     # (start, length) of the part's rows it takes; None = all
     swap: bool = False               # row halves swapped (final layer)
 
+    def delta(self, part: Part, device="cpu", bias: bool = False) -> torch.Tensor:
+        """The part's scale·ΔW (or Δb) on this target: its rows, the row halves swapped where the target's
+        are (float32)."""
+        d = (bias_delta if bias else weight_delta)(part, self.rows, device)
+        return swap_halves(d) if self.swap else d
+
 
 @dataclass
 class Patch:
@@ -358,17 +364,13 @@ class _RowTerm:
         if s == 0:
             self.alpha = 0.0
             return
-        if bias:
-            d = bias_delta(part, target.rows, device)
-            self.dense = (swap_halves(d) if target.swap else d) * s
-        elif part.kind == "lora":
+        if part.kind == "lora" and not bias:
             self.up = part.tensors["up"]
             self.down = part.tensors["down"].to(device=device, dtype=F32)
             self.alpha = part.scale * s
             self.device = device
         else:
-            d = weight_delta(part, target.rows, device)
-            self.dense = (swap_halves(d) if target.swap else d) * s
+            self.dense = target.delta(part, device, bias) * s
 
     def _segments(self, r0: int, n: int):
         """(offset in the block, first source row, rows) of target rows r0:r0+n."""
@@ -412,10 +414,7 @@ def _apply(patch: Patch, get: Callable[[str], torch.Tensor]) -> None:
     if part.dora is None:
         for t in patch.weight:
             w = get(t.param)
-            d = weight_delta(part, t.rows, w.device)
-            if t.swap:
-                d = swap_halves(d)
-            w.add_(fit_inputs(d, w), alpha=s)
+            w.add_(fit_inputs(t.delta(part, w.device), w), alpha=s)
     elif patch.weight:
         # DoRA normalises over the whole source module: assemble it (rows in source order, halves back in
         # BFL order), compute, scatter back.
@@ -430,7 +429,4 @@ def _apply(patch: Patch, get: Callable[[str], torch.Tensor]) -> None:
             start += n
     for t in patch.bias:
         b = get(t.param)
-        d = bias_delta(part, t.rows, b.device)
-        if t.swap:
-            d = swap_halves(d)
-        b.add_(d, alpha=s)
+        b.add_(t.delta(part, b.device, bias=True), alpha=s)
