@@ -13,6 +13,9 @@ FAMILY = "flux-transformer"
 COMFY_PREFIX = "model.diffusion_model."
 PREFIXES = ("", "model.diffusion_model.", "diffusion_model.")
 NATIVE_PREFIX = "diffusion_model."  # where ComfyUI's native MODEL holds these tensors (its state dict)
+# The input layer a control LoRA may widen (FLUX.1 Depth/Canny LoRAs: 64 -> 128 inputs; diffusers zero-pads it
+# the same way), and the config key that follows its width (`convert.lora.patch.may_widen`, `expanded_config`).
+EXPANDABLE = ("img_in", "in_channels")
 
 _D, _S = "double_blocks.{i}.", "transformer_blocks.{i}."
 _SB, _SS = "single_blocks.{i}.", "single_transformer_blocks.{i}."

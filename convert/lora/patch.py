@@ -25,9 +25,6 @@ from .groups import Groups
 from .layers import bias_delta, dora_weight, fit_inputs, weight_delta
 
 F32 = torch.float32
-# The module whose input width a control LoRA may widen (BFL name; diffusers zero-pads it the same way), and
-# the model config key that follows that width.
-EXPANDABLE = {"flux-transformer": ("img_in", "in_channels")}
 # How much wider a control LoRA may make that input (FLUX.1 Fill: 64 -> 384, Depth/Canny: 64 -> 128). A reshape
 # is a few integers in the file, so a hostile one could otherwise ask for terabytes of zero padding.
 MAX_EXPAND = 16
@@ -164,13 +161,20 @@ def _render(table, name_a: str) -> str:
     return table.render(m, B, 0)
 
 
+def _expandable(family: str) -> tuple[str, str] | None:
+    """(the input layer a control LoRA may widen, side-a name; the config key that follows its width): the
+    family's `EXPANDABLE`, None where it has none."""
+    return getattr(family_module(family), "EXPANDABLE", None)
+
+
 def may_widen(family: str, module: str, side: str, have, want) -> bool:
     """Whether a control LoRA may widen `module` (named on `side` of the table) from shape `have` to `want`:
     only the family's expandable input layer, the same rows, more inputs but at most MAX_EXPAND times as
     many."""
-    if family not in EXPANDABLE:
+    expandable = _expandable(family)
+    if expandable is None:
         return False
-    name = EXPANDABLE[family][0]
+    name = expandable[0]
     if side == B:
         name = _render(family_module(family).TABLE, name)
     return (module == name and len(have) == len(want) == 2 and want[0] == have[0]
@@ -181,8 +185,9 @@ def expanded_config(family: str, config: Mapping, expand: Mapping[str, int]) -> 
     """The model config after input expansion (`Plan.expand`): the input-width key follows the widened layer
     (a control LoRA makes a FLUX.1 dev config one with `in_channels` 128, as BFL's Depth/Canny models have)."""
     config = dict(config)
-    if family in EXPANDABLE and expand:
-        key = EXPANDABLE[family][1]
+    expandable = _expandable(family)
+    if expandable is not None and expand:
+        key = expandable[1]
         if key in config:
             config[key] = max(expand.values())
     return config
