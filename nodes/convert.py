@@ -139,6 +139,3 @@ class ConvertLoRA(io.ComfyNode):
         lines = [f"wrote {dst}", f"{lora_name}: {report.get('from', report.get('format', '?'))} → {to}"]
         lines += [f"not written: {d.get('module')}: {d.get('reason')}" for d in not_written[:5]]
         return io.NodeOutput(ui=ui(lines, {"written": [dst], "to": to, "not_written": not_written}))
-
-
-NODES = [SaveTransformer, SaveVAE, ConvertLoRA]

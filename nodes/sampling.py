@@ -239,6 +239,3 @@ class Sampler(io.ComfyNode):
                          progress=bar, check_interrupt=host.check_interrupt, notes=notes,
                          output_device=host.intermediate_device())
         return io.NodeOutput(out, ui=ui(notes))
-
-
-NODES = [Scheduler, AddNoise, SchedulerStep, Sampler]
