@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
-FLUX_VAE_SCALING = 0.3611
-FLUX_VAE_SHIFT = 0.1159
+from ..convert.families.vae import FLUX_FACTORS
+
+FLUX_VAE_SCALING = FLUX_FACTORS["scaling_factor"]  # the published FLUX.1 VAE's latent factors
+FLUX_VAE_SHIFT = FLUX_FACTORS["shift_factor"]
 
 # FlowMatchEulerDiscreteScheduler configs as published with FLUX.1-dev / FLUX.1-schnell.
 DEV_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
