@@ -60,10 +60,8 @@ def diffusers_plan(source, comp: Component, config_hint: Mapping | None = None):
     file cut down to a few tensors, a fused tensor that does not split) is the file's fault: `BadInput`."""
     family = comp.module
     shapes = {n: tuple(source.shape(k)) for n, k in comp.names.items()}
-    if config_hint:
-        _check_config_hint(source, comp, shapes, config_hint)
     try:
-        config = _with_hint(family, shapes, comp.side, config_hint) if config_hint else \
+        config = _with_hint(source, comp, shapes, config_hint) if config_hint else \
             family.infer_config(shapes, comp.side)
         plan, report = family.TABLE.convert(shapes, comp.side, B, config)
     except ValueError as exc:
@@ -72,14 +70,15 @@ def diffusers_plan(source, comp: Component, config_hint: Mapping | None = None):
     return plan, config, report
 
 
-def _with_hint(family, shapes, side: str, hint: Mapping) -> dict:
-    """A folder's config.json over what the shapes tell: its values win, and what it leaves out or sets to
-    null (diffusers writes `"out_channels": null` for "as in_channels"; FLUX.1-dev's own config has no
-    out_channels at all) comes from the shapes."""
+def _with_hint(source, comp: Component, shapes, hint: Mapping) -> dict:
+    """A folder's config.json over what the shapes tell, once checked against them (`_check_config_hint`):
+    its values win, and what it leaves out or sets to null (diffusers writes `"out_channels": null` for "as
+    in_channels"; FLUX.1-dev's own config has no out_channels at all) comes from the shapes."""
     try:
-        inferred = family.infer_config(shapes, side)
+        inferred = comp.module.infer_config(shapes, comp.side)
     except (ValueError, KeyError, TypeError, IndexError):
         return dict(hint)  # the tensors say too little: the plan and the build say what is wrong
+    _check_config_hint(source, comp, inferred, hint)
     return {**inferred, **{k: v for k, v in hint.items() if v is not None}}
 
 
@@ -88,15 +87,11 @@ def _path_of(source):
     return getattr(getattr(source, "source", source), "path", "<weights>")
 
 
-def _check_config_hint(source, comp: Component, shapes, hint: Mapping) -> None:
+def _check_config_hint(source, comp: Component, seen: Mapping, hint: Mapping) -> None:
     """A folder's config.json is read, not trusted: where it gives a hyper-parameter that the shapes also
-    tell, it must be of the same kind and not absurdly larger (a layer count of a million would make the
-    model build for hours before the missing tensors are noticed). Values the shapes cannot tell are left
-    to the model's own checks."""
-    try:
-        seen = comp.module.infer_config(shapes, comp.side)
-    except (ValueError, KeyError, TypeError, IndexError):
-        return  # the tensors say too little: the plan and the build say what is wrong
+    tell (`seen`: the config inferred from them), it must be of the same kind and not absurdly larger (a
+    layer count of a million would make the model build for hours before the missing tensors are noticed).
+    Values the shapes cannot tell are left to the model's own checks."""
     for key, told in hint.items():
         if key in seen and _absurd(told, seen[key]):
             raise BadInput(_path_of(source), f"{comp.family}: config.json says {key} is {str(told)[:60]}, "
@@ -247,18 +242,20 @@ def _fp8_weights(model, plan, source, comp, fp8) -> set[str]:
         key = f"{name}.weight"
         if not isinstance(mod, torch.nn.Linear) or key not in plan:
             continue
-        files = [comp.names[n] for n in plan[key].sources]
-        held = all(source.is_scaled(f) or source.dtype(f) in FP8_DTYPES for f in files)
-        if held or not any(re.search(p, name) for p in skip):
+        if _held_in_fp8(source, comp, plan[key]) or not any(re.search(p, name) for p in skip):
             out.add(key)
     return out
+
+
+def _held_in_fp8(source, comp, step) -> bool:
+    """Whether the file holds every source tensor of a plan step in fp8 (plain, or scaled with its scale)."""
+    return all(source.is_scaled(f) or source.dtype(f) in FP8_DTYPES for f in (comp.names[n] for n in step.sources))
 
 
 def _as_fp8(step, source, comp, fp8):
     """(weight in fp8, scale or None) of a plan step: the file's fp8 bytes (with their scale) where it holds
     fp8, else the logical weight cast to `fp8`."""
-    files = [comp.names[n] for n in step.sources]
-    if not all(source.is_scaled(f) or source.dtype(f) in FP8_DTYPES for f in files):
+    if not _held_in_fp8(source, comp, step):
         t = materialize(step, lambda n: source[comp.names[n]])
         if not isinstance(t, torch.Tensor):
             t = t.dequantize(torch.float32)
@@ -305,14 +302,7 @@ def load_original(path, family: str = "flux-transformer", dtype: torch.dtype | N
     shapes = {n: tuple(source.shape(k)) for n, k in comp.names.items()}
     plan, _ = module.TABLE.convert(shapes, comp.side, A, config)
     get = lambda name: source[comp.names[name]]
-    state = {}
-    for k, step in plan.items():
-        t = materialize(step, get)
-        if not isinstance(t, torch.Tensor):  # a GGUF quantized tensor (rows already split)
-            t = t.dequantize(target)
-        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-            t = t.to(dtype)
-        state[k] = t
+    state = {k: as_loaded(step, get, dtype, dequantize_to=target) for k, step in plan.items()}
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state.values() if t.is_floating_point()})
     report.update(dtype=", ".join(dtypes), tensor_count=len(comp.names), quant=getattr(source, "report", {}))
     variant = module.variant(config, path.name) if hasattr(module, "variant") else None

@@ -46,12 +46,14 @@ def signature(path) -> tuple:
     return ((path.name, st.st_mtime_ns, st.st_size),)
 
 
-def as_loaded(step: Step, get: Callable[[str], object], dtype: torch.dtype) -> torch.Tensor:
-    """The tensor a plan step makes from the source, cast to the load dtype: a view where no cast is needed."""
+def as_loaded(step: Step, get: Callable[[str], object], dtype: torch.dtype | None,
+              dequantize_to: torch.dtype | None = None) -> torch.Tensor:
+    """The tensor a plan step makes from the source, cast to the load dtype: a view where no cast is needed.
+    `dtype` None keeps each stored dtype, and dequantizes GGUF blocks to `dequantize_to`."""
     t = materialize(step, get)
     if not isinstance(t, torch.Tensor):  # a GGUF quantized tensor (rows already split)
-        t = t.dequantize(dtype)
-    if t.is_floating_point() and t.dtype != dtype:
+        t = t.dequantize(dtype or dequantize_to)
+    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
         t = t.to(dtype)
     return t
 

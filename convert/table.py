@@ -295,6 +295,19 @@ def new_report() -> dict:
             "unplaced": [], "missing_parts": []}
 
 
+def indices(keys: Iterable[str], pattern: str) -> set[int]:
+    """The numbers the first group of `pattern` (a regex matched at the start of each key) takes in `keys`:
+    which blocks of a repeated module a checkpoint holds, for the families' `infer_config`."""
+    rx = re.compile("^" + pattern)
+    return {int(m.group(1)) for k in keys if (m := rx.match(k))}
+
+
+def depth(keys: Iterable[str], pattern: str) -> int:
+    """How many blocks `pattern` numbers in `keys`: the highest index + 1 (0 when there is none)."""
+    found = indices(keys, pattern)
+    return max(found) + 1 if found else 0
+
+
 def _rename_prefix(rest: str, inner: tuple[tuple[str, str], ...], to_b: bool) -> str:
     if not rest or not inner:
         return rest

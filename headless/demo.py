@@ -110,26 +110,31 @@ def build_models(root, variants=("dev",), loras: bool = False, seed: int = 0, fa
     def write(model, part: str, layout: str):
         written[part] = factory.save_layout(model, root / MODEL_FILES[part], layout)
 
-    parts = None
+    # the VAE and the text encoders are the same for every variant: built once, with the first transformer
+    first = variants[0] if variants else "dev"
+    parts = factory.tiny_pipeline_components(first, seed=seed)
+    transformers = {first: parts["transformer"]}
+
+    def transformer(variant):
+        if variant not in transformers:
+            transformers[variant] = factory.tiny_variant_transformer(variant, seed=seed)
+        return transformers[variant]
+
     for variant in variants:
-        parts = factory.tiny_pipeline_components(variant, seed=seed)
-        write(parts["transformer"], variant, "bfl")
+        write(transformer(variant), variant, "bfl")
         if variant == "dev" and loras:
             for k, (path, fmt) in enumerate(zip(LORA_FILES, ("kohya", "peft"))):
                 dst = root / path
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                save_file(tiny_lora(parts["transformer"], fmt, seed=seed + 10 + k), str(dst))
+                save_file(tiny_lora(transformer("dev"), fmt, seed=seed + 10 + k), str(dst))
                 written[Path(path).stem] = dst
-    if parts is None:
-        parts = factory.tiny_pipeline_components("dev", seed=seed)
     write(parts["vae"], "vae", "bfl")
     write(parts["text_encoder"], "clip", "comfy")
     write(parts["text_encoder_2"], "t5", "comfy")
     if family:
-        dev = factory.tiny_pipeline_components("dev", seed=seed)["transformer"]
         dst = root / CONTROL_LORA_FILE
         dst.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tiny_control_lora(dev, seed=seed + 20), str(dst))
+        save_file(tiny_control_lora(transformer("dev"), seed=seed + 20), str(dst))
         written[Path(CONTROL_LORA_FILE).stem] = dst
         text_width = parts["transformer"].config.joint_attention_dim
         siglip = factory.tiny_siglip(seed=seed + 21)

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
-FLUX_VAE_SCALING = 0.3611
-FLUX_VAE_SHIFT = 0.1159
+from ..convert.families.vae import FLUX_FACTORS
+
+FLUX_VAE_SCALING = FLUX_FACTORS["scaling_factor"]  # the published FLUX.1 VAE's latent factors
+FLUX_VAE_SHIFT = FLUX_FACTORS["shift_factor"]
 
 # FlowMatchEulerDiscreteScheduler configs as published with FLUX.1-dev / FLUX.1-schnell.
 DEV_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
@@ -231,6 +233,20 @@ def tiny_scheduler(variant: str = "dev"):
     return FlowMatchEulerDiscreteScheduler(**(SCHNELL_SCHEDULER if variant == "schnell" else DEV_SCHEDULER))
 
 
+def tiny_variant_transformer(variant: str = "dev", width: int = 32, heads: int = 2, double: int = 1,
+                             single: int = 2, text_width: int = 32, seed: int = 0,
+                             dtype: torch.dtype = torch.float32):
+    """The transformer of `tiny_pipeline_components(variant, ...)` alone (the same weights for the same
+    arguments), for callers that need several variants' transformers and one set of the other parts."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r}: expected one of {sorted(VARIANTS)}")
+    v = VARIANTS[variant]
+    return tiny_flux_transformer(width=width, heads=heads, double=double, single=single,
+                                 in_channels=v["in_channels"], out_channels=64, guidance=v["guidance"],
+                                 joint_attention_dim=text_width, pooled_projection_dim=text_width, seed=seed,
+                                 dtype=dtype)
+
+
 def tiny_pipeline_components(variant: str = "dev", width: int = 32, heads: int = 2, double: int = 1,
                              single: int = 2, text_width: int = 32, tokenizers=None, seed: int = 0,
                              dtype: torch.dtype = torch.float32) -> dict:
@@ -241,19 +257,15 @@ def tiny_pipeline_components(variant: str = "dev", width: int = 32, heads: int =
     `tokenizers/clip_l/`+`tokenizers/t5xxl/` (models-folder layout), or None for the real tokenizers the
     pack carries. Each part gets its own seed derived from `seed`.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"variant {variant!r}: expected one of {sorted(VARIANTS)}")
-    v = VARIANTS[variant]
+    transformer = tiny_variant_transformer(variant, width=width, heads=heads, double=double, single=single,
+                                           text_width=text_width, seed=seed, dtype=dtype)
     clip_tok, t5_tok = _resolve_tokenizers(tokenizers)
     # The released CLIP-L config says eos_token_id 2: pool at the highest id, which is EOS for the real
     # tokenizer; any other tokenizer gets its own EOS id.
     clip_eos = clip_tok.eos_token_id
     clip_eos = 2 if clip_eos == max(clip_tok.get_vocab().values()) else clip_eos
     return dict(
-        transformer=tiny_flux_transformer(
-            width=width, heads=heads, double=double, single=single, in_channels=v["in_channels"],
-            out_channels=64, guidance=v["guidance"], joint_attention_dim=text_width,
-            pooled_projection_dim=text_width, seed=seed, dtype=dtype),
+        transformer=transformer,
         vae=tiny_flux_vae(seed=seed + 1, dtype=dtype),
         text_encoder=tiny_clip_l(hidden_size=text_width, seed=seed + 2, dtype=dtype,
                                  eos_token_id=clip_eos),
@@ -323,6 +335,6 @@ def save_diffusers(component, directory) -> Path:
 __all__ = [
     "tiny_flux_transformer", "tiny_flux_vae", "tiny_clip_l", "tiny_t5", "tiny_sd15_unet", "tiny_scheduler",
     "tiny_siglip", "tiny_redux",
-    "tiny_pipeline_components", "save_diffusers", "rope_axes",
+    "tiny_variant_transformer", "tiny_pipeline_components", "save_diffusers", "rope_axes",
     "FLUX_VAE_SCALING", "FLUX_VAE_SHIFT", "DEV_SCHEDULER", "SCHNELL_SCHEDULER", "VARIANTS",
 ]

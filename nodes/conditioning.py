@@ -189,6 +189,3 @@ class ReduxConditioning(io.ComfyNode):
         out = redux_lib.append_tokens(conditioning, tokens, strength, source=source)
         return io.NodeOutput(out, ui=ui([f"{tokens.shape[0] * tokens.shape[1]} Redux token(s) x {strength:g} "
                                          f"after {conditioning[0][0].shape[1]} text token(s)"]))
-
-
-NODES = [TextEncode, FillConditioning, ControlConditioning, KontextReference, ReduxConditioning]

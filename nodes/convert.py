@@ -10,11 +10,10 @@ import os
 from ..runtime import host
 from ..convert.lora.write import TARGETS as LORA_TARGETS
 from ..convert.lora.write import convert_lora
-from ..convert.write import DTYPES, convert_file
+from ..convert.write import DTYPES, LAYOUTS, convert_file
 from ._common import CATEGORY, TRANSFORMER, VAE, files, io, name_errors, ui
 
 CONVERT = CATEGORY + "/convert"
-TRANSFORMER_LAYOUTS = ("bfl", "comfy", "diffusers")
 VAE_LAYOUTS = ("bfl", "diffusers")
 
 
@@ -54,7 +53,7 @@ class SaveTransformer(io.ComfyNode):
                         "with its LoRA stack baked in, to the output folder.",
             inputs=[
                 TRANSFORMER.Input("transformer"),
-                io.Combo.Input("layout", options=list(TRANSFORMER_LAYOUTS), default="bfl"),
+                io.Combo.Input("layout", options=list(LAYOUTS), default="bfl"),
                 io.Combo.Input("dtype", options=list(DTYPES), default="keep"),
                 io.String.Input("filename_prefix", default="fluxbridge/transformer"),
             ],
@@ -139,6 +138,3 @@ class ConvertLoRA(io.ComfyNode):
         lines = [f"wrote {dst}", f"{lora_name}: {report.get('from', report.get('format', '?'))} → {to}"]
         lines += [f"not written: {d.get('module')}: {d.get('reason')}" for d in not_written[:5]]
         return io.NodeOutput(ui=ui(lines, {"written": [dst], "to": to, "not_written": not_written}))
-
-
-NODES = [SaveTransformer, SaveVAE, ConvertLoRA]

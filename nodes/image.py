@@ -29,6 +29,3 @@ class KontextImageScale(io.ComfyNode):
         width, height = kontext_lib.preferred_size(w, h)
         out = images_lib.scale(image, width, height, "lanczos", "center")
         return io.NodeOutput(out, ui=ui([f"{w}x{h} -> {width}x{height}"]))
-
-
-NODES = [KontextImageScale]

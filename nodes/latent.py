@@ -87,6 +87,3 @@ class VAEEncode(io.ComfyNode):
         host.load_to_device([vae.handle], memory_required=vae_lib.encode_memory(vae.module, image.shape))
         samples = vae_lib.encode(vae.module, image, notes=notes)
         return io.NodeOutput({"samples": samples.to(host.intermediate_device())}, ui=ui(notes))
-
-
-NODES = [EmptyLatent, VAEDecode, VAEEncode]

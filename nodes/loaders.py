@@ -232,6 +232,3 @@ class LoadRedux(io.ComfyNode):
                      f"{_cached_note(hit)}".strip())
         return io.NodeOutput(redux, ui=ui(lines, {"components": parts, "image_size": redux.image_size,
                                                   "text_width": redux.text_width, "cached": hit}))
-
-
-NODES = [LoadTransformer, LoadTextEncoders, LoadVAE, LoadLoRA, LoadRedux]

@@ -108,6 +108,3 @@ class LoadNativeModel(io.ComfyNode):
         line = (f"{model_name}: {loaded.family}, layout {loaded.layout}, variant {loaded.variant}, "
                 f"{loaded.report['dtype']} → native MODEL")
         return io.NodeOutput(model, ui=ui([line] + info["warnings"], info))
-
-
-NODES = [NativeLoRA, LoadNativeModel]

@@ -37,13 +37,6 @@ def shift_choice(shift: str, transformer=None) -> tuple[bool, str]:
     return True, f"auto: {transformer.name} is {transformer.variant} (with guidance embedding)"
 
 
-def flux_sigmas(steps: int, image_seq_len: int, dynamic: bool, denoise: float = 1.0) -> torch.Tensor:
-    if dynamic:
-        return schedule_lib.flux_sigmas(int(steps), image_seq_len=int(image_seq_len), dynamic_shift=True,
-                                        denoise=float(denoise))
-    return schedule_lib.flux_sigmas(int(steps), dynamic_shift=False, shift=1.0, denoise=float(denoise))
-
-
 def _sigmas(sigmas) -> torch.Tensor:
     sig = torch.as_tensor(sigmas, dtype=torch.float32).detach().cpu().reshape(-1)
     if sig.numel() < 2:
@@ -109,7 +102,8 @@ class Scheduler(io.ComfyNode):
         notes = []
         w, h, _ = latents_lib.snap_size(int(width), int(height), notes=notes)
         dynamic, why = shift_choice(shift, transformer)
-        sigmas = flux_sigmas(steps, schedule_lib.image_tokens(w, h), dynamic, denoise)
+        sigmas = schedule_lib.flux_sigmas(steps, schedule_lib.image_tokens(w, h), dynamic_shift=dynamic,
+                                          denoise=denoise)  # fixed: shift 1.0, as schnell
         values = [float(s) for s in sigmas.tolist()]
         kind = "dynamic shift" if dynamic else "fixed shift 1.0"
         notes.insert(0, f"{len(values) - 1} step(s), {kind} ({why}), sigmas {values[0]:.4f} → {values[-1]:.4f}")
@@ -235,7 +229,8 @@ class Sampler(io.ComfyNode):
         if sigmas is None:
             h, w = int(samples.shape[2]), int(samples.shape[3])
             tokens = ((h + 1) // 2) * ((w + 1) // 2)
-            sigmas = flux_sigmas(steps, tokens, shift_choice("auto", transformer)[0], denoise)
+            sigmas = schedule_lib.flux_sigmas(steps, tokens, dynamic_shift=shift_choice("auto", transformer)[0],
+                                              denoise=denoise)
         sig = _sigmas(sigmas)
         host.load_to_device([transformer.handle], memory_required=_working_memory(transformer, samples.shape, positive))
         bar = host.progress(sig.numel() - 1, node_id=node_id(cls))
@@ -244,6 +239,3 @@ class Sampler(io.ComfyNode):
                          progress=bar, check_interrupt=host.check_interrupt, notes=notes,
                          output_device=host.intermediate_device())
         return io.NodeOutput(out, ui=ui(notes))
-
-
-NODES = [Scheduler, AddNoise, SchedulerStep, Sampler]

@@ -554,3 +554,50 @@ def test_norm_differences_and_comfy_set_weight_of_a_norm():
         assert torch.equal(after["single_transformer_blocks.0.attn.norm_k.weight"], value)
         changed = {k for k in before if not torch.equal(before[k], after[k])}
         assert changed == {"transformer_blocks.0.attn.norm_q.weight", "single_transformer_blocks.0.attn.norm_k.weight"}
+
+
+def comfy_lokr_delta(sd: dict, key: str) -> torch.Tensor:
+    """What ComfyUI's LoKr adapter adds at strength 1, written from its source (comfy/weight_adapter/lokr.py,
+    ComfyUI 0.3.64): alpha is divided by w2_b's rank when w2 is factorized, else by w1_b's when w1 is, and
+    ignored (1.0) when both factors are whole."""
+    t = {r: sd[f"{key}.{r}"].float() for r in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
+                                              "lokr_w2_b") if f"{key}.{r}" in sd}
+    dim = None
+    if "lokr_w1" in t:
+        w1 = t["lokr_w1"]
+    else:
+        dim, w1 = t["lokr_w1_b"].shape[0], t["lokr_w1_a"] @ t["lokr_w1_b"]
+    if "lokr_w2" in t:
+        w2 = t["lokr_w2"]
+    else:
+        dim, w2 = t["lokr_w2_b"].shape[0], t["lokr_w2_a"] @ t["lokr_w2_b"]
+    alpha = float(sd[key + ".alpha"]) / dim if key + ".alpha" in sd and dim is not None else 1.0
+    return alpha * torch.kron(w1, w2)
+
+
+def test_lokr_written_for_comfy_gives_comfyui_our_reading():
+    """A LoKr written with `--to comfy` gives, through ComfyUI's alpha rule, the delta we read from the source,
+    also where that rule divides by another rank than the one we read the scale by (factor ranks that differ),
+    and where both factors are whole (no rank: scale 1, the file's alpha ignored, as there)."""
+    from fluxbridge.convert.lora.layers import weight_delta
+    g = torch.Generator().manual_seed(31)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.3
+
+    sd = {  # [32, 32] = kron([4, 4], [8, 8]); LyCORIS key spelling (kohya names)
+        "lora_unet_double_blocks_0_img_attn_proj.lokr_w1_a": r(4, 2), "lora_unet_double_blocks_0_img_attn_proj.lokr_w1_b": r(2, 4),
+        "lora_unet_double_blocks_0_img_attn_proj.lokr_w2_a": r(8, 4), "lora_unet_double_blocks_0_img_attn_proj.lokr_w2_b": r(4, 8),
+        "lora_unet_double_blocks_0_img_attn_proj.alpha": torch.tensor(8.0),
+        "lora_unet_double_blocks_0_txt_attn_proj.lokr_w1": r(4, 4),
+        "lora_unet_double_blocks_0_txt_attn_proj.lokr_w2_a": r(8, 4), "lora_unet_double_blocks_0_txt_attn_proj.lokr_w2_b": r(4, 8),
+        "lora_unet_double_blocks_0_txt_attn_proj.alpha": torch.tensor(2.0),
+        "lora_unet_double_blocks_0_img_mlp_0.lokr_w1": r(8, 4), "lora_unet_double_blocks_0_img_mlp_0.lokr_w2": r(16, 8),
+        "lora_unet_double_blocks_0_img_mlp_0.alpha": torch.tensor(3.0)}
+    lora = load_lora(sd, name="lokr")
+    ours = {p.module: weight_delta(p) for p in lora.parts}
+    assert len(ours) == 3
+    tensors, _, report = render_lora(lora, "comfy")
+    assert report["not_written"] == []
+    for module, delta in ours.items():
+        torch.testing.assert_close(comfy_lokr_delta(tensors, "diffusion_model." + module), delta, rtol=1e-6, atol=1e-7)

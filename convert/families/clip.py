@@ -16,7 +16,7 @@ import re
 from importlib import metadata
 from typing import Mapping
 
-from ..table import A, Rule, Table
+from ..table import A, Rule, Table, depth
 
 FAMILY = "clip-l"
 COMFY_PREFIX = ""
@@ -56,12 +56,6 @@ OVERRIDABLE = ("num_attention_heads", "hidden_act", "layer_norm_eps", "bos_token
                "pad_token_id", "projection_dim")
 
 
-def _depth(keys, pattern: str) -> int:
-    rx = re.compile("^" + pattern)
-    found = {int(m.group(1)) for k in keys if (m := rx.match(k))}
-    return max(found) + 1 if found else 0
-
-
 def default_heads(hidden: int) -> int:
     """Heads are not stored: d_head 64 as released (12 for CLIP-L), gcd(hidden, 64) for other widths."""
     return hidden // math.gcd(hidden, HEAD_SIZE)
@@ -78,7 +72,7 @@ def infer_config(shapes: Mapping[str, tuple], side: str, overrides: Mapping | No
     p = _TA if side == A else _TB
     token, pos = shapes.get(p + "embeddings.token_embedding.weight"), shapes.get(p + "embeddings.position_embedding.weight")
     fc1 = shapes.get(p + "encoder.layers.0.mlp.fc1.weight")
-    layers = _depth(shapes, re.escape(p) + r"encoder\.layers\.(\d+)\.")
+    layers = depth(shapes, re.escape(p) + r"encoder\.layers\.(\d+)\.")
     missing = [n for n, v in (("token_embedding", token), ("position_embedding", pos),
                               ("encoder.layers.0.mlp.fc1", fc1)) if v is None]
     if missing:

@@ -5,15 +5,17 @@ Three value changes, everything else is a rename: the qkv split, the linear1 spl
 """
 from __future__ import annotations
 
-import re
 from typing import Mapping
 
-from ..table import A, B, SWAP_HALVES, Rule, Split, Table
+from ..table import A, B, SWAP_HALVES, Rule, Split, Table, depth
 
 FAMILY = "flux-transformer"
 COMFY_PREFIX = "model.diffusion_model."
 PREFIXES = ("", "model.diffusion_model.", "diffusion_model.")
 NATIVE_PREFIX = "diffusion_model."  # where ComfyUI's native MODEL holds these tensors (its state dict)
+# The input layer a control LoRA may widen (FLUX.1 Depth/Canny LoRAs: 64 -> 128 inputs; diffusers zero-pads it
+# the same way), and the config key that follows its width (`convert.lora.patch.may_widen`, `expanded_config`).
+EXPANDABLE = ("img_in", "in_channels")
 
 _D, _S = "double_blocks.{i}.", "transformer_blocks.{i}."
 _SB, _SS = "single_blocks.{i}.", "single_transformer_blocks.{i}."
@@ -84,12 +86,6 @@ def default_axes(head_dim: int) -> tuple[int, int, int]:
     return first, second, head_dim - first - second
 
 
-def _depth(keys, pattern: str) -> int:
-    rx = re.compile("^" + pattern)
-    found = {int(m.group(1)) for k in keys if (m := rx.match(k))}
-    return max(found) + 1 if found else 0
-
-
 def infer_config(shapes: Mapping[str, tuple], side: str) -> dict:
     """diffusers FluxTransformer2DModel config from tensor shapes alone (any width and depth)."""
     s = 0 if side == A else 1
@@ -118,8 +114,8 @@ def infer_config(shapes: Mapping[str, tuple], side: str) -> dict:
         "patch_size": 1,
         "in_channels": img_in[1],
         "out_channels": out[0],
-        "num_layers": _depth(shapes, double_rx),
-        "num_single_layers": _depth(shapes, single_rx),
+        "num_layers": depth(shapes, double_rx),
+        "num_single_layers": depth(shapes, single_rx),
         "attention_head_dim": head_dim,
         "num_attention_heads": width // head_dim,
         "joint_attention_dim": txt_in[1],

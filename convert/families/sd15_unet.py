@@ -15,10 +15,9 @@ SDXL-style `label_emb` (class / added embeddings) has no rule and is reported as
 """
 from __future__ import annotations
 
-import re
 from typing import Mapping
 
-from ..table import A, B, Index, Rule, Table
+from ..table import A, B, Index, Rule, Table, indices
 
 FAMILY = "sd15-unet"
 COMFY_PREFIX = "model.diffusion_model."
@@ -112,19 +111,14 @@ TABLE = Table([
 HEADS = 8  # SD1's `attention_head_dim: 8` means 8 heads; not stored in the weights
 
 
-def _indices(keys, pattern: str) -> set[int]:
-    rx = re.compile("^" + pattern)
-    return {int(m.group(1)) for k in keys if (m := rx.match(k))}
-
-
 def _largest_divisor(values, most: int) -> int:
     return next(g for g in range(most, 0, -1) if all(v % g == 0 for v in values))
 
 
 def _to_b_shapes(shapes: Mapping[str, tuple]) -> dict:
     """Side-a shapes renamed to side b: the a→b numbering needs only layers_per_block."""
-    ops = _indices(shapes, r"input_blocks\.(\d+)\.0\.op\.")
-    outputs = _indices(shapes, r"output_blocks\.(\d+)\.")
+    ops = indices(shapes, r"input_blocks\.(\d+)\.0\.op\.")
+    outputs = indices(shapes, r"output_blocks\.(\d+)\.")
     if not ops and not outputs:
         raise ValueError("not a complete UNet: no output_blocks weights")
     lpb = min(ops) - 1 if ops else max(outputs)  # one level: output blocks 0..L
@@ -148,19 +142,19 @@ def infer_config(shapes: Mapping[str, tuple], side: str) -> dict:
         shapes = _to_b_shapes(shapes)
     get = lambda name: tuple(shapes[name]) if name in shapes else None
     conv_in, conv_out, time1 = get("conv_in.weight"), get("conv_out.weight"), get("time_embedding.linear_1.weight")
-    levels = len(_indices(shapes, r"down_blocks\.(\d+)\."))
+    levels = len(indices(shapes, r"down_blocks\.(\d+)\."))
     missing = [n for n, v in (("conv_in", conv_in), ("conv_out", conv_out), ("time embedding", time1),
                               ("down blocks", levels or None)) if v is None]
     if missing:
         raise ValueError(f"not a complete UNet: no {', '.join(missing)} weights")
-    lpb = len(_indices(shapes, r"down_blocks\.0\.resnets\.(\d+)\."))
+    lpb = len(indices(shapes, r"down_blocks\.0\.resnets\.(\d+)\."))
     channels, depths = [], []
     for b in range(levels):
         conv1 = get(f"down_blocks.{b}.resnets.0.conv1.weight")
         if conv1 is None:
             raise ValueError(f"not a complete UNet: no first resnet in down block {b}")
         channels.append(conv1[0])
-        depths.append(len(_indices(shapes, rf"down_blocks\.{b}\.attentions\.0\.transformer_blocks\.(\d+)\.")))
+        depths.append(len(indices(shapes, rf"down_blocks\.{b}\.attentions\.0\.transformer_blocks\.(\d+)\.")))
     down_attn = [any(k.startswith(f"down_blocks.{b}.attentions.") for k in shapes) for b in range(levels)]
     up_attn = [any(k.startswith(f"up_blocks.{b}.attentions.") for k in shapes) for b in range(levels)]
     mid_attn = any(k.startswith("mid_block.attentions.0.") for k in shapes)
@@ -170,7 +164,7 @@ def infer_config(shapes: Mapping[str, tuple], side: str) -> dict:
     proj_in = next((s for k, s in shapes.items() if k.endswith(".proj_in.weight")), None)
     if to_k is None or proj_in is None:
         raise ValueError("not a complete UNet: no cross-attention weights")
-    mid_depth = len(_indices(shapes, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\."))
+    mid_depth = len(indices(shapes, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\."))
     attn_depths = {d for d, a in zip(depths, down_attn) if a} | {mid_depth}
     attn_channels = [c for c, a, u in zip(channels, down_attn, up_attn) if a or u] + [channels[-1]]
     cond_proj = get("time_embedding.cond_proj.weight")

@@ -14,7 +14,7 @@ import math
 import re
 from typing import Mapping
 
-from ..table import A, Rule, Table
+from ..table import A, Rule, Table, depth
 
 FAMILY = "siglip-vision"
 COMFY_PREFIX = ""
@@ -42,12 +42,6 @@ def default_heads(hidden: int) -> int:
     if hidden >= 1024 and hidden % 16 == 0:
         return 16
     return hidden // math.gcd(hidden, 64)
-
-
-def _depth(keys, pattern: str) -> int:
-    rx = re.compile("^" + pattern)
-    found = {int(m.group(1)) for k in keys if (m := rx.match(k))}
-    return max(found) + 1 if found else 0
 
 
 def image_size(grid: int, patch: int) -> int:
@@ -78,7 +72,7 @@ def infer_config(shapes: Mapping[str, tuple], side: str) -> dict:
     return {
         "hidden_size": hidden,
         "intermediate_size": tuple(fc1)[0],
-        "num_hidden_layers": _depth(shapes, re.escape(p) + r"encoder\.layers\.(\d+)\."),
+        "num_hidden_layers": depth(shapes, re.escape(p) + r"encoder\.layers\.(\d+)\."),
         "num_attention_heads": heads,
         "num_channels": channels,
         "image_size": image_size(grid, ph),

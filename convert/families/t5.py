@@ -11,10 +11,9 @@ HF names (side b). Only the gated (v1.1) feed-forward is mapped there: llama.cpp
 """
 from __future__ import annotations
 
-import re
 from typing import Mapping
 
-from ..table import Rule, Table
+from ..table import Rule, Table, depth
 
 FAMILY = "t5-xxl"
 COMFY_PREFIX = ""
@@ -74,8 +73,6 @@ def infer_config(shapes: Mapping[str, tuple], side: str, overrides: Mapping | No
     (vocab, d_model), (buckets, heads) = tuple(embed), tuple(bias)
     if tuple(q)[0] % heads:
         raise ValueError(f"attention width {tuple(q)[0]} is not a multiple of {heads} heads")
-    rx = re.compile(r"^encoder\.block\.(\d+)\.")
-    blocks = {int(m.group(1)) for k in shapes if (m := rx.match(k))}
     gated = gate is not None
     config = {"relative_attention_max_distance": 128, "layer_norm_epsilon": 1e-6,
               "dense_act_fn": "gelu_new" if gated else "relu"}
@@ -85,7 +82,7 @@ def infer_config(shapes: Mapping[str, tuple], side: str, overrides: Mapping | No
         "d_model": d_model,
         "d_kv": tuple(q)[0] // heads,
         "d_ff": tuple(wi)[0],
-        "num_layers": max(blocks) + 1,
+        "num_layers": depth(shapes, r"encoder\.block\.(\d+)\."),
         "num_heads": heads,
         "relative_attention_num_buckets": buckets,
         "feed_forward_proj": "gated-gelu" if gated else "relu",

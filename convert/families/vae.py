@@ -12,10 +12,9 @@ Loading a legacy side-b file therefore needs b→a→b (an identity b→b plan k
 """
 from __future__ import annotations
 
-import re
 from typing import Mapping
 
-from ..table import A, B, CONV1x1, Index, Rule, Table
+from ..table import A, B, CONV1x1, Index, Rule, Table, depth
 
 FAMILY = "flux-vae"
 COMFY_PREFIX = ""
@@ -86,12 +85,6 @@ _LAYERS = {A: r"encoder\.down\.0\.block\.(\d+)\.", B: r"encoder\.down_blocks\.0\
 _MID_ATTN = {A: "encoder.mid.attn_1.", B: "encoder.mid_block.attentions.0."}
 
 
-def _depth(keys, pattern: str) -> int:
-    rx = re.compile("^" + pattern)
-    found = {int(m.group(1)) for k in keys if (m := rx.match(k))}
-    return max(found) + 1 if found else 0
-
-
 def norm_groups(channels, most: int = 32) -> int:
     """GroupNorm groups are not stored: 32 as released, else the largest count ≤ 32 dividing every width.
 
@@ -109,7 +102,7 @@ def infer_config(shapes: Mapping[str, tuple], side: str) -> dict:
         return tuple(shapes[name]) if name in shapes else None
 
     conv_in, latent_in, conv_out = shape("conv_in"), shape("latent_in"), shape("conv_out")
-    levels = _depth(shapes, _LEVELS[side])
+    levels = depth(shapes, _LEVELS[side])
     missing = [n for n, v in (("encoder.conv_in", conv_in), ("decoder.conv_in", latent_in),
                               ("decoder.conv_out", conv_out), ("encoder levels", levels or None)) if v is None]
     if missing:
@@ -128,7 +121,7 @@ def infer_config(shapes: Mapping[str, tuple], side: str) -> dict:
         "down_block_types": ("DownEncoderBlock2D",) * levels,
         "up_block_types": ("UpDecoderBlock2D",) * levels,
         "block_out_channels": tuple(channels),
-        "layers_per_block": _depth(shapes, _LAYERS[side]),
+        "layers_per_block": depth(shapes, _LAYERS[side]),
         "latent_channels": latent_in[1],
         "norm_num_groups": norm_groups(channels),
         "use_quant_conv": quant,

@@ -32,7 +32,6 @@ import torch.nn.functional as F
 
 from ..table import swap_halves
 from .formats import CLIP, FLUX, T5, TEXT_FAMILIES, Lora, load_lora
-from .layers import bias_delta, weight_delta
 from .patch import Patch, Plan, expanded_config
 
 DENSE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -391,12 +390,9 @@ def _sidecar_terms(patch: Patch) -> dict[str, list]:
                 up = swap_halves(up)
             out.setdefault(mod, []).append(("lowrank", part.tensors["down"].float(), up))
         else:
-            d = weight_delta(part, t.rows) * s
-            out.setdefault(mod, []).append(("dense", swap_halves(d) if t.swap else d))
+            out.setdefault(mod, []).append(("dense", t.delta(part) * s))
     for t in patch.bias:
-        mod = t.param.rpartition(".")[0]
-        d = bias_delta(part, t.rows) * s
-        out.setdefault(mod, []).append(("bias", swap_halves(d) if t.swap else d))
+        out.setdefault(t.param.rpartition(".")[0], []).append(("bias", t.delta(part, bias=True) * s))
     return out
 
 

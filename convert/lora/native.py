@@ -211,34 +211,41 @@ def _weight_patch(part: Part, key: str, rows, swap: bool) -> NativePatch:
     if part.dora is not None:
         return NativePatch(key, rows, False, "dora", (part, swap))
     if part.kind == "lora":
-        return NativePatch(key, rows, swap, "lora", (t["up"], t["down"], comfy_alpha(part, t["down"].shape[0]),
-                                                     None, None, None))
+        return NativePatch(key, rows, swap, "lora", (t["up"], t["down"], comfy_alpha(part), None, None, None))
     if part.kind == "loha":
-        return NativePatch(key, rows, swap, "loha", (t["hada_w1_a"], t["hada_w1_b"],
-                                                     comfy_alpha(part, t["hada_w1_b"].shape[0]),
+        return NativePatch(key, rows, swap, "loha", (t["hada_w1_a"], t["hada_w1_b"], comfy_alpha(part),
                                                      t["hada_w2_a"], t["hada_w2_b"], None, None, None))
     if part.kind == "lokr":
-        # ComfyUI divides by the rank of w2's factors when w2 is factorized, else by w1's (if it is)
-        divisor = t["lokr_w2_b"].shape[0] if "lokr_w2_b" in t else t["lokr_w1_b"].shape[0] if "lokr_w1_b" in t else None
-        w1 = t.get("lokr_w1")
-        if divisor is None and part.scale != 1.0:  # no rank to carry a scale: fold it into w1
-            w1 = w1.to(F32) * part.scale
-        return NativePatch(key, rows, swap, "lokr", (w1, t.get("lokr_w2"), comfy_alpha(part, divisor),
+        return NativePatch(key, rows, swap, "lokr", (t.get("lokr_w1"), t.get("lokr_w2"), comfy_alpha(part),
                                                      t.get("lokr_w1_a"), t.get("lokr_w1_b"), t.get("lokr_w2_a"),
                                                      t.get("lokr_w2_b"), None, None))
     return NativePatch(key, rows, swap, "diff", (t["diff"],))  # full
 
 
-def comfy_alpha(part: Part, divisor: int | None) -> float | None:
+def comfy_divisor(part: Part) -> int | None:
+    """The rank ComfyUI divides a low-rank part's alpha by (None: it ignores the alpha, scale 1): a LoRA's
+    down rank, LoHa's w1_b rank, LoKr's w2_b rank when w2 is factorized, else w1_b's when w1 is."""
+    t = part.tensors
+    if part.kind == "lora":
+        return t["down"].shape[0]
+    if part.kind == "loha":
+        return t["hada_w1_b"].shape[0]
+    return next((t[k].shape[0] for k in ("lokr_w2_b", "lokr_w1_b") if k in t), None)
+
+
+def comfy_alpha(part: Part) -> float | None:
     """The alpha ComfyUI must be given so that its `alpha / divisor` is the part's scale (None: scale 1).
 
-    Where the file's own alpha over this rank is the scale, that alpha, so the arithmetic is ComfyUI's
-    LoraLoader's to the bit; else scale · divisor (rsLoRA, PEFT metadata alphas)."""
+    Where the file's own alpha over that rank is the scale, that alpha, so the arithmetic is ComfyUI's
+    LoraLoader's to the bit; else scale · divisor (rsLoRA, PEFT metadata alphas, a LoKr whose two factor
+    ranks differ). A part with no such rank (LoKr with both factors whole) has scale 1 as read."""
+    divisor = comfy_divisor(part)
     if part.scale == 1.0 or divisor is None:
         return None
     if part.convention == "alpha/rank" and part.alpha is not None and part.rank == divisor:
         return part.alpha
     return part.scale * divisor
+
 
 
 # -------------------------------------------------------------------------------------------- DoRA

@@ -25,9 +25,6 @@ from .groups import Groups
 from .layers import bias_delta, dora_weight, fit_inputs, weight_delta
 
 F32 = torch.float32
-# The module whose input width a control LoRA may widen (BFL name; diffusers zero-pads it the same way), and
-# the model config key that follows that width.
-EXPANDABLE = {"flux-transformer": ("img_in", "in_channels")}
 # How much wider a control LoRA may make that input (FLUX.1 Fill: 64 -> 384, Depth/Canny: 64 -> 128). A reshape
 # is a few integers in the file, so a hostile one could otherwise ask for terabytes of zero padding.
 MAX_EXPAND = 16
@@ -38,6 +35,12 @@ class Target:
     param: str                       # parameter name in the model, e.g. "transformer_blocks.0.attn.to_q.weight"
     rows: tuple[int, int] | None     # (start, length) of the part's rows it takes; None = all
     swap: bool = False               # row halves swapped (final layer)
+
+    def delta(self, part: Part, device="cpu", bias: bool = False) -> torch.Tensor:
+        """The part's scale·ΔW (or Δb) on this target: its rows, the row halves swapped where the target's
+        are (float32)."""
+        d = (bias_delta if bias else weight_delta)(part, self.rows, device)
+        return swap_halves(d) if self.swap else d
 
 
 @dataclass
@@ -158,13 +161,20 @@ def _render(table, name_a: str) -> str:
     return table.render(m, B, 0)
 
 
+def _expandable(family: str) -> tuple[str, str] | None:
+    """(the input layer a control LoRA may widen, side-a name; the config key that follows its width): the
+    family's `EXPANDABLE`, None where it has none."""
+    return getattr(family_module(family), "EXPANDABLE", None)
+
+
 def may_widen(family: str, module: str, side: str, have, want) -> bool:
     """Whether a control LoRA may widen `module` (named on `side` of the table) from shape `have` to `want`:
     only the family's expandable input layer, the same rows, more inputs but at most MAX_EXPAND times as
     many."""
-    if family not in EXPANDABLE:
+    expandable = _expandable(family)
+    if expandable is None:
         return False
-    name = EXPANDABLE[family][0]
+    name = expandable[0]
     if side == B:
         name = _render(family_module(family).TABLE, name)
     return (module == name and len(have) == len(want) == 2 and want[0] == have[0]
@@ -175,8 +185,9 @@ def expanded_config(family: str, config: Mapping, expand: Mapping[str, int]) -> 
     """The model config after input expansion (`Plan.expand`): the input-width key follows the widened layer
     (a control LoRA makes a FLUX.1 dev config one with `in_channels` 128, as BFL's Depth/Canny models have)."""
     config = dict(config)
-    if family in EXPANDABLE and expand:
-        key = EXPANDABLE[family][1]
+    expandable = _expandable(family)
+    if expandable is not None and expand:
+        key = expandable[1]
         if key in config:
             config[key] = max(expand.values())
     return config
@@ -358,17 +369,13 @@ class _RowTerm:
         if s == 0:
             self.alpha = 0.0
             return
-        if bias:
-            d = bias_delta(part, target.rows, device)
-            self.dense = (swap_halves(d) if target.swap else d) * s
-        elif part.kind == "lora":
+        if part.kind == "lora" and not bias:
             self.up = part.tensors["up"]
             self.down = part.tensors["down"].to(device=device, dtype=F32)
             self.alpha = part.scale * s
             self.device = device
         else:
-            d = weight_delta(part, target.rows, device)
-            self.dense = (swap_halves(d) if target.swap else d) * s
+            self.dense = target.delta(part, device, bias) * s
 
     def _segments(self, r0: int, n: int):
         """(offset in the block, first source row, rows) of target rows r0:r0+n."""
@@ -412,10 +419,7 @@ def _apply(patch: Patch, get: Callable[[str], torch.Tensor]) -> None:
     if part.dora is None:
         for t in patch.weight:
             w = get(t.param)
-            d = weight_delta(part, t.rows, w.device)
-            if t.swap:
-                d = swap_halves(d)
-            w.add_(fit_inputs(d, w), alpha=s)
+            w.add_(fit_inputs(t.delta(part, w.device), w), alpha=s)
     elif patch.weight:
         # DoRA normalises over the whole source module: assemble it (rows in source order, halves back in
         # BFL order), compute, scatter back.
@@ -430,7 +434,4 @@ def _apply(patch: Patch, get: Callable[[str], torch.Tensor]) -> None:
             start += n
     for t in patch.bias:
         b = get(t.param)
-        d = bias_delta(part, t.rows, b.device)
-        if t.swap:
-            d = swap_halves(d)
-        b.add_(d, alpha=s)
+        b.add_(t.delta(part, b.device, bias=True), alpha=s)

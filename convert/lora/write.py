@@ -32,6 +32,7 @@ from ...common.errors import BadInput
 from ..table import A, B, SWAP_HALVES, Split, swap_halves
 from .formats import CLIP, FLUX, T5, Lora, Part, _split_key, family_module, load_lora, rule_name
 from .layers import F32, bias_delta, dora_on_rows, fuse_lora, split_lora, weight_delta
+from .native import comfy_alpha
 
 TARGETS = ("diffusers", "bfl", "kohya", "comfy")
 # ComfyUI's `weight_decompose` divides an output-axis DoRA magnitude by the row norms of the weight *before*
@@ -448,17 +449,16 @@ def _write_side_a(out, item, to: str, report, lora: Lora) -> None:
         for r in ("diff", "diff_b"):
             if r in t:
                 out[f"{base}.{r}"] = t[r]
-    else:  # lora with DoRA, loha, lokr (kept with their alpha)
+    else:  # lora with DoRA, loha, lokr: ComfyUI's own tensors, with the alpha its rank rule needs
         names = {"down": "lora_down.weight", "up": "lora_up.weight"}
         for r, v in t.items():
             if r == "up_bias":
                 out[base + ".diff_b"] = (v.to(F32) * p.scale).to(_out_dtype(v))
             else:
                 out[f"{base}.{names.get(r, r)}"] = v
-        if p.alpha is not None:
-            out[base + ".alpha"] = torch.tensor(p.alpha, dtype=F32)
-        elif p.kind == "lora":
-            out[base + ".alpha"] = torch.tensor(p.scale * p.rank, dtype=F32)
+        alpha = comfy_alpha(p)
+        if alpha is not None:
+            out[base + ".alpha"] = torch.tensor(alpha, dtype=F32)
 
 
 def _emit_lo(out, base: str, lo: _Lo, to: str) -> None:
