@@ -41,6 +41,15 @@ def test_help_explains_each_command(command, capsys):
         assert word in out, (command, word)
 
 
+def test_the_choices_are_the_librarys():
+    """The CLI spells its choices out so that `--help` needs no torch; they must stay the library's own."""
+    from fluxbridge.convert import write
+    from fluxbridge.convert.lora import write as lora_write
+    assert cli.WEIGHT_LAYOUTS == write.LAYOUTS
+    assert cli.DTYPES == tuple(write.DTYPES)
+    assert cli.LORA_FORMATS == lora_write.TARGETS
+
+
 def test_no_command_prints_usage_and_fails(capsys):
     assert cli.main([]) == 2
     assert "inspect" in capsys.readouterr().err
