@@ -575,10 +575,11 @@ def load_transformer(path, weight_dtype: str = "default", quantize: str = "none"
         elif quantize != "none":
             library = _quantize(loaded.model, quantize, path)
             storage = f"{quantize} ({library}, computing in {dtype_name(dtype)})"
-        # After quantizing: a layer holding a quantized tensor stays a plain torch layer, which ComfyUI never
-        # casts (its cast cannot copy those tensors to another device). The fp8 upcast, by contrast, calls the
-        # (castable) layer's class forward, so fp8 layers stream like any other.
-        module = host.make_castable(loaded.model)
+        # `host.wrap` makes the layers castable after the quantization above: a layer holding a quantized
+        # tensor stays a plain torch layer, which ComfyUI never casts (its cast cannot copy those tensors to
+        # another device). The fp8 upcast, by contrast, calls the (castable) layer's class forward, so fp8
+        # layers stream like any other.
+        module = loaded.model
         return TransformerModel(module=module, handle=host.wrap(module, "diffusion"), name=_display_name(path),
                                 path=str(source), family=loaded.family, layout=loaded.layout,
                                 variant=loaded.variant, config=dict(loaded.config), dtype=dtype_name(dtype),
