@@ -81,13 +81,15 @@ def unpack(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x.reshape(b, d // 4, height, width)
 
 
-def image_ids(rows: int, cols: int, index: float = 0.0, device=None, dtype=torch.float32) -> torch.Tensor:
+def image_ids(rows: int, cols: int, index: float = 0.0, device=None, dtype=torch.float32, row_offset: int = 0,
+              col_offset: int = 0) -> torch.Tensor:
     """Position ids `[rows*cols, 3]` of the packed image tokens: (index, row, col), row-major.
-    `rows`/`cols` are the packed grid, i.e. latent H/2 and W/2. `index` is 0 (1 for Kontext references)."""
+    `rows`/`cols` are the packed grid, i.e. latent H/2 and W/2. `index` is 0 (Kontext references: see
+    `pipeline.kontext`, which also places them at a row and column offset)."""
     ids = torch.zeros(rows, cols, 3, dtype=dtype)
     ids[..., 0] = index
-    ids[..., 1] = torch.arange(rows, dtype=dtype)[:, None]
-    ids[..., 2] = torch.arange(cols, dtype=dtype)[None, :]
+    ids[..., 1] = torch.arange(rows, dtype=dtype)[:, None] + row_offset
+    ids[..., 2] = torch.arange(cols, dtype=dtype)[None, :] + col_offset
     return ids.reshape(rows * cols, 3).to(device)
 
 
