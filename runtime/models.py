@@ -349,13 +349,10 @@ _cache_lock = threading.RLock()
 stats = {"hits": 0, "loads": 0}
 
 
-def signature(path) -> tuple:
-    """What identifies the content of a file or folder without reading it (`convert.origins.signature`)."""
-    from ..convert.origins import signature as file_signature
-    return file_signature(path)
-
-
 def cache_key(kind: str, path, *options) -> tuple:
+    """(kind, real path, what identifies the content without reading it: `convert.origins.signature`,
+    options)."""
+    from ..convert.origins import signature
     return (kind, os.path.realpath(path), signature(path)) + tuple(options)
 
 
