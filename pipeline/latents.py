@@ -39,10 +39,8 @@ class LatentFormat:
             return vae
         cfg = vae.config
         shift = getattr(cfg, "shift_factor", None)
-        blocks = getattr(cfg, "block_out_channels", None)
         return cls(scale=float(cfg.scaling_factor), shift=float(shift) if shift is not None else 0.0,
-                   channels=int(cfg.latent_channels),
-                   downscale=2 ** (len(blocks) - 1) if blocks else FLUX_DOWNSCALE)
+                   channels=int(cfg.latent_channels), downscale=vae_downscale(vae))
 
     def process_in(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw VAE latents -> the model's normalised space: (raw - shift) * scale."""
@@ -51,6 +49,13 @@ class LatentFormat:
     def process_out(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> raw VAE latents: x / scale + shift (the order diffusers uses)."""
         return x / self.scale + self.shift
+
+
+def vae_downscale(vae) -> int:
+    """Pixels per latent pixel (per side) of a diffusers `AutoencoderKL`: 2 for each down block after the
+    first (FLUX.1's 8 when its config does not say)."""
+    blocks = getattr(vae.config, "block_out_channels", None)
+    return 2 ** (len(blocks) - 1) if blocks else FLUX_DOWNSCALE
 
 
 def latent_format(vae=None) -> LatentFormat:

@@ -16,6 +16,7 @@ from ..common.errors import BadInput
 from ._notes import note
 from .device import execution_device, execution_dtype
 from .images import crop_to_multiple, image_batch
+from .latents import vae_downscale
 
 TILE = 64  # latent pixels per side of a tile of the tiled decode
 
@@ -44,11 +45,6 @@ def is_oom(exc: BaseException) -> bool:
 def _free_memory(device) -> None:
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _downscale(vae) -> int:
-    blocks = getattr(vae.config, "block_out_channels", None)
-    return 2 ** (len(blocks) - 1) if blocks else 8
 
 
 def _check_latent(vae, samples: torch.Tensor) -> None:
@@ -119,7 +115,7 @@ def _decode_tiled(vae, z: torch.Tensor, tile_size: int = TILE, overlap: int = 16
     """Decode overlapping latent tiles and blend them with linear ramps (normalised by the weight sum)."""
     if not 0 <= overlap < tile_size:
         raise BadInput("tile_size", f"overlap {overlap} must be between 0 and the tile size {tile_size}")
-    ds = _downscale(vae)
+    ds = vae_downscale(vae)
     b, _, h, w = z.shape
     ys, xs = _starts(h, tile_size, overlap), _starts(w, tile_size, overlap)
     out = None
@@ -174,7 +170,7 @@ def encode(vae, image: torch.Tensor, sample_mode: str = "argmax", generator: tor
     `argmax` (default) is the posterior mean, as ComfyUI's VAEEncode; `sample` with a `generator` draws like
     diffusers' `retrieve_latents(vae.encode(x), generator)`. Out of memory: one image at a time, with a note.
     """
-    pixels = _pixels(image, _downscale(vae), notes)
+    pixels = _pixels(image, vae_downscale(vae), notes)
     try:
         z = encode_pixels(vae, pixels, sample_mode, generator)
     except Exception as exc:  # noqa: BLE001
