@@ -225,14 +225,19 @@ class TransformerModel:
 
     def input_channels(self) -> int:
         """The packed input channels the model takes while its LoRA stack is applied: a Depth/Canny control
-        LoRA widens `img_in` (64 -> 128), worked out from the shapes without touching the weights."""
+        LoRA widens `img_in` (64 -> 128), worked out from the shapes without touching the weights. Planned
+        once per object (its stack and its base's shapes never change), not at every Scheduler Step."""
+        known = self.__dict__.get("_input_channels")
+        if known is not None:
+            return known
+        channels = int(self.config["in_channels"])
         pairs = [(e.lora, e.strength) for e in self.loras if e.strength]
-        if not pairs:
-            return int(self.config["in_channels"])
-        from ..convert.lora.patch import Plan
-        widths = Plan(self.family, pairs, base_shapes(self.module)).expand
-        return max([int(self.config["in_channels"])] + [int(w) for n, w in widths.items()
-                                                          if n.startswith("x_embedder.")])
+        if pairs:
+            from ..convert.lora.patch import Plan
+            widths = Plan(self.family, pairs, base_shapes(self.module)).expand
+            channels = max([channels] + [int(w) for n, w in widths.items() if n.startswith("x_embedder.")])
+        self.__dict__["_input_channels"] = channels  # (frozen: the field setter refuses; a replace() starts afresh)
+        return channels
 
 
 @dataclass(frozen=True)
