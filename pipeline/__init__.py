@@ -8,7 +8,8 @@ latents}, CONDITIONING [[t5, {"pooled_output", "guidance"}]], SIGMAS 1-D float32
     sample    sample, check_conditioning
     vae       decode (tiled, out-of-memory fallback), encode
     fill      fill_conditioning, control_conditioning, from_native_conditioning
-    device    execution_device (where a partly loaded or offloaded model computes), set_execution_device
+    device    execution_device (where a partly loaded or offloaded model computes), set_execution_device,
+              execution_dtype (the dtype it computes in)
 """
 from .fill import control_conditioning, fill_conditioning, fill_from_latent, from_native_conditioning, pack_mask
 from .latents import (LatentFormat, empty_latent, image_ids, latent_samples, noise, pack, process_in, process_out,

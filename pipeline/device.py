@@ -4,7 +4,7 @@ A model that ComfyUI loaded partially (the layers that did not fit wait on the o
 in as they run), or that diffusers' group offloading manages (blocks come in one at a time), computes on its
 load device while most of its weights sit elsewhere. Whoever sets such a model up records that device on the
 module (`set_execution_device`); the pipeline functions put their inputs there. A plain module computes where
-its parameters are.
+its parameters are. They put their inputs in the dtype the model computes in (`execution_dtype`).
 """
 from __future__ import annotations
 
@@ -25,3 +25,14 @@ def execution_device(module: torch.nn.Module) -> torch.device:
         return device
     p = next(module.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def execution_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype `module` computes in, which is not always the dtype it stores: diffusers' and transformers'
+    `.dtype` (a model stored in fp8 with upcast on compute reports its compute dtype there), else its first
+    parameter's dtype (float32 for a module without any)."""
+    dtype = getattr(module, "dtype", None)
+    if dtype is not None:
+        return dtype
+    p = next(module.parameters(), None)
+    return p.dtype if p is not None else torch.float32

@@ -171,11 +171,6 @@ def with_control(conditioning, latent_image: torch.Tensor) -> list:
     return [[c, dict(d, concat_latent_image=latent_image)] for c, d in conditioning]
 
 
-def expected_extra_channels(transformer, latent_channels: int = 16) -> int:
-    """How many packed input features a transformer takes beyond the packed latents (0, 64 or 320)."""
-    return int(transformer.config.in_channels) - 4 * latent_channels
-
-
 __all__ = ["fill_conditioning", "fill_from_latent", "pack_mask", "control_conditioning",
-           "from_native_conditioning", "expected_extra_channels", "mask_like", "masked_image", "with_fill",
+           "from_native_conditioning", "mask_like", "masked_image", "with_fill",
            "with_control"]

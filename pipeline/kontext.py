@@ -21,7 +21,9 @@ from __future__ import annotations
 import torch
 
 from ..common.errors import BadInput
-from .latents import LatentFormat, pack
+from ._notes import note
+from .fill import _batch
+from .latents import LatentFormat, image_ids, pack
 
 REFERENCE_KEY = "reference_latents"
 METHOD_KEY = "reference_latents_method"
@@ -97,9 +99,6 @@ def reference_tokens(refs, method: str, batch: int, grid: tuple[int, int], fmt: 
                      device=None, dtype=torch.float32, notes: list | None = None):
     """(tokens [batch, L, 4C], ids [L, 3]) of raw reference latents: normalised, padded to even sizes
     (circularly, as ComfyUI pads), packed, and placed by `method`."""
-    from ._notes import note
-    from .fill import _batch
-
     if method not in METHODS:
         raise BadInput(METHOD_KEY, f"{method!r}: expected one of {', '.join(METHODS)}")
     fmt = fmt or LatentFormat()
@@ -110,12 +109,8 @@ def reference_tokens(refs, method: str, batch: int, grid: tuple[int, int], fmt: 
         if ph or pw:
             note(f"Kontext reference {k}: {z.shape[-1]}x{z.shape[-2]} latent pixels padded to even sizes", notes)
             z = torch.nn.functional.pad(z, (0, pw, 0, ph), mode="circular")
-        rows, cols = z.shape[-2] // 2, z.shape[-1] // 2
-        grid_ids = torch.zeros(rows, cols, 3)
-        grid_ids[..., 0] = index
-        grid_ids[..., 1] = torch.arange(rows)[:, None] + (ho + 1) // 2
-        grid_ids[..., 2] = torch.arange(cols)[None, :] + (wo + 1) // 2
         tokens.append(pack(z))
-        ids.append(grid_ids.reshape(rows * cols, 3))
+        ids.append(image_ids(z.shape[-2] // 2, z.shape[-1] // 2, index, row_offset=(ho + 1) // 2,
+                             col_offset=(wo + 1) // 2))
     return (torch.cat(tokens, dim=1).to(device=device, dtype=dtype),
             torch.cat(ids).to(device=device))

@@ -39,10 +39,8 @@ class LatentFormat:
             return vae
         cfg = vae.config
         shift = getattr(cfg, "shift_factor", None)
-        blocks = getattr(cfg, "block_out_channels", None)
         return cls(scale=float(cfg.scaling_factor), shift=float(shift) if shift is not None else 0.0,
-                   channels=int(cfg.latent_channels),
-                   downscale=2 ** (len(blocks) - 1) if blocks else FLUX_DOWNSCALE)
+                   channels=int(cfg.latent_channels), downscale=vae_downscale(vae))
 
     def process_in(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw VAE latents -> the model's normalised space: (raw - shift) * scale."""
@@ -51,6 +49,13 @@ class LatentFormat:
     def process_out(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> raw VAE latents: x / scale + shift (the order diffusers uses)."""
         return x / self.scale + self.shift
+
+
+def vae_downscale(vae) -> int:
+    """Pixels per latent pixel (per side) of a diffusers `AutoencoderKL`: 2 for each down block after the
+    first (FLUX.1's 8 when its config does not say)."""
+    blocks = getattr(vae.config, "block_out_channels", None)
+    return 2 ** (len(blocks) - 1) if blocks else FLUX_DOWNSCALE
 
 
 def latent_format(vae=None) -> LatentFormat:
@@ -81,13 +86,15 @@ def unpack(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x.reshape(b, d // 4, height, width)
 
 
-def image_ids(rows: int, cols: int, index: float = 0.0, device=None, dtype=torch.float32) -> torch.Tensor:
+def image_ids(rows: int, cols: int, index: float = 0.0, device=None, dtype=torch.float32, row_offset: int = 0,
+              col_offset: int = 0) -> torch.Tensor:
     """Position ids `[rows*cols, 3]` of the packed image tokens: (index, row, col), row-major.
-    `rows`/`cols` are the packed grid, i.e. latent H/2 and W/2. `index` is 0 (1 for Kontext references)."""
+    `rows`/`cols` are the packed grid, i.e. latent H/2 and W/2. `index` is 0 (Kontext references: see
+    `pipeline.kontext`, which also places them at a row and column offset)."""
     ids = torch.zeros(rows, cols, 3, dtype=dtype)
     ids[..., 0] = index
-    ids[..., 1] = torch.arange(rows, dtype=dtype)[:, None]
-    ids[..., 2] = torch.arange(cols, dtype=dtype)[None, :]
+    ids[..., 1] = torch.arange(rows, dtype=dtype)[:, None] + row_offset
+    ids[..., 2] = torch.arange(cols, dtype=dtype)[None, :] + col_offset
     return ids.reshape(rows * cols, 3).to(device)
 
 

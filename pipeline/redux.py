@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..common.errors import BadInput
-from .device import execution_device
+from .device import execution_device, execution_dtype
 from .images import image_batch
 
 CROPS = ("center", "none")
@@ -47,8 +47,8 @@ def image_tokens(vision, encoder, pixel_values: torch.Tensor) -> torch.Tensor:
     """Redux tokens [B, N, text width] (float32, CPU) of prepared pixels: the tower's per-patch features
     (`last_hidden_state`, after its final layer norm) through the Redux encoder."""
     features = vision(pixel_values=pixel_values.to(device=execution_device(vision),
-                                                   dtype=next(vision.parameters()).dtype)).last_hidden_state
-    tokens = encoder(features.to(device=execution_device(encoder), dtype=next(encoder.parameters()).dtype))
+                                                   dtype=execution_dtype(vision))).last_hidden_state
+    tokens = encoder(features.to(device=execution_device(encoder), dtype=execution_dtype(encoder)))
     tokens = getattr(tokens, "image_embeds", tokens)
     return tokens.to(device="cpu", dtype=torch.float32)
 

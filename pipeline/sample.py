@@ -20,7 +20,7 @@ import torch
 
 from ..common.errors import BadInput
 from ._notes import note
-from .device import execution_device
+from .device import execution_device, execution_dtype
 from .fill import _batch, from_native_conditioning
 from .kontext import METHOD_KEY, REFERENCE_KEY, check_references, reference_tokens
 from .latents import LatentFormat, image_ids, latent_samples, noise as make_noise, pack, text_ids, unpack
@@ -30,21 +30,13 @@ FROM_CONDITIONING = "conditioning"  # default for `guidance`: take it from the C
 DEFAULT_GUIDANCE = 3.5
 
 
-def _device_dtype(module):
-    """Where the model runs and in which dtype it computes (not its storage dtype: a model stored in fp8
-    with upcast on compute reports its compute dtype through diffusers' `.dtype`)."""
-    p = next(module.parameters(), None)
-    dtype = getattr(module, "dtype", None) or (p.dtype if p is not None else torch.float32)
-    return execution_device(module), dtype
-
-
 def working_memory(transformer, latent_shape) -> int:
     """Bytes the transformer's activations need beside its weights for a step on raw latents of this shape
     ([B, C, H, W]): ComfyUI's estimate for its own FLUX.1 model (`memory_usage_factor` 3.1: 0.031 MiB per
     latent pixel and byte of the compute dtype), so its memory manager leaves ours the same room. True CFG
     runs its two calls one after the other, so the batch is not doubled."""
     b, _, h, w = (int(n) for n in latent_shape)
-    dtype = _device_dtype(transformer)[1]
+    dtype = execution_dtype(transformer)
     return int(b * h * w * dtype.itemsize * 0.01 * 3.1 * (1 << 20))
 
 
@@ -165,7 +157,7 @@ def sample(transformer, conditioning, latent: dict, sigmas, seed: int = 0, guida
         raise BadInput("sigmas", f"need at least 2 values (1 step), got {sig.numel()}")
     steps = sig.numel() - 1
     cfg = transformer.config
-    device, dtype = _device_dtype(transformer)
+    device, dtype = execution_device(transformer), execution_dtype(transformer)
     c = fmt.channels
     base = 4 * c
     in_ch = int(cfg.in_channels)

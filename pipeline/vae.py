@@ -14,29 +14,25 @@ import torch
 
 from ..common.errors import BadInput
 from ._notes import note
-from .device import execution_device
+from .device import execution_device, execution_dtype
 from .images import crop_to_multiple, image_batch
+from .latents import vae_downscale
 
 TILE = 64  # latent pixels per side of a tile of the tiled decode
-
-
-def _device_dtype(module):
-    p = next(module.parameters(), None)
-    return execution_device(module), (p.dtype if p is not None else torch.float32)
 
 
 def decode_memory(vae, samples_shape) -> int:
     """Bytes a whole (untiled) decode of raw latents [B, C, h, w] needs beside the VAE's weights: ComfyUI's
     estimate for the FLUX VAE (2178 x 64 bytes per latent pixel and byte of the VAE's dtype), per image."""
     b, _, h, w = (int(n) for n in samples_shape)
-    return b * h * w * 2178 * 64 * _device_dtype(vae)[1].itemsize
+    return b * h * w * 2178 * 64 * execution_dtype(vae).itemsize
 
 
 def encode_memory(vae, image_shape) -> int:
     """Bytes an encode of an IMAGE [B, H, W, C] needs beside the VAE's weights: ComfyUI's estimate for the
     FLUX VAE (1767 bytes per pixel and byte of the VAE's dtype), per image."""
     b, h, w = (int(n) for n in image_shape[:3])
-    return b * h * w * 1767 * _device_dtype(vae)[1].itemsize
+    return b * h * w * 1767 * execution_dtype(vae).itemsize
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -49,11 +45,6 @@ def is_oom(exc: BaseException) -> bool:
 def _free_memory(device) -> None:
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _downscale(vae) -> int:
-    blocks = getattr(vae.config, "block_out_channels", None)
-    return 2 ** (len(blocks) - 1) if blocks else 8
 
 
 def _check_latent(vae, samples: torch.Tensor) -> None:
@@ -85,7 +76,7 @@ def decode(vae, samples: torch.Tensor, tiled: bool | None = None, tile_size: int
     True: always tiled; False: never. `tile_size`/`overlap` are in latent pixels.
     """
     _check_latent(vae, samples)
-    device, dtype = _device_dtype(vae)
+    device, dtype = execution_device(vae), execution_dtype(vae)
     z = samples.to(device=device, dtype=dtype)
     if tiled:
         return _to_image(_decode_tiled(vae, z, tile_size, overlap))
@@ -124,7 +115,7 @@ def _decode_tiled(vae, z: torch.Tensor, tile_size: int = TILE, overlap: int = 16
     """Decode overlapping latent tiles and blend them with linear ramps (normalised by the weight sum)."""
     if not 0 <= overlap < tile_size:
         raise BadInput("tile_size", f"overlap {overlap} must be between 0 and the tile size {tile_size}")
-    ds = _downscale(vae)
+    ds = vae_downscale(vae)
     b, _, h, w = z.shape
     ys, xs = _starts(h, tile_size, overlap), _starts(w, tile_size, overlap)
     out = None
@@ -162,7 +153,7 @@ def _pixels(image: torch.Tensor, ds: int, notes) -> torch.Tensor:
 def encode_pixels(vae, pixels: torch.Tensor, sample_mode: str = "argmax",
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """VAE input [B, 3, H, W] in -1..1 -> raw latents [B, C, H/8, W/8] (posterior mean, or a sample)."""
-    device, dtype = _device_dtype(vae)
+    device, dtype = execution_device(vae), execution_dtype(vae)
     dist = vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist
     if sample_mode == "argmax":
         return dist.mode()
@@ -179,13 +170,13 @@ def encode(vae, image: torch.Tensor, sample_mode: str = "argmax", generator: tor
     `argmax` (default) is the posterior mean, as ComfyUI's VAEEncode; `sample` with a `generator` draws like
     diffusers' `retrieve_latents(vae.encode(x), generator)`. Out of memory: one image at a time, with a note.
     """
-    pixels = _pixels(image, _downscale(vae), notes)
+    pixels = _pixels(image, vae_downscale(vae), notes)
     try:
         z = encode_pixels(vae, pixels, sample_mode, generator)
     except Exception as exc:  # noqa: BLE001
         if not is_oom(exc) or pixels.shape[0] == 1:
             raise
-        _free_memory(_device_dtype(vae)[0])
+        _free_memory(execution_device(vae))
         note(f"VAE encode of {pixels.shape[0]} images ran out of memory; encoding one at a time", notes)
         z = torch.cat([encode_pixels(vae, p[None], sample_mode, generator) for p in pixels])
     return z.to(device="cpu", dtype=torch.float32)

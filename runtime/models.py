@@ -225,14 +225,19 @@ class TransformerModel:
 
     def input_channels(self) -> int:
         """The packed input channels the model takes while its LoRA stack is applied: a Depth/Canny control
-        LoRA widens `img_in` (64 -> 128), worked out from the shapes without touching the weights."""
+        LoRA widens `img_in` (64 -> 128), worked out from the shapes without touching the weights. Planned
+        once per object (its stack and its base's shapes never change), not at every Scheduler Step."""
+        known = self.__dict__.get("_input_channels")
+        if known is not None:
+            return known
+        channels = int(self.config["in_channels"])
         pairs = [(e.lora, e.strength) for e in self.loras if e.strength]
-        if not pairs:
-            return int(self.config["in_channels"])
-        from ..convert.lora.patch import Plan
-        widths = Plan(self.family, pairs, base_shapes(self.module)).expand
-        return max([int(self.config["in_channels"])] + [int(w) for n, w in widths.items()
-                                                          if n.startswith("x_embedder.")])
+        if pairs:
+            from ..convert.lora.patch import Plan
+            widths = Plan(self.family, pairs, base_shapes(self.module)).expand
+            channels = max([channels] + [int(w) for n, w in widths.items() if n.startswith("x_embedder.")])
+        self.__dict__["_input_channels"] = channels  # (frozen: the field setter refuses; a replace() starts afresh)
+        return channels
 
 
 @dataclass(frozen=True)
@@ -349,13 +354,10 @@ _cache_lock = threading.RLock()
 stats = {"hits": 0, "loads": 0}
 
 
-def signature(path) -> tuple:
-    """What identifies the content of a file or folder without reading it (`convert.origins.signature`)."""
-    from ..convert.origins import signature as file_signature
-    return file_signature(path)
-
-
 def cache_key(kind: str, path, *options) -> tuple:
+    """(kind, real path, what identifies the content without reading it: `convert.origins.signature`,
+    options)."""
+    from ..convert.origins import signature
     return (kind, os.path.realpath(path), signature(path)) + tuple(options)
 
 
@@ -534,6 +536,16 @@ def _display_name(path) -> str:
     return os.path.basename(os.fspath(path).rstrip("/\\")) or os.fspath(path)
 
 
+def _named(model, name: str | None):
+    """The cached model object under the name this loader gives it (the cache keeps the first one's)."""
+    return dataclasses.replace(model, name=name) if name and name != model.name else model
+
+
+def _check_choice(path, option: str, value, choices) -> None:
+    if value not in choices:
+        raise BadInput(path, f"{option} {value!r}: expected one of {', '.join(choices)}")
+
+
 def load_transformer(path, weight_dtype: str = "default", quantize: str = "none",
                      name: str | None = None, variant: str = "auto") -> tuple[TransformerModel, bool]:
     """(TransformerModel, was_cached) for a Flux transformer file or diffusers folder.
@@ -548,12 +560,9 @@ def load_transformer(path, weight_dtype: str = "default", quantize: str = "none"
     """
     from ..convert.load import load_model
 
-    if weight_dtype not in WEIGHT_DTYPES:
-        raise BadInput(path, f"weight_dtype {weight_dtype!r}: expected one of {', '.join(WEIGHT_DTYPES)}")
-    if quantize not in QUANTIZE:
-        raise BadInput(path, f"quantize {quantize!r}: expected one of {', '.join(QUANTIZE)}")
-    if variant not in VARIANT_CHOICES:
-        raise BadInput(path, f"variant {variant!r}: expected one of {', '.join(VARIANT_CHOICES)}")
+    _check_choice(path, "weight_dtype", weight_dtype, WEIGHT_DTYPES)
+    _check_choice(path, "quantize", quantize, QUANTIZE)
+    _check_choice(path, "variant", variant, VARIANT_CHOICES)
     fp8 = weight_dtype.startswith("fp8")
     if fp8 and quantize != "none":
         raise BadInput(path, f"weight_dtype {weight_dtype} and quantize {quantize} both set how the weights are "
@@ -575,18 +584,18 @@ def load_transformer(path, weight_dtype: str = "default", quantize: str = "none"
         elif quantize != "none":
             library = _quantize(loaded.model, quantize, path)
             storage = f"{quantize} ({library}, computing in {dtype_name(dtype)})"
-        # After quantizing: a layer holding a quantized tensor stays a plain torch layer, which ComfyUI never
-        # casts (its cast cannot copy those tensors to another device). The fp8 upcast, by contrast, calls the
-        # (castable) layer's class forward, so fp8 layers stream like any other.
-        module = host.make_castable(loaded.model)
+        # `host.wrap` makes the layers castable after the quantization above: a layer holding a quantized
+        # tensor stays a plain torch layer, which ComfyUI never casts (its cast cannot copy those tensors to
+        # another device). The fp8 upcast, by contrast, calls the (castable) layer's class forward, so fp8
+        # layers stream like any other.
+        module = loaded.model
         return TransformerModel(module=module, handle=host.wrap(module, "diffusion"), name=_display_name(path),
                                 path=str(source), family=loaded.family, layout=loaded.layout,
                                 variant=loaded.variant, config=dict(loaded.config), dtype=dtype_name(dtype),
                                 storage=storage, report=loaded.report, origins=loaded.origins)
 
     model, hit = cached(cache_key("transformer", source, dtype_name(dtype), weight_dtype, quantize), build)
-    if name and name != model.name:
-        model = dataclasses.replace(model, name=name)
+    model = _named(model, name)
     if variant == "kontext" and model.variant != "kontext":
         cfg = model.config
         if cfg["in_channels"] != cfg["out_channels"] or not cfg.get("guidance_embeds"):
@@ -608,8 +617,7 @@ def load_native_transformer(path, weight_dtype: str = "default", name: str | Non
     """
     from ..convert.load import load_original
 
-    if weight_dtype not in NATIVE_DTYPES:
-        raise BadInput(path, f"weight_dtype {weight_dtype!r}: expected one of {', '.join(NATIVE_DTYPES)}")
+    _check_choice(path, "weight_dtype", weight_dtype, NATIVE_DTYPES)
     fp8 = weight_dtype.startswith("fp8")
     dtype = None if weight_dtype == "default" or fp8 else _torch_dtype(weight_dtype)
     loaded = load_original(component_path(path, TRANSFORMER_DIR), family="flux-transformer", dtype=dtype)
@@ -630,15 +638,14 @@ def _load_encoder(path, family: str, dtype, name: str) -> tuple[Encoder, bool]:
                        dtype=dtype_name(dtype), report=loaded.report, origins=loaded.origins)
 
     enc, hit = cached(cache_key(family, path, dtype_name(dtype)), build)
-    return (dataclasses.replace(enc, name=name) if enc.name != name else enc), hit
+    return _named(enc, name), hit
 
 
 def load_text_encoders(clip_path, t5_path, weight_dtype: str = "default", clip_name: str | None = None,
                        t5_name: str | None = None) -> tuple[TextEncoders, bool]:
     """(TextEncoders, both_were_cached): CLIP-L and T5 files, or diffusers folders (`text_encoder/`,
     `text_encoder_2/` of a pipeline folder), plus the tokenizers (see `find_tokenizers`)."""
-    if weight_dtype not in TEXT_DTYPES:
-        raise BadInput(clip_path, f"weight_dtype {weight_dtype!r}: expected one of {', '.join(TEXT_DTYPES)}")
+    _check_choice(clip_path, "weight_dtype", weight_dtype, TEXT_DTYPES)
     dtype = host.compute_dtype(host.torch_device()) if weight_dtype == "default" else _torch_dtype(weight_dtype)
     clip, hit_clip = _load_encoder(component_path(clip_path, CLIP_DIR), "clip-l", dtype,
                                    clip_name or _display_name(clip_path))
@@ -664,7 +671,7 @@ def load_vae(path, name: str | None = None) -> tuple[VAEModel, bool]:
                         shift_factor=float(shift) if shift is not None else 0.0)
 
     vae, hit = cached(cache_key("vae", source, dtype_name(dtype)), build)
-    return (dataclasses.replace(vae, name=name) if name and name != vae.name else vae), hit
+    return _named(vae, name), hit
 
 
 def _image_processor(folder) -> dict:
