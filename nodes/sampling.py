@@ -37,13 +37,6 @@ def shift_choice(shift: str, transformer=None) -> tuple[bool, str]:
     return True, f"auto: {transformer.name} is {transformer.variant} (with guidance embedding)"
 
 
-def _sigmas(sigmas) -> torch.Tensor:
-    sig = torch.as_tensor(sigmas, dtype=torch.float32).detach().cpu().reshape(-1)
-    if sig.numel() < 2:
-        raise BadInput("sigmas", f"need at least 2 values (1 step), got {sig.numel()}")
-    return sig
-
-
 def _named(transformer) -> str:
     return f"the transformer {transformer.name!r}"
 
@@ -62,15 +55,6 @@ def _check_conditionings(transformer, positive, negative) -> None:
             raise BadInput(which, f"the {which} conditioning carries {len(refs)} Kontext reference image(s), but "
                                   f"{_named(transformer)} is FLUX.1 {transformer.variant} (detected from its "
                                   f"weights and name); if it is FLUX.1 Kontext, set the loader's variant to kontext")
-
-
-def _working_memory(transformer, latent_shape, positive) -> int:
-    """The activations' room for a step: the latent's tokens and the Kontext references' (which ComfyUI also
-    counts for its own Flux model)."""
-    refs = positive[0][1].get(REFERENCE_KEY) or []
-    b = int(latent_shape[0])
-    return working_memory(transformer.module, latent_shape) + sum(
-        working_memory(transformer.module, (b, *ref.shape[1:])) for ref in refs)
 
 
 class Scheduler(io.ComfyNode):
@@ -134,7 +118,7 @@ class AddNoise(io.ComfyNode):
         notes = []
         fmt = latents_lib.LatentFormat()
         raw = latents_lib.latent_samples(latent, fmt.channels, notes).to(torch.float32)
-        sig = _sigmas(sigmas)
+        sig = schedule_lib.as_sigmas(sigmas)
         eps = latents_lib.noise(int(seed), raw.shape)
         x = schedule_lib.add_noise(fmt.process_in(raw.cpu()), eps, sig[0])
         out = dict(latent)
@@ -168,7 +152,7 @@ class SchedulerStep(io.ComfyNode):
     def execute(cls, transformer, positive, latent, sigmas, step=0, negative=None, true_cfg=1.0):
         step, true_cfg = checked(cls, step=step, true_cfg=true_cfg)
         notes = []
-        sig = _sigmas(sigmas)
+        sig = schedule_lib.as_sigmas(sigmas)
         step = int(step)
         if not 0 <= step < sig.numel() - 1:
             raise BadInput("step", f"step {step} is outside the schedule of {sig.numel() - 1} step(s) "
@@ -179,7 +163,7 @@ class SchedulerStep(io.ComfyNode):
         raw = raw.to(torch.float32).cpu()
         if latent.get("noise_mask") is not None:
             notes.append("noise_mask ignored: a single step cannot re-noise the kept area (use the sampler)")
-        host.load_to_device([transformer.handle], memory_required=_working_memory(transformer, raw.shape, positive))
+        host.load_to_device([transformer.handle], memory_required=working_memory(transformer.module, raw.shape, positive))
         host.check_interrupt()
         with transformer.patched() as module:  # one iteration of the sampler's loop
             out = sample(module, positive, {"samples": raw}, sig[step:step + 2], negative=negative,
@@ -231,8 +215,8 @@ class Sampler(io.ComfyNode):
             tokens = ((h + 1) // 2) * ((w + 1) // 2)
             sigmas = schedule_lib.flux_sigmas(steps, tokens, dynamic_shift=shift_choice("auto", transformer)[0],
                                               denoise=denoise)
-        sig = _sigmas(sigmas)
-        host.load_to_device([transformer.handle], memory_required=_working_memory(transformer, samples.shape, positive))
+        sig = schedule_lib.as_sigmas(sigmas)
+        host.load_to_device([transformer.handle], memory_required=working_memory(transformer.module, samples.shape, positive))
         bar = host.progress(sig.numel() - 1, node_id=node_id(cls))
         with transformer.patched() as module:
             out = sample(module, positive, latent, sig, seed=int(seed), negative=negative, true_cfg=float(true_cfg),

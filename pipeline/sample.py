@@ -24,20 +24,22 @@ from .device import execution_device, execution_dtype
 from .fill import _batch, from_native_conditioning
 from .kontext import METHOD_KEY, REFERENCE_KEY, check_references, reference_tokens
 from .latents import LatentFormat, image_ids, latent_samples, noise as make_noise, pack, text_ids, unpack
-from .schedule import add_noise, euler_step
+from .schedule import add_noise, as_sigmas, euler_step
 
 FROM_CONDITIONING = "conditioning"  # default for `guidance`: take it from the CONDITIONING (3.5 if absent)
 DEFAULT_GUIDANCE = 3.5
 
 
-def working_memory(transformer, latent_shape) -> int:
+def working_memory(transformer, latent_shape, conditioning=None) -> int:
     """Bytes the transformer's activations need beside its weights for a step on raw latents of this shape
-    ([B, C, H, W]): ComfyUI's estimate for its own FLUX.1 model (`memory_usage_factor` 3.1: 0.031 MiB per
-    latent pixel and byte of the compute dtype), so its memory manager leaves ours the same room. True CFG
+    ([B, C, H, W]) and the conditioning's Kontext references: ComfyUI's estimate for its own FLUX.1 model
+    (`memory_usage_factor` 3.1: 0.031 MiB per latent pixel and byte of the compute dtype; references counted
+    as more latent pixels, as ComfyUI counts them), so its memory manager leaves ours the same room. True CFG
     runs its two calls one after the other, so the batch is not doubled."""
-    b, _, h, w = (int(n) for n in latent_shape)
-    dtype = execution_dtype(transformer)
-    return int(b * h * w * dtype.itemsize * 0.01 * 3.1 * (1 << 20))
+    b = int(latent_shape[0])
+    refs = (conditioning[0][1].get(REFERENCE_KEY) or []) if conditioning else []
+    pixels = sum(int(s[-2]) * int(s[-1]) for s in [latent_shape, *(ref.shape for ref in refs)])
+    return int(b * pixels * execution_dtype(transformer).itemsize * 0.01 * 3.1 * (1 << 20))
 
 
 def check_conditioning(conditioning, config, which: str = "positive",
@@ -152,9 +154,7 @@ def sample(transformer, conditioning, latent: dict, sigmas, seed: int = 0, guida
     Returns a copy of `latent` with new "samples" (float32, on `output_device`).
     """
     fmt = LatentFormat.from_vae(latent_format)
-    sig = torch.as_tensor(sigmas, dtype=torch.float32).detach().cpu().reshape(-1)
-    if sig.numel() < 2:
-        raise BadInput("sigmas", f"need at least 2 values (1 step), got {sig.numel()}")
+    sig = as_sigmas(sigmas)
     steps = sig.numel() - 1
     cfg = transformer.config
     device, dtype = execution_device(transformer), execution_dtype(transformer)

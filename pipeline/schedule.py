@@ -16,6 +16,14 @@ import torch
 from ..common.errors import BadInput
 
 
+def as_sigmas(sigmas) -> torch.Tensor:
+    """Native SIGMAS (a tensor or list) as a 1-D float32 CPU tensor of at least 2 values (1 step)."""
+    sig = torch.as_tensor(sigmas, dtype=torch.float32).detach().cpu().reshape(-1)
+    if sig.numel() < 2:
+        raise BadInput("sigmas", f"need at least 2 values (1 step), got {sig.numel()}")
+    return sig
+
+
 def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
                     base_shift: float = 0.5, max_shift: float = 1.15) -> float:
     """mu for the dynamic time shift: linear in the number of image tokens (256 -> 0.5, 4096 -> 1.15)."""

@@ -236,3 +236,16 @@ def test_control_conditioning_for_depth_models(cond):
     assert control.shape == (1, 16, 64)
     out = P.sample(depth, cond, P.empty_latent(64, 64), _sigmas(2), fill=control)
     assert out["samples"].shape == (1, 16, 8, 8)
+
+
+def test_working_memory_counts_the_kontext_references_as_comfyui_does():
+    """ComfyUI's estimate for its FLUX.1 model: 0.031 MiB per latent pixel, image and byte of the compute dtype,
+    the Kontext references' latent pixels counted with the image's (batch 2, float32 here)."""
+    from fluxbridge.pipeline.kontext import REFERENCE_KEY
+    from fluxbridge.pipeline.sample import working_memory
+    tr = factory.tiny_flux_transformer(width=32, heads=2, double=1, single=1, seed=0)
+    per_pixel = 4 * 0.031 * (1 << 20)
+    cond = [[torch.zeros(1, 4, 32), {"pooled_output": torch.zeros(1, 16)}]]
+    assert working_memory(tr, (2, 16, 8, 6)) == working_memory(tr, (2, 16, 8, 6), cond) == pytest.approx(2 * 48 * per_pixel, abs=1)
+    refs = [[cond[0][0], dict(cond[0][1], **{REFERENCE_KEY: [torch.zeros(1, 16, 4, 4), torch.zeros(1, 16, 2, 6)]})]]
+    assert working_memory(tr, (2, 16, 8, 6), refs) == pytest.approx(2 * (48 + 16 + 12) * per_pixel, abs=1)
