@@ -23,9 +23,8 @@ from pathlib import Path
 
 from ..runtime import host
 from ..common.errors import BadInput
-from ..runtime.node_specs import InputSpec, NodeSpec, output_prefix_problem
+from ..runtime.node_specs import MAX_RESOLUTION, InputSpec, NodeSpec, output_prefix_problem
 
-MAX_RESOLUTION = 16384
 # LoadImage decodes at most this many pixels (all frames together) and frames up to MAX_RESOLUTION a side:
 # an image file is refused before decoding when its header says more (a decompression bomb).
 MAX_IMAGE_PIXELS = 1 << 27
@@ -349,12 +348,12 @@ def comfy_only_specs() -> list[NodeSpec]:
     text = lambda name: InputSpec(name, "STRING", multiline=True)  # noqa: E731
     guidance = InputSpec("guidance", "FLOAT", default=3.5, min=0.0, max=100.0, step=0.1)
     return [
-        spec("UNETLoader", [InputSpec("unet_name", "COMBO", options=_listed("diffusion_models")),
+        spec("UNETLoader", [InputSpec("unet_name", "COMBO", options=host.model_choices("diffusion_models")),
                             InputSpec("weight_dtype", "COMBO",
                                       options=["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"])],
              [("MODEL", "MODEL")], "Load Diffusion Model"),
-        spec("DualCLIPLoader", [InputSpec("clip_name1", "COMBO", options=_listed("text_encoders")),
-                                InputSpec("clip_name2", "COMBO", options=_listed("text_encoders")),
+        spec("DualCLIPLoader", [InputSpec("clip_name1", "COMBO", options=host.model_choices("text_encoders")),
+                                InputSpec("clip_name2", "COMBO", options=host.model_choices("text_encoders")),
                                 InputSpec("type", "COMBO", options=list(CLIP_TYPES)),
                                 InputSpec("device", "COMBO", optional=True, options=["default", "cpu"])],
              [("CLIP", "CLIP")], "DualCLIPLoader"),
@@ -376,18 +375,11 @@ def comfy_only_specs() -> list[NodeSpec]:
                           InputSpec("latent_image", "LATENT"),
                           InputSpec("denoise", "FLOAT", default=1.0, min=0.0, max=1.0, step=0.01)],
              [("LATENT", "LATENT")], "KSampler"),
-        spec("VAELoader", [InputSpec("vae_name", "COMBO", options=_listed("vae") + ["pixel_space"])],
+        spec("VAELoader", [InputSpec("vae_name", "COMBO", options=host.model_choices("vae") + ["pixel_space"])],
              [("VAE", "VAE")], "Load VAE"),
         spec("VAEDecode", [InputSpec("samples", "LATENT"), InputSpec("vae", "VAE")], [("IMAGE", "IMAGE")],
              "VAE Decode"),
     ]
-
-
-def _listed(kind: str) -> list[str]:
-    try:
-        return host.list_models(kind)
-    except BadInput:
-        return []
 
 
 NATIVE_NODES = tuple(native_specs())

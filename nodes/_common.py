@@ -16,7 +16,6 @@ VAE = io.Custom("FLUXBRIDGE_VAE")
 REDUX = io.Custom("FLUXBRIDGE_REDUX")
 
 CATEGORY = "FluxBridge"
-MAX_RESOLUTION = 16384
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
@@ -61,14 +60,6 @@ def lora_summary(lora_name: str, lora, patched: list, zero_filled: list, not_pla
     payload = {"name": lora_name, "format": lora.format, **strengths, "patched": patched,
                "zero_filled": zero_filled, "not_placed": not_placed}
     return lines, payload
-
-
-def files(kind: str) -> list:
-    """Combo choices: the model files and folders of one kind (empty when none)."""
-    try:
-        return host.list_models(kind)
-    except Exception:  # noqa: BLE001 - a schema must build even when a folder cannot be listed
-        return []
 
 
 def name_errors(**inputs: tuple[str, object]) -> bool | str:

@@ -11,7 +11,7 @@ from ..runtime import host
 from ..convert.lora.write import TARGETS as LORA_TARGETS
 from ..convert.lora.write import convert_lora
 from ..convert.write import DTYPES, LAYOUTS, convert_file
-from ._common import CATEGORY, TRANSFORMER, VAE, files, io, name_errors, ui
+from ._common import CATEGORY, TRANSFORMER, VAE, io, name_errors, ui
 
 CONVERT = CATEGORY + "/convert"
 VAE_LAYOUTS = ("bfl", "diffusers")
@@ -115,7 +115,7 @@ class ConvertLoRA(io.ComfyNode):
             description="Rewrites a LoRA in another format (diffusers, bfl, kohya, comfy) with the same weight "
                         "deltas, to the output folder.",
             inputs=[
-                io.Combo.Input("lora_name", options=files("loras")),
+                io.Combo.Input("lora_name", options=host.model_choices("loras")),
                 io.Combo.Input("to", options=list(LORA_TARGETS), default="diffusers"),
                 io.String.Input("filename_prefix", default="fluxbridge/lora"),
             ],

@@ -5,7 +5,8 @@ from ..runtime import host, models
 from ..common.errors import BadInput
 from ..pipeline import latents as latents_lib
 from ..pipeline import vae as vae_lib
-from ._common import CATEGORY, MAX_RESOLUTION, VAE, checked, io, ui
+from ..runtime.node_specs import MAX_RESOLUTION
+from ._common import CATEGORY, VAE, checked, io, ui
 
 LATENT = CATEGORY + "/latent"
 TILED = {"auto": None, "off": False, "on": True}

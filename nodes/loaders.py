@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..runtime import host, models
-from ._common import (CATEGORY, REDUX, TEXT_ENCODERS, TRANSFORMER, VAE, checked, files, io, lora_summary,
+from ._common import (CATEGORY, REDUX, TEXT_ENCODERS, TRANSFORMER, VAE, checked, io, lora_summary,
                       name_errors, refuse_if_nothing_fits, ui)
 
 LOADERS = CATEGORY + "/loaders"
@@ -35,7 +35,7 @@ class LoadTransformer(io.ComfyNode):
             description="Loads a FLUX.1 transformer in any layout (BFL, ComfyUI, diffusers file or folder, "
                         "GGUF, fp8) and shows what it detected.",
             inputs=[
-                io.Combo.Input("model_name", options=files("diffusion_models"),
+                io.Combo.Input("model_name", options=host.model_choices("diffusion_models"),
                                tooltip="A file or diffusers folder in models/diffusion_models (or unet)."),
                 io.Combo.Input("weight_dtype", options=list(models.WEIGHT_DTYPES), default="default",
                                tooltip="default: bf16 on a GPU that does it well, else fp32. fp8: weights kept "
@@ -70,7 +70,7 @@ class LoadTransformer(io.ComfyNode):
 class LoadTextEncoders(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        choices = files("text_encoders")
+        choices = host.model_choices("text_encoders")
         return io.Schema(
             node_id="FluxBridgeLoadTextEncoders",
             display_name="FluxBridge Load Text Encoders",
@@ -117,7 +117,7 @@ class LoadVAE(io.ComfyNode):
             display_name="FluxBridge Load VAE",
             category=LOADERS,
             description="Loads the FLUX VAE (ae.safetensors, LDM or diffusers layout).",
-            inputs=[io.Combo.Input("vae_name", options=files("vae"),
+            inputs=[io.Combo.Input("vae_name", options=host.model_choices("vae"),
                                    tooltip="A VAE file or diffusers folder in models/vae.")],
             outputs=[VAE.Output(display_name="vae")],
         )
@@ -151,7 +151,7 @@ class LoadLoRA(io.ComfyNode):
                         "until a use with another stack (or none) restores them, bitwise.",
             inputs=[
                 TRANSFORMER.Input("transformer"),
-                io.Combo.Input("lora_name", options=files("loras")),
+                io.Combo.Input("lora_name", options=host.model_choices("loras")),
                 io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01),
                 io.Float.Input("strength_text", default=1.0, min=-10.0, max=10.0, step=0.01),
                 TEXT_ENCODERS.Input("text_encoders", optional=True),
@@ -204,9 +204,9 @@ class LoadRedux(io.ComfyNode):
             description="Loads FLUX.1 Redux: its image encoder (models/style_models) and the SigLIP vision tower "
                         "it reads (models/clip_vision: a single file, or a transformers folder).",
             inputs=[
-                io.Combo.Input("redux_name", options=files("style_models"),
+                io.Combo.Input("redux_name", options=host.model_choices("style_models"),
                                tooltip="The Redux encoder, e.g. flux1-redux-dev.safetensors in models/style_models."),
-                io.Combo.Input("clip_vision_name", options=files("clip_vision"),
+                io.Combo.Input("clip_vision_name", options=host.model_choices("clip_vision"),
                                tooltip="SigLIP (so400m, patch 14, 384), e.g. sigclip_vision_patch14_384.safetensors "
                                        "in models/clip_vision."),
             ],

@@ -4,7 +4,7 @@ backs up and restores; its own builder makes the model), so they mix with native
 from __future__ import annotations
 
 from ..runtime import host, models
-from ._common import CATEGORY, checked, files, io, lora_summary, name_errors, refuse_if_nothing_fits, ui
+from ._common import CATEGORY, checked, io, lora_summary, name_errors, refuse_if_nothing_fits, ui
 from .loaders import _warnings
 
 NATIVE = CATEGORY + "/native"
@@ -25,7 +25,7 @@ class NativeLoRA(io.ComfyNode):
                         "so it stacks with native LoRA nodes and samplers.",
             inputs=[
                 io.Model.Input("model"),
-                io.Combo.Input("lora_name", options=files("loras")),
+                io.Combo.Input("lora_name", options=host.model_choices("loras")),
                 io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01),
                 io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01),
                 io.Clip.Input("clip", optional=True),
@@ -85,7 +85,7 @@ class LoadNativeModel(io.ComfyNode):
                         "or folder, fp8 / scaled fp8, GGUF dequantized) and has ComfyUI build its own native "
                         "MODEL from it, for native samplers and nodes. Shows what it detected.",
             inputs=[
-                io.Combo.Input("model_name", options=files("diffusion_models"),
+                io.Combo.Input("model_name", options=host.model_choices("diffusion_models"),
                                tooltip="A file or diffusers folder in models/diffusion_models (or unet)."),
                 io.Combo.Input("weight_dtype", options=list(models.NATIVE_DTYPES), default="default",
                                tooltip="default: the file's dtypes (scaled fp8 and GGUF dequantized to bf16), "

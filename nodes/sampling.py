@@ -15,7 +15,8 @@ from ..pipeline import latents as latents_lib
 from ..pipeline import schedule as schedule_lib
 from ..pipeline.kontext import REFERENCE_KEY
 from ..pipeline.sample import check_conditioning, sample, working_memory
-from ._common import CATEGORY, MAX_RESOLUTION, MAX_SEED, TRANSFORMER, checked, io, node_id, ui
+from ..runtime.node_specs import MAX_RESOLUTION
+from ._common import CATEGORY, MAX_SEED, TRANSFORMER, checked, io, node_id, ui
 
 SAMPLING = CATEGORY + "/sampling"
 SHIFTS = ("auto", "dynamic", "fixed")

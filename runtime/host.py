@@ -669,6 +669,15 @@ def list_models(kind) -> list:
     return sorted(_listing(_kind(kind)))
 
 
+def model_choices(kind) -> list:
+    """`list_models(kind)` for a combo's choices: empty when the folders cannot be listed, since a node's
+    schema must build all the same (a name then fails validation, naming the folder)."""
+    try:
+        return list_models(kind)
+    except Exception:  # noqa: BLE001
+        return []
+
+
 def model_path(kind, name) -> str:
     """The full path of a model file or folder named by a workflow: the name must be one that
     `list_models(kind)` lists (so a workflow reaches only what the user put in the kind's folders)."""

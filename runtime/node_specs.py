@@ -17,6 +17,7 @@ from ..common.errors import BadInput
 from . import host
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+MAX_RESOLUTION = 16384  # ComfyUI's largest width / height widget value (nodes.MAX_RESOLUTION)
 SEED_NAMES = ("seed", "noise_seed")  # the frontend gives these INT inputs a control widget by default
 
 
