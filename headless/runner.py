@@ -76,14 +76,16 @@ def run_workflow(path, models_dir=None, output_dir=None, progress=True, input_di
     if input_dir is not None and not in_dir.is_dir():
         raise BadInput(in_dir, "the input folder does not exist")
 
-    saved_host = (getattr(host, "_models_dir", None), getattr(host, "_output_dir", None))
-    _point_host(models, out_dir)
+    # point the host at the run's folders (standalone), and leave its folders and offloading as they were
+    saved_models = host.set_models_dir(models) if models is not None else None
+    saved_output = host.set_output_dir(out_dir)
     saved_lowvram = host.set_lowvram(lowvram)
     try:
         return _run(path, prompt, ui_workflow, models, out_dir, in_dir, overrides, progress)
-    finally:  # leave the host's folders and offloading as they were
-        host.set_models_dir(saved_host[0] if saved_host[0] and os.path.isdir(saved_host[0]) else None)
-        host.set_output_dir(saved_host[1])
+    finally:
+        if models is not None:  # a folder removed meanwhile: back to FLUXBRIDGE_MODELS
+            host.set_models_dir(saved_models if saved_models and os.path.isdir(saved_models) else None)
+        host.set_output_dir(saved_output)
         host.set_lowvram(saved_lowvram)
 
 
@@ -224,13 +226,6 @@ def _models_dir(path: Path, models_dir):
         where = "--models" if models_dir is not None else MODELS_ENV
         raise BadInput(chosen, f"the models folder ({where}) does not exist")
     return chosen
-
-
-def _point_host(models, out_dir: Path):
-    """Tell host where the models and the output folder are (standalone)."""
-    if models is not None:
-        host.set_models_dir(models)
-    host.set_output_dir(out_dir)
 
 
 def _problem_line(problems) -> str:

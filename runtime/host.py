@@ -555,11 +555,13 @@ _output_dir = None
 
 
 def set_models_dir(path):
-    """Standalone: use this models directory (None: back to `FLUXBRIDGE_MODELS`)."""
+    """Standalone: use this models directory (None: back to `FLUXBRIDGE_MODELS`). Returns the one set before
+    (None: none was), to put back."""
     global _models_dir
     if path is not None and not os.path.isdir(path):
         raise BadInput(path, "the models folder does not exist")
-    _models_dir = None if path is None else os.path.abspath(path)
+    before, _models_dir = _models_dir, None if path is None else os.path.abspath(path)
+    return before
 
 
 def models_dir():
@@ -568,9 +570,11 @@ def models_dir():
 
 
 def set_output_dir(path):
-    """Standalone: write outputs here (None: back to `FLUXBRIDGE_OUTPUT`, else ./output)."""
+    """Standalone: write outputs here (None: back to `FLUXBRIDGE_OUTPUT`, else ./output). Returns the one set
+    before (None: none was), to put back."""
     global _output_dir
-    _output_dir = None if path is None else os.path.abspath(path)
+    before, _output_dir = _output_dir, None if path is None else os.path.abspath(path)
+    return before
 
 
 def output_directory() -> str:
